@@ -1,0 +1,3 @@
+"""dm-agent: the DockMaster node agent."""
+
+__version__ = "0.1.0"
