@@ -1,0 +1,351 @@
+"""The agent: one registration round, and the loop that schedules rounds.
+
+The loop keeps a fixed grid (ticks at origin + k × interval, so a slow round does not
+make the schedule drift), retries failures with capped exponential backoff and
+jitter, acts on the signals the handlers recorded, and registers at once when asked
+(SIGUSR1, a Docker event, a reload).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+import psutil
+
+from . import logs, payload
+from .collectors.docker import DockerCollector, DockerTLS, NodeInfo, tcp_address
+from .collectors.host import HostCollector
+from .config import Settings, is_excluded
+from .errors import ConfigError, DockerError, ReportError
+from .reporter import Reporter
+from .signals import Signals, Waker
+
+log = logging.getLogger("dm_agent")
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(high, value))
+
+
+def timeouts(interval: int) -> dict[str, Any]:
+    """Bounds of every network call and probe of a round, all shorter than the interval."""
+    return {
+        "docker": _clamp(0.8 * interval, 0.5, 10.0),
+        "http": (_clamp(0.4 * interval, 0.5, 5.0), _clamp(0.8 * interval, 0.5, 15.0)),
+        "disk": _clamp(0.25 * interval, 0.2, 1.0),
+    }
+
+
+def backoff(failures: int, interval: float, rand: Callable[[], float] = random.random) -> float:
+    """Delay before retry number ``failures``: 1, 2, 4 … s capped at the interval,
+    scaled by a random factor in [0.5, 1) so a fleet does not retry in step."""
+    cap = min(float(interval), 2.0 ** max(0, failures - 1))
+    return cap * (0.5 + 0.5 * rand())
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+class Outage:
+    """Log flood control for one source: the first failure at ERROR, repeats at DEBUG
+    (one WARNING if the failure changes kind, one summary an hour), recovery at INFO."""
+
+    SUMMARY_EVERY = 3600.0
+
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what
+        self.clock = clock
+        self.kind: str | None = None
+        self.count = 0
+        self.since = 0.0
+        self._summary_at = 0.0
+        self._changed = False
+
+    @property
+    def active(self) -> bool:
+        return self.kind is not None
+
+    def failed(self, kind: str, message: str) -> None:
+        now = self.clock()
+        if self.kind is None:
+            log.error("%s", message)
+            self.kind, self.count, self.since, self._summary_at = kind, 1, now, now
+            self._changed = False
+            return
+        self.count += 1
+        if kind != self.kind and not self._changed:
+            self._changed = True
+            self.kind = kind
+            log.warning("%s still failing, now: %s", self.what, message)
+        elif now - self._summary_at >= self.SUMMARY_EVERY:
+            self._summary_at = now
+            log.warning("%s still failing: %d attempts in %s; last: %s", self.what,
+                        self.count, fmt_duration(now - self.since), message)
+        else:
+            log.debug("%s failed again (%d): %s", self.what, self.count, message)
+
+    def recovered(self) -> None:
+        if self.kind is None:
+            return
+        log.info("%s recovered after %d failed attempt%s over %s", self.what, self.count,
+                 "" if self.count == 1 else "s", fmt_duration(self.clock() - self.since))
+        self.kind = None
+        self.count = 0
+
+
+def route_address(master: str | None) -> str | None:
+    """IP of the interface that routes to the master (a UDP connect sends no packet)."""
+    if master:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(master)
+        try:
+            infos = socket.getaddrinfo(url.hostname, url.port or 80, type=socket.SOCK_DGRAM)
+            family, _, _, _, sockaddr = infos[0]
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect(sockaddr)
+                ip = str(sock.getsockname()[0])
+                if ip and not ip.startswith("127.") and ip != "::1":
+                    return ip
+        except (OSError, IndexError, ValueError):
+            pass
+    return first_host_ip()
+
+
+def first_host_ip() -> str | None:
+    """First IPv4 address of a real interface (not lo, veth*, docker*, br-*)."""
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        if is_excluded(name, ("lo", "veth*", "docker*", "br-*")):
+            continue
+        for addr in addrs:
+            if addr.family == socket.AF_INET and not addr.address.startswith("127."):
+                return str(addr.address)
+    return None
+
+
+class Agent:
+    """Collects and registers. ``reload_settings`` re-reads the configuration on SIGHUP."""
+
+    def __init__(self, settings: Settings, dry_run: bool = False,
+                 reload_settings: Callable[[], Settings] | None = None,
+                 out: IO[str] | None = None) -> None:
+        self.settings = settings
+        self.dry_run = dry_run
+        self.reload_settings = reload_settings
+        self.out = out or sys.stdout
+        self.docker_outage = Outage("Docker")
+        self.master_outage = Outage("registration")
+        self._last_node: NodeInfo | None = None
+        self._kick_at: float | None = None
+        self._stopping = False
+        self.waker = Waker()
+        self.rounds = 0
+        self.host = HostCollector(settings.net_exclude, timeouts(settings.timeout)["disk"])
+        self.docker: DockerCollector
+        self.reporter: Reporter | None = None
+        self._address: str | None = None
+        self._build(settings)
+
+    # -- components
+    def _build(self, s: Settings) -> None:
+        t = timeouts(s.timeout)
+        tls = None
+        if s.docker_tls_cert and s.docker_tls_key:
+            tls = DockerTLS(s.docker_tls_ca, s.docker_tls_cert, s.docker_tls_key)
+        self.docker = DockerCollector(s.docker, tls, t["docker"])
+        self.host.net_exclude = s.net_exclude
+        self.host.disks.deadline = t["disk"]
+        self.reporter = None
+        if s.master and not self.dry_run:
+            self.reporter = Reporter(s.master, s.secret, s.master_ca, t["http"])
+        self._address = None
+
+    def close(self) -> None:
+        self.docker.close()
+        if self.reporter is not None:
+            self.reporter.close()
+
+    def address(self) -> str:
+        s = self.settings
+        tcp = tcp_address(s.docker)
+        if tcp:
+            return s.address or tcp
+        if s.address:
+            return s.address
+        if self._address is None:
+            self._address = route_address(s.master) or socket.gethostname()
+        return self._address
+
+    # -- one round
+    def collect_node(self) -> NodeInfo:
+        try:
+            node = self.docker.collect()
+        except DockerError as exc:
+            last = self._last_node
+            name = last.name if last else socket.gethostname()
+            if not self.docker_outage.active:
+                exc = DockerError(f"{exc}; reporting host figures only, as node {name!r} "
+                                  "with no containers")
+            self.docker_outage.failed("docker", str(exc))
+            return NodeInfo(name=name, labels=dict(last.labels) if last else {}, containers=[])
+        self.docker_outage.recovered()
+        self._last_node = node
+        return node
+
+    def build_body(self) -> dict[str, Any]:
+        node = self.collect_node()
+        system = self.host.collect()
+        return payload.build(node, self.address(), system, self.settings.time_format)
+
+    def register(self) -> bool:
+        """One registration; True when the master accepted it (or it was printed)."""
+        self.rounds += 1
+        try:
+            body = self.build_body()
+        except Exception as exc:  # never crash on what a source answered
+            log.error("cannot build the registration: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return False
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))
+        if self.dry_run or self.reporter is None:
+            try:
+                self.out.write(json.dumps(body, ensure_ascii=False, indent=2) + "\n")
+                self.out.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                pass
+            return True
+        try:
+            self.reporter.send(body["name"], self.settings.ttl, payload.encode(body))
+        except ReportError as exc:
+            self.master_outage.failed(exc.kind, str(exc))
+            return False
+        self.master_outage.recovered()
+        log.debug("registered %s with ttl=%d", body["name"], self.settings.ttl)
+        return True
+
+    # -- the loop
+    def kick(self, delay: float = 0.0) -> None:
+        """Ask for a registration within ``delay`` seconds (events coalesce into one)."""
+        at = time.monotonic() + delay
+        if self._kick_at is None or at < self._kick_at:
+            self._kick_at = at
+        self.waker.wake()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.waker.wake()
+
+    def _reload(self) -> bool:
+        if self.reload_settings is None:
+            return False
+        try:
+            new = self.reload_settings()
+            if not self.dry_run:
+                new.require_master()
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return False
+        self.close()
+        self.settings = new
+        logs.set_level(new.log_level)
+        self._build(new)
+        log.info("configuration reloaded from %s: interval %ds", new.config_file or "(no file)",
+                 new.timeout)
+        return True
+
+    def _on_signals(self, signals: Signals) -> bool:
+        """Act on recorded signals; True when a reload changed the configuration."""
+        reloaded = False
+        for signum in signals.take():
+            name = signal.Signals(signum).name
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s indicating exit request", name)
+                self._stopping = True
+            elif signum == signal.SIGHUP:
+                log.info("received SIGHUP, reloading the configuration")
+                reloaded = self._reload() or reloaded
+            elif signum == signal.SIGUSR1:
+                log.info("received SIGUSR1, registering now")
+                self.kick()
+        return reloaded
+
+    def _round(self, signals: Signals) -> bool | None:
+        """Run one registration in a worker thread; None when a stop came first."""
+        result: list[bool] = []
+
+        def work() -> None:
+            try:
+                result.append(self.register())
+            finally:
+                self.waker.wake()
+
+        worker = threading.Thread(target=work, name="round", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            self.waker.wait(0.5)
+            if signals.stop_requested():  # other signals wait until the round is over
+                self._on_signals(signals)
+                return None
+        return bool(result and result[0])
+
+    def run(self, signals: Signals, on_first: Callable[[], None] | None = None) -> int:
+        """The foreground/daemon loop; returns the exit code (0 on a requested stop)."""
+        interval = float(self.settings.timeout)
+        self.host.prime()
+        now = time.monotonic()
+        self._kick_at = now  # the node appears at once
+        offset = random.uniform(0, interval) if self.settings.jitter else interval
+        due = now + offset
+        failures = 0
+        retry_at: float | None = None
+        if on_first is not None:
+            on_first()
+        while not self._stopping:
+            if self._on_signals(signals):
+                interval = float(self.settings.timeout)
+                now = time.monotonic()
+                due = now + interval
+                failures, retry_at = 0, None
+                self._kick_at = now
+            if self._stopping:
+                break
+            now = time.monotonic()
+            kicked = self._kick_at is not None and now >= self._kick_at
+            if kicked or (retry_at is not None and now >= retry_at) or \
+                    (retry_at is None and now >= due):
+                self._kick_at = None
+                ok = self._round(signals)
+                if ok is None:
+                    break
+                now = time.monotonic()
+                if ok:
+                    failures, retry_at = 0, None
+                else:
+                    failures += 1
+                    retry_at = now + backoff(failures, interval)
+                if due <= now:  # skip ticks a long round or outage overran; never drift
+                    due += interval * (int((now - due) // interval) + 1)
+                continue
+            wake = retry_at if retry_at is not None else due
+            if self._kick_at is not None:
+                wake = min(wake, self._kick_at)
+            self.waker.wait(wake - now)
+        self.close()
+        return 0

@@ -1,0 +1,192 @@
+"""Docker collector: the node's name and labels and every container, two requests a round.
+
+The low-level ``docker.APIClient`` is created lazily on the first round (construct,
+then connect): ``version="auto"`` negotiates the API version with the daemon, so an
+old or new Engine both work. Whatever Docker answers, the parsing below either
+returns plain JSON-able data or raises :class:`DockerError` — never anything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import DockerError
+
+
+@dataclasses.dataclass(frozen=True)
+class DockerTLS:
+    ca: str | None
+    cert: str
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """What Docker says about the node; ``containers`` are payload-ready dicts."""
+
+    name: str
+    labels: dict[str, str]
+    containers: list[dict[str, Any]]
+
+
+def tcp_address(endpoint: str) -> str | None:
+    """``host:port`` of a TCP Docker endpoint (the address the master reaches), else None."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("tcp", "http", "https"):
+        return rest.rstrip("/")
+    return None
+
+
+def parse_daemon_labels(raw: Any) -> dict[str, str]:
+    """Docker's ``Labels`` of /info: a list of ``key=value``, split at the first ``=``."""
+    if raw is None:
+        return {}
+    if isinstance(raw, Mapping):  # very old engines answered a map
+        return {str(k): _text(v) for k, v in raw.items()}
+    if not isinstance(raw, list):
+        raise DockerError(f"Docker /info Labels is a {type(raw).__name__}, expected a list")
+    labels: dict[str, str] = {}
+    for item in raw:
+        if not isinstance(item, str):
+            continue
+        key, _, value = item.partition("=")
+        labels[key] = value
+    return labels
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def container_labels(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, Mapping):
+        return {}
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def container_name(names: Any, node: str, fallback: str) -> str:
+    """The container's own name: ``Names`` without ``/`` and without a ``/node/`` prefix.
+
+    With legacy links Docker lists aliases such as ``/web/db`` too; the primary name is
+    the one with a single leading slash, so it is preferred over ``Names[0]``.
+    """
+    if not isinstance(names, list):
+        return fallback
+    texts = [n for n in names if isinstance(n, str) and n]
+    if not texts:
+        return fallback
+    primary = next((n for n in texts if "/" not in n[1:]), texts[0])
+    name = primary[1:] if primary.startswith("/") else primary
+    prefix = node + "/"
+    if node and name.startswith(prefix) and len(name) > len(prefix):
+        name = name[len(prefix):]
+    return name
+
+
+def parse_containers(raw: Any, node: str) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        raise DockerError(
+            f"Docker /containers/json answered a {type(raw).__name__}, expected a list"
+        )
+    out: list[dict[str, Any]] = []
+    for item in raw:
+        if not isinstance(item, Mapping):
+            continue
+        cid = item.get("Id")
+        if not isinstance(cid, str) or not cid:
+            continue
+        out.append(
+            {
+                "id": cid,
+                "name": container_name(item.get("Names"), node, cid[:12]),
+                "image": _text(item.get("Image")),
+                "labels": container_labels(item.get("Labels")),
+            }
+        )
+    return out
+
+
+def parse_info(raw: Any) -> tuple[str, dict[str, str]]:
+    if not isinstance(raw, Mapping):
+        raise DockerError(f"Docker /info answered a {type(raw).__name__}, expected an object")
+    name = raw.get("Name")
+    if not isinstance(name, str) or not name.strip():
+        raise DockerError("Docker /info has no Name")
+    return name, parse_daemon_labels(raw.get("Labels"))
+
+
+class DockerCollector:
+    """Reads /info and /containers/json?all=1 from one Docker endpoint."""
+
+    def __init__(self, endpoint: str, tls: DockerTLS | None = None, timeout: float = 10.0) -> None:
+        self.endpoint = endpoint
+        self.tls = tls
+        self.timeout = timeout
+        self._client: Any = None
+
+    def _connect(self) -> Any:
+        import docker  # imported at start-up by cli.preload(); cheap here
+
+        tls_config: Any = False
+        if self.tls is not None:
+            tls_config = docker.tls.TLSConfig(
+                client_cert=(self.tls.cert, self.tls.key),
+                ca_cert=self.tls.ca,
+                verify=self.tls.ca or True,
+            )
+        try:
+            return docker.APIClient(
+                base_url=self.endpoint,
+                version="auto",
+                timeout=self.timeout,
+                tls=tls_config,
+                user_agent="dm-agent",
+            )
+        except Exception as exc:
+            raise DockerError(f"cannot reach Docker at {self.endpoint}: {_reason(exc)}") from None
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # closing a broken client must not matter
+                pass
+
+    def collect(self) -> NodeInfo:
+        """One round: node name, daemon labels, every container. Raises DockerError."""
+        if self._client is None:
+            self._client = self._connect()
+        try:
+            info = self._client.info()
+            raw = self._client.containers(all=True)
+        except DockerError:
+            raise
+        except Exception as exc:
+            self.close()  # renegotiate next round (the Engine may have been upgraded)
+            raise DockerError(f"Docker at {self.endpoint} failed: {_reason(exc)}") from None
+        name, labels = parse_info(info)
+        return NodeInfo(name=name, labels=labels, containers=parse_containers(raw, name))
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason without the long urllib3 wrapping."""
+    text = str(exc) or type(exc).__name__
+    for marker in ("Connection refused", "No such file or directory", "Permission denied",
+                   "timed out", "Name or service not known", "certificate verify failed"):
+        if marker in text:
+            return marker
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def endpoint_path(endpoint: str) -> str | None:
+    """The socket path of a unix endpoint."""
+    if endpoint.startswith("unix://"):
+        return urllib.parse.unquote(endpoint[len("unix://"):])
+    return None

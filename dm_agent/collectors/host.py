@@ -1,0 +1,185 @@
+"""Host collector: CPU load since the previous round, memory, disks, network, via psutil.
+
+A filesystem that does not answer (a dead NFS server) must never stall a round: every
+mount is probed (``stat`` + ``statvfs``) in its own short-lived thread with a shared
+deadline. A mount whose probe is still stuck is not probed again until that thread
+returns, so threads never pile up on the same mount, and it is reported stuck once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import psutil
+
+from ..config import is_excluded
+
+log = logging.getLogger("dm_agent.host")
+
+# Filesystem types that are not a host's storage (pseudo, memory, image or overlay).
+PSEUDO_FS = frozenset(
+    """autofs binfmt_misc bpf cgroup cgroup2 configfs debugfs devpts devtmpfs efivarfs
+    fusectl hugetlbfs mqueue nsfs overlay overlayfs proc pstore ramfs rpc_pipefs
+    securityfs selinuxfs squashfs sysfs tmpfs tracefs fuse.lxcfs fuse.gvfsd-fuse
+    fuse.portal iso9660 udf aufs shm nullfs devfs""".split()
+)
+
+
+class _Probe:
+    """One in-flight stat+statvfs of a mount point, run in a daemon thread."""
+
+    __slots__ = ("path", "done", "result", "error", "thread")
+
+    def __init__(self, path: str, fn: Callable[[str], tuple[int, int, int, bool]]) -> None:
+        self.path = path
+        self.done = threading.Event()
+        self.result: tuple[int, int, int, bool] | None = None
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True,
+                                       name=f"statvfs {path}")
+        self.thread.start()
+
+    def _run(self, fn: Callable[[str], tuple[int, int, int, bool]]) -> None:
+        try:
+            self.result = fn(self.path)
+        except OSError as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+def stat_mount(path: str) -> tuple[int, int, int, bool]:
+    """(st_dev, total bytes, used bytes, is_dir) of a mount point; may block on NFS."""
+    st = os.stat(path)
+    vfs = os.statvfs(path)
+    total = vfs.f_blocks * vfs.f_frsize
+    used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+    return st.st_dev, total, used, stat.S_ISDIR(st.st_mode)
+
+
+class DiskProber:
+    """Measures mount points within a deadline, never blocking on a stuck one."""
+
+    def __init__(self, deadline: float = 1.0,
+                 probe: Callable[[str], tuple[int, int, int, bool]] = stat_mount) -> None:
+        self.deadline = deadline
+        self._probe_fn = probe
+        self._stuck: dict[str, _Probe] = {}
+
+    @property
+    def stuck(self) -> list[str]:
+        return sorted(self._stuck)
+
+    def measure(self, mounts: Iterable[str]) -> dict[str, tuple[int, int, int, bool]]:
+        probes: list[_Probe] = []
+        for path in mounts:
+            old = self._stuck.get(path)
+            if old is not None:
+                if not old.done.is_set():
+                    continue  # still stuck: one thread per mount, at most
+                del self._stuck[path]
+                log.warning("mount %s answers again", path)
+            probes.append(_Probe(path, self._probe_fn))
+        end = time.monotonic() + self.deadline
+        results: dict[str, tuple[int, int, int, bool]] = {}
+        for probe in probes:
+            if probe.done.wait(max(0.0, end - time.monotonic())):
+                if probe.result is not None:
+                    results[probe.path] = probe.result
+            else:
+                self._stuck[probe.path] = probe
+                log.warning("mount %s did not answer within %.1fs; skipping it until it does",
+                            probe.path, self.deadline)
+        return results
+
+
+class HostCollector:
+    """CPU, memory, disks and network counters of the host, as the payload wants them."""
+
+    def __init__(self, net_exclude: Sequence[str] = ("lo", "veth*"),
+                 disk_deadline: float = 1.0, ps: Any = psutil) -> None:
+        self.net_exclude = tuple(net_exclude)
+        self.ps = ps
+        self.disks = DiskProber(disk_deadline)
+        self._cpu_prev: tuple[float, float] | None = None
+        self._cpu_prev_at = 0.0
+        self._cpu_last = 0.0
+
+    # -- CPU: busy share of all CPUs between two samples of /proc/stat
+    def _cpu_sample(self) -> tuple[float, float]:
+        t = self.ps.cpu_times()
+        total = sum(t)
+        # Linux counts guest time inside user time already.
+        total -= getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        return total - idle, total
+
+    def prime(self) -> None:
+        """Take the first CPU sample, so the first round measures a real interval."""
+        self._cpu_prev = self._cpu_sample()
+        self._cpu_prev_at = time.monotonic()
+
+    def cpu_load(self, min_window: float = 0.25) -> float:
+        if self._cpu_prev is None:
+            self.prime()
+        wait = self._cpu_prev_at + min_window - time.monotonic()
+        if wait > 0:  # never report a window too short to mean anything
+            time.sleep(wait)
+        busy, total = self._cpu_sample()
+        assert self._cpu_prev is not None
+        dbusy, dtotal = busy - self._cpu_prev[0], total - self._cpu_prev[1]
+        if dtotal > 0:
+            self._cpu_last = round(min(100.0, max(0.0, 100.0 * dbusy / dtotal)), 2)
+            self._cpu_prev = (busy, total)
+            self._cpu_prev_at = time.monotonic()
+        return float(self._cpu_last)
+
+    def memory(self) -> dict[str, int]:
+        vm = self.ps.virtual_memory()
+        return {"total": int(vm.total), "available": int(vm.available), "used": int(vm.used)}
+
+    def disk_usage(self) -> dict[str, dict[str, int]]:
+        """One entry per filesystem, as df shows it: real filesystems, no file binds,
+        and where one filesystem is mounted several times the shortest mount point."""
+        candidates: list[str] = []
+        for part in self.ps.disk_partitions(all=True):
+            if part.fstype in PSEUDO_FS or not part.mountpoint.startswith("/"):
+                continue
+            if part.fstype == "none" or not part.fstype:
+                continue
+            candidates.append(part.mountpoint)
+        measured = self.disks.measure(dict.fromkeys(candidates))
+        best: dict[int, tuple[str, int, int]] = {}
+        for path, (dev, total, used, is_dir) in measured.items():
+            if not is_dir or total <= 0:
+                continue  # a bind-mounted file (docker.sock) or an empty pseudo fs
+            kept = best.get(dev)
+            if kept is None or (len(path), path) < (len(kept[0]), kept[0]):
+                best[dev] = (path, total, used)
+        return {path: {"total": total, "used": used}
+                for path, total, used in sorted(best.values())}
+
+    def network(self) -> dict[str, dict[str, int]]:
+        counters = self.ps.net_io_counters(pernic=True) or {}
+        return {
+            name: {"bytesIn": int(c.bytes_recv), "bytesOut": int(c.bytes_sent)}
+            for name, c in sorted(counters.items())
+            if not is_excluded(name, self.net_exclude)
+        }
+
+    def collect(self) -> dict[str, Any]:
+        """The payload's ``system`` object. Each part that fails is left empty, not raised."""
+        system: dict[str, Any] = {"cpuLoad": 0.0, "memory": {}, "disks": {}, "net": {}}
+        for key, fn in (("cpuLoad", self.cpu_load), ("memory", self.memory),
+                        ("disks", self.disk_usage), ("net", self.network)):
+            try:
+                system[key] = fn()
+            except Exception as exc:  # a failing source leaves a gap, not a crash
+                log.warning("cannot read %s: %s", key, exc)
+        return system

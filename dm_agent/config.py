@@ -1,0 +1,409 @@
+"""Settings: one table of keys, pure converters, one precedence rule.
+
+Precedence is command line > ``DM_AGENT_<KEY>`` environment > config file > default.
+Only the first config file found on the search path is read. Every invalid value
+becomes a :class:`ConfigError` that names where it came from, the key, the value
+(never the secret's) and what is expected.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import fnmatch
+import os
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .errors import ConfigError
+
+SECTION = "main"
+ENV_PREFIX = "DM_AGENT_"
+SECRET_MASK = "********"
+DEFAULT_DOCKER = "unix:///var/run/docker.sock"
+
+
+class Secret(str):
+    """A string whose repr never shows its value."""
+
+    def __repr__(self) -> str:
+        return "Secret('" + SECRET_MASK + "')"
+
+
+# --- converters: each takes the raw text and returns a value or raises ValueError
+
+
+def _endpoint_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port for {what}, got no port")
+    host = host.strip("[]")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected a port number 1-65535 after ':', got {port!r}")
+    return host, int(port)
+
+
+def parse_docker(text: str) -> str:
+    """Normalise a Docker endpoint: host:port, tcp://, http://, https://, unix://."""
+    text = text.strip()
+    if not text:
+        raise ValueError("expected a Docker endpoint, got an empty value")
+    if "://" not in text:
+        _endpoint_hostport(text, "a plain TCP Docker endpoint")
+        return "tcp://" + text
+    scheme, _, rest = text.partition("://")
+    scheme = scheme.lower()
+    if scheme == "unix":
+        if not rest.startswith("/"):
+            raise ValueError("expected unix:///absolute/path/to/docker.sock")
+        return "unix://" + rest
+    if scheme in ("tcp", "http", "https"):
+        _endpoint_hostport(rest.rstrip("/"), f"{scheme}://")
+        return f"{scheme}://{rest.rstrip('/')}"
+    raise ValueError(
+        f"unknown scheme {scheme!r}: expected host:port, tcp://host:port, "
+        "unix:///path or https://host:port"
+    )
+
+
+def parse_master(text: str) -> str | None:
+    """Normalise the master endpoint to a base URL without a trailing slash.
+
+    Empty means "not configured": the packaged config ships that way.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    if "://" not in text:
+        _endpoint_hostport(text, "the master")
+        return "http://" + text
+    url = urllib.parse.urlsplit(text)
+    if url.scheme.lower() not in ("http", "https"):
+        raise ValueError(
+            f"unknown scheme {url.scheme!r}: expected host:port, http://… or https://…"
+        )
+    if not url.hostname:
+        raise ValueError("expected a host name in the master URL")
+    try:
+        url.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in the master URL: {exc}") from None
+    if url.query or url.fragment:
+        raise ValueError("the master URL must not carry a query or fragment")
+    return text.rstrip("/")
+
+
+def parse_interval(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number of seconds, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"expected at least 1 second, got {value}")
+    if value > 86400:
+        raise ValueError(f"expected at most 86400 seconds (a day), got {value}")
+    return value
+
+
+def parse_log_level(text: str) -> int:
+    value = text.strip()
+    if value not in ("0", "1", "2"):
+        raise ValueError(f"expected 0 (WARNING), 1 (INFO) or 2 (DEBUG), got {text!r}")
+    return int(value)
+
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected yes/no (true/false, on/off, 1/0), got {text!r}")
+
+
+def parse_secret(text: str) -> Secret:
+    # The value itself is never echoed: not even in this error.
+    if any(ch in text for ch in "\r\n\0"):
+        raise ValueError("the secret must not contain line breaks or NUL characters")
+    return Secret(text.strip())
+
+
+def parse_optional_path(text: str) -> str | None:
+    value = text.strip()
+    return value or None
+
+
+def parse_existing_file(text: str) -> str | None:
+    value = text.strip()
+    if not value:
+        return None
+    if not os.path.isfile(value):
+        raise ValueError(f"expected an existing file, {value!r} does not exist")
+    if not os.access(value, os.R_OK):
+        raise ValueError(f"expected a readable file, {value!r} cannot be read")
+    return value
+
+
+def parse_address(text: str) -> str | None:
+    value = text.strip()
+    if not value:
+        return None
+    if any(ch.isspace() for ch in value) or "/" in value:
+        raise ValueError(f"expected host or host:port, got {value!r}")
+    return value
+
+
+def parse_time_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("local", "utc"):
+        raise ValueError(f"expected 'local' (no offset) or 'utc' (with Z), got {text!r}")
+    return value
+
+
+def parse_patterns(text: str) -> tuple[str, ...]:
+    items = tuple(p.strip() for p in re.split(r"[,\s]+", text) if p.strip())
+    for item in items:
+        try:
+            fnmatch.translate(item)
+        except re.error as exc:  # pragma: no cover - translate() rarely fails
+            raise ValueError(f"bad pattern {item!r}: {exc}") from None
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    name: str
+    convert: Callable[[str], Any]
+    default: str
+    help: str
+    secret: bool = False
+
+
+# The one table of settings. ``default`` is the text form, converted like any input.
+KEYS: tuple[Key, ...] = (
+    Key("docker", parse_docker, DEFAULT_DOCKER, "Docker endpoint"),
+    Key("master", parse_master, "", "master endpoint: host:port or http(s)://host:port[/prefix]"),
+    Key("timeout", parse_interval, "60", "seconds between registrations"),
+    Key("secret", parse_secret, "", "value of the X-Auth-Node header", secret=True),
+    Key("log_level", parse_log_level, "0", "0 WARNING, 1 INFO, 2 DEBUG"),
+    Key("address", parse_address, "", "Docker address announced to the master"),
+    Key("pidfile", parse_optional_path, "", "pidfile of --daemon"),
+    Key("log_file", parse_optional_path, "", "log file of --daemon when there is no syslog"),
+    Key("docker_tls_ca", parse_existing_file, "", "CA that signed Docker's certificate"),
+    Key("docker_tls_cert", parse_existing_file, "", "client certificate for Docker"),
+    Key("docker_tls_key", parse_existing_file, "", "client key for Docker"),
+    Key("master_ca", parse_existing_file, "", "CA file for an https master"),
+    Key("time_format", parse_time_format, "local", "'local' or 'utc'"),
+    Key("net_exclude", parse_patterns, "lo, veth*", "interfaces left out of system.net"),
+    Key("jitter", parse_bool, "yes", "start the schedule at a random offset"),
+    Key("docker_events", parse_bool, "yes", "register at once when a container changes"),
+)
+KEY_NAMES = tuple(k.name for k in KEYS)
+_BY_NAME = {k.name: k for k in KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The effective configuration, plus where each value came from."""
+
+    docker: str = DEFAULT_DOCKER
+    master: str | None = None
+    timeout: int = 60
+    secret: Secret | None = None
+    log_level: int = 0
+    address: str | None = None
+    pidfile: str | None = None
+    log_file: str | None = None
+    docker_tls_ca: str | None = None
+    docker_tls_cert: str | None = None
+    docker_tls_key: str | None = None
+    master_ca: str | None = None
+    time_format: str = "local"
+    net_exclude: tuple[str, ...] = ("lo", "veth*")
+    jitter: bool = True
+    docker_events: bool = True
+    config_file: str | None = None
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def ttl(self) -> int:
+        """Seconds the master keeps the node: twice the interval, as the original did."""
+        return 2 * self.timeout
+
+    def require_master(self) -> str:
+        if not self.master:
+            where = self.config_file or "/etc/dm-agent.ini"
+            raise ConfigError(
+                f"master is not set: set 'master = host:port' in [{SECTION}] of {where}, "
+                "or pass -m / DM_AGENT_MASTER"
+            )
+        return self.master
+
+
+def search_path(env: Mapping[str, str] | None = None, cwd: str | None = None) -> list[str]:
+    """Config files looked for when -f is not given, first existing one wins."""
+    env = os.environ if env is None else env
+    home = env.get("HOME") or os.path.expanduser("~")
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    return [
+        os.path.join(cwd or os.getcwd(), "dm-agent.ini"),
+        os.path.join(xdg, "dm-agent.ini"),
+        "/etc/dm-agent.ini",
+    ]
+
+
+def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    if explicit:
+        return explicit
+    for path in search_path(env):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def read_file(path: str) -> tuple[dict[str, str], list[str]]:
+    """Read [main] of an INI file. Returns (values, warnings); raises ConfigError."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh, source=path)
+    except FileNotFoundError:
+        raise ConfigError(f"cannot read config file {path}: it does not exist") from None
+    except PermissionError:
+        raise ConfigError(
+            f"cannot read config file {path}: permission denied "
+            "(it is root:dm-agent 0640 when packaged; run as root or as the dm-agent group)"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"cannot read config file {path}: it is a directory") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text ({exc.reason})") from None
+    except configparser.Error as exc:
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"cannot parse config file {path}: {msg}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    warnings: list[str] = []
+    for section in parser.sections():
+        if section != SECTION:
+            warnings.append(f"{path}: section [{section}] is ignored (only [{SECTION}] is read)")
+    if not parser.has_section(SECTION):
+        warnings.append(f"{path}: no [{SECTION}] section, nothing read from it")
+        return {}, warnings
+    values: dict[str, str] = {}
+    for key, value in parser.items(SECTION):
+        if key not in _BY_NAME:
+            warnings.append(f"{path}: unknown key '{key}' in [{SECTION}] is ignored")
+            continue
+        values[key] = value
+    return values, warnings
+
+
+def load(
+    cli: Mapping[str, str | None],
+    config_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[Settings, list[str]]:
+    """Resolve every key by the precedence rule. Returns (settings, warnings).
+
+    ``cli`` maps key names to the raw text given on the command line (or None).
+    ``config_path`` is -f, or None for the search path.
+    """
+    env = os.environ if env is None else env
+    path = find_config(config_path, env)
+    file_values: dict[str, str] = {}
+    warnings: list[str] = []
+    if path is not None:
+        file_values, warnings = read_file(path)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in KEYS:
+        raw: str | None
+        if cli.get(key.name) is not None:
+            raw, where = cli[key.name], "command line"
+        elif ENV_PREFIX + key.name.upper() in env:
+            raw, where = env[ENV_PREFIX + key.name.upper()], "environment " + ENV_PREFIX + key.name.upper()
+        elif key.name in file_values:
+            raw, where = file_values[key.name], f"{path} [{SECTION}] {key.name}"
+        else:
+            raw, where = key.default, "default"
+        assert raw is not None
+        try:
+            value = key.convert(raw)
+        except ValueError as exc:
+            shown = "" if key.secret else f" = {raw.strip()!r}"
+            raise ConfigError(f"{where}: invalid {key.name}{shown}: {exc}") from None
+        values[key.name] = value if value != "" else None
+        sources[key.name] = where
+    tls = [values[k] for k in ("docker_tls_cert", "docker_tls_key")]
+    if any(tls) and not all(tls):
+        raise ConfigError(
+            f"{sources['docker_tls_cert']}: docker_tls_cert and docker_tls_key go together; "
+            "set both or neither"
+        )
+    if values["docker"].startswith("https://") and not all(tls):
+        raise ConfigError(
+            f"{sources['docker']}: docker = {values['docker']!r} needs docker_tls_cert and "
+            "docker_tls_key (and usually docker_tls_ca)"
+        )
+    return Settings(**values, config_file=path, sources=sources), warnings
+
+
+def _pidfile_default() -> str:
+    if os.geteuid() == 0:
+        return "/run/dm-agent/dm-agent.pid"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dm-agent-{os.geteuid()}"
+    return os.path.join(runtime, "dm-agent.pid")
+
+
+def pidfile_path(settings: Settings) -> str:
+    """The pidfile: the setting, else /run/dm-agent for root, $XDG_RUNTIME_DIR otherwise."""
+    return settings.pidfile or _pidfile_default()
+
+
+def render(settings: Settings) -> str:
+    """The effective settings as INI text, the secret masked, each with its source."""
+    lines = [f"# config file: {settings.config_file or '(none found)'}", f"[{SECTION}]"]
+    for key in KEYS:
+        value = getattr(settings, key.name)
+        if key.secret:
+            text = SECRET_MASK if value else ""
+        elif isinstance(value, bool):
+            text = "yes" if value else "no"
+        elif isinstance(value, tuple):
+            text = ", ".join(value)
+        elif value is None:
+            text = ""
+        else:
+            text = str(value)
+        lines.append(f"{key.name} = {text}".rstrip() + f"  ; {settings.sources.get(key.name, 'default')}")
+    return "\n".join(lines) + "\n"
+
+
+def cli_overrides(
+    docker: str | None = None,
+    master: str | None = None,
+    timeout: str | None = None,
+    secret: str | None = None,
+    verbose: int = 0,
+    pidfile: str | None = None,
+) -> dict[str, str | None]:
+    """Map parsed command-line options onto key names (raw text, None when absent)."""
+    return {
+        "docker": docker,
+        "master": master,
+        "timeout": timeout,
+        "secret": secret,
+        "log_level": str(min(verbose, 2)) if verbose else None,
+        "pidfile": pidfile,
+    }
+
+
+def is_excluded(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

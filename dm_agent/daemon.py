@@ -1,0 +1,168 @@
+"""``--daemon``: a SysV daemon (daemon(7)) that tells its starter when it is ready.
+
+The invoking process forks a child and waits on a pipe. The child detaches with
+python-daemon's ``DaemonContext`` (fork, ``setsid``, fork; ``detach_process=True``
+because under systemd the parent is PID 1, where python-daemon would otherwise not
+fork), which also chdirs to ``/``, sets the umask, closes inherited descriptors and
+enters the locked pidfile. Once the daemon has its pidfile, logging and signal
+handlers, it writes ``OK`` to the pipe and the invoking process exits 0 — so a
+``Type=forking`` unit finds the PID file when the start returns. A daemon that cannot
+start writes its exit code and reason instead, which the invoking process prints on
+its terminal and exits with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from . import config, logs
+from .config import Settings
+from .errors import EX_FAILURE, EX_OK, AgentError
+from .pidfile import LockedPidfile
+
+READY_TIMEOUT = 30.0
+
+
+def preload() -> None:
+    """Import now what the daemon imports lazily later: a package upgrade may replace
+    the program's files (and the frozen archive) under a running agent."""
+    import encodings.idna  # noqa: F401  (hostnames)
+    import http.client  # noqa: F401
+    import logging.handlers  # noqa: F401
+    import ssl  # noqa: F401
+    import urllib.parse  # noqa: F401
+
+    import docker  # noqa: F401
+    import docker.api.client  # noqa: F401
+    import docker.tls  # noqa: F401
+    import docker.transport.unixconn  # noqa: F401
+    import psutil  # noqa: F401
+    import requests  # noqa: F401
+    import requests.adapters  # noqa: F401
+    import urllib3  # noqa: F401
+
+    from . import agent, signals  # noqa: F401
+
+    try:
+        import charset_normalizer  # noqa: F401  (requests' text decoding)
+    except ImportError:  # pragma: no cover - optional in requests
+        pass
+    "probe".encode("idna")
+
+
+def _report(fd: int, message: str) -> None:
+    try:
+        os.write(fd, message.encode("utf-8", "replace"))
+    except OSError:
+        pass  # the starter went away; nothing to tell
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _wait_ready(rfd: int) -> tuple[int, str]:
+    """In the invoking process: read the daemon's verdict (code, message)."""
+    import select
+
+    chunks: list[bytes] = []
+    while True:
+        ready, _, _ = select.select([rfd], [], [], READY_TIMEOUT)
+        if not ready:
+            return EX_FAILURE, f"the daemon did not report readiness within {READY_TIMEOUT:g}s"
+        chunk = os.read(rfd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    if text.startswith("OK"):
+        return EX_OK, text[2:].strip()
+    if text.startswith("ERR "):
+        code, _, message = text[4:].partition(" ")
+        return (int(code) if code.isdigit() else EX_FAILURE), message.strip()
+    return EX_FAILURE, "the daemon exited during start-up without saying why"
+
+
+def run(settings: Settings, warnings: list[str], reload: Callable[[], Settings],
+        dry_run: bool = False) -> int:
+    """Start the daemon; in the invoking process returns the exit code."""
+    preload()
+    pidpath = config.pidfile_path(settings)
+    rfd, wfd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        code, message = _wait_ready(rfd)
+        os.close(rfd)
+        os.waitpid(pid, 0)
+        if code != EX_OK:
+            print(f"dm-agent: {message}", file=sys.stderr)
+        return code
+    os.close(rfd)
+    code = EX_FAILURE
+    try:
+        code = _daemon(settings, warnings, reload, dry_run, pidpath, wfd)
+    except BaseException as exc:  # the starter is told; nothing may escape a fork
+        if wfd >= 0:
+            _report(wfd, f"ERR {EX_FAILURE} {exc}")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settings],
+            dry_run: bool, pidpath: str, wfd: int) -> int:
+    import daemon as pydaemon  # python-daemon
+
+    keep_streams = logs.under_journal(sys.stderr)  # the journal's streams stay ours
+    pidfile = LockedPidfile(pidpath)
+    context = pydaemon.DaemonContext(
+        detach_process=True,
+        working_directory="/",
+        umask=0o022,
+        pidfile=pidfile,
+        files_preserve=[wfd],
+        stdout=sys.stdout if keep_streams else None,
+        stderr=sys.stderr if keep_streams else None,
+        signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None,
+                    signal.SIGPIPE: signal.SIG_IGN},
+    )
+    try:
+        context.open()  # the first child exits in here; the daemon goes on
+    except AgentError as exc:  # the pidfile is entered last, in the daemon itself
+        _report(wfd, f"ERR {exc.exit_code} {exc}")
+        return exc.exit_code
+    try:
+        handler = logs.daemon_handler(settings.log_file)
+    except OSError as exc:
+        context.close()
+        _report(wfd, f"ERR {EX_FAILURE} cannot open log_file {settings.log_file}: {exc.strerror}")
+        return EX_FAILURE
+    logs.setup(settings.log_level, handler)
+    for warning in warnings:
+        logs.logger.warning("%s", warning)
+
+    from .agent import Agent
+    from .signals import Signals
+
+    agent = Agent(settings, dry_run=dry_run, reload_settings=reload)
+    signals = Signals(agent.waker)
+    signals.install()
+
+    def ready() -> None:
+        logs.logger.info("started as daemon (PID %d, pidfile %s): registering every %ds "
+                         "with %s", os.getpid(), pidpath, settings.timeout,
+                         settings.master or "(dry run)")
+        _report(wfd, "OK")
+
+    try:
+        return agent.run(signals, on_first=ready)
+    finally:
+        logs.logger.info("stopped")
+        context.close()  # leaves the pidfile context: unlocks and removes it

@@ -1,0 +1,50 @@
+"""The package's one exception tree; each error knows the exit code it ends in."""
+
+from __future__ import annotations
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_USAGE = 64
+EX_TEMPFAIL = 75  # another instance holds the pidfile
+EX_CONFIG = 78  # the unit must not restart on it
+
+
+class AgentError(Exception):
+    """Root of every error dm-agent raises on purpose."""
+
+    exit_code = EX_FAILURE
+
+
+class UsageError(AgentError):
+    """The command line is wrong."""
+
+    exit_code = EX_USAGE
+
+
+class ConfigError(AgentError, ValueError):
+    """A setting is missing or invalid; the message names where and what is expected."""
+
+    exit_code = EX_CONFIG
+
+
+class PidfileLockedError(AgentError):
+    """Another agent holds the pidfile lock."""
+
+    exit_code = EX_TEMPFAIL
+
+
+class DockerError(AgentError):
+    """Docker did not answer, or answered something unusable."""
+
+
+class ReportError(AgentError):
+    """A registration was not accepted by the master.
+
+    ``kind`` groups failures for log flood control: ``unauthorized``, ``http``,
+    ``connection``, ``timeout``, ``tls``.
+    """
+
+    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status

@@ -1,0 +1,113 @@
+"""A pidfile that is an ``fcntl`` lock held for the process's life.
+
+A killed agent leaves at most a file with no lock behind, which the next start takes
+over; a running agent's lock makes a second start fail with the PID in the message.
+The PID is written to a temporary file that is locked and then renamed over the
+pidfile, so a reader (systemd's ``PIDFile=``) never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from types import TracebackType
+
+from .errors import AgentError, PidfileLockedError
+
+
+def read_pid(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            text = fh.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class LockedPidfile:
+    """Context manager: ``__enter__`` locks and writes the PID, ``__exit__`` removes it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._fd: int | None = None
+
+    def _lock(self, fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return False
+            raise
+        return True
+
+    def _open_locked(self) -> int:
+        """Open and lock the file now at the path (retrying if it was replaced meanwhile)."""
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                if not self._lock(fd):
+                    pid = read_pid(self.path)
+                    raise PidfileLockedError(
+                        f"another dm-agent is running (PID {pid if pid else 'unknown'}) "
+                        f"and holds {self.path}")
+                try:
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                return fd
+            os.close(fd)  # another agent renamed its pidfile in: look again
+        raise AgentError(f"cannot lock pidfile {self.path}: it keeps being replaced")
+
+    def acquire(self) -> None:
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+            fd = self._open_locked()
+        except OSError as exc:
+            raise AgentError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            tfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                self._lock(tfd)
+                os.write(tfd, f"{os.getpid()}\n".encode())
+                os.rename(tmp, self.path)
+            except BaseException:
+                os.close(tfd)
+                _unlink(tmp)
+                raise
+        except OSError as exc:
+            raise AgentError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
+        finally:
+            os.close(fd)  # the old inode; ours is the renamed one, locked through tfd
+        self._fd = tfd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if read_pid(self.path) == os.getpid():
+            _unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+    def fileno(self) -> int | None:
+        return self._fd
+
+    def __enter__(self) -> LockedPidfile:
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

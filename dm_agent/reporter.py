@@ -1,0 +1,110 @@
+"""The one send function: POST a registration to the master, with bounded timeouts.
+
+Retry and backoff live in the loop, not here. Every failure becomes a
+:class:`ReportError` whose ``kind`` lets the loop log an outage once.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import urllib.parse
+import requests
+
+from . import __version__
+from .errors import ReportError
+
+MAX_BODY_IN_LOG = 200
+
+
+def node_url(master: str, name: str, ttl: int) -> str:
+    """``{master}/discovery/nodes/{name}?ttl={ttl}``, the name one encoded path segment."""
+    return f"{master}/discovery/nodes/{urllib.parse.quote(name, safe='')}?ttl={int(ttl)}"
+
+
+def summarise_body(text: str, content_type: str = "") -> str:
+    """A log-sized version of an error body: an HTML page is reduced to its title."""
+    size = len(text)
+    if "html" in content_type.lower() or text.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
+        match = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
+        text = match.group(1) if match else re.sub(r"<[^>]+>", " ", text)
+        text = html.unescape(text)
+    text = " ".join(text.split())
+    if len(text) > MAX_BODY_IN_LOG:
+        text = text[: MAX_BODY_IN_LOG - 1] + "…"
+    if size > MAX_BODY_IN_LOG:
+        text += f" ({size} bytes)"
+    return text
+
+
+class Reporter:
+    """Sends registrations to one master over a (reused) ``requests.Session``."""
+
+    def __init__(self, master: str, secret: str | None = None, ca_file: str | None = None,
+                 timeout: tuple[float, float] = (5.0, 10.0),
+                 session: requests.Session | None = None) -> None:
+        self.master = master
+        self._secret = secret
+        self.verify: bool | str = ca_file or True
+        self.timeout = timeout
+        self.session = session or requests.Session()
+        self.session.trust_env = False  # a node's http_proxy must not catch the master
+        self.user_agent = f"dm-agent/{__version__}"
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "User-Agent": self.user_agent}
+        if self._secret:
+            headers["X-Auth-Node"] = self._secret
+        return headers
+
+    def close(self) -> None:
+        self.session.close()
+
+    def send(self, name: str, ttl: int, body: bytes) -> None:
+        """POST one registration; returns on 200, raises ReportError otherwise."""
+        url = node_url(self.master, name, ttl)
+        try:
+            resp = self.session.post(url, data=body, headers=self.headers(),
+                                     timeout=self.timeout, verify=self.verify,
+                                     allow_redirects=False)
+        except requests.exceptions.SSLError as exc:
+            raise ReportError("tls", f"TLS to {self.master} failed: {_short(exc)}") from None
+        except requests.exceptions.ConnectTimeout:
+            raise ReportError("timeout", f"connecting to {self.master} timed out "
+                              f"after {self.timeout[0]:g}s") from None
+        except requests.exceptions.ReadTimeout:
+            raise ReportError("timeout", f"{self.master} did not answer within "
+                              f"{self.timeout[1]:g}s") from None
+        except requests.exceptions.ConnectionError as exc:
+            raise ReportError("connection", f"cannot reach {self.master}: {_short(exc)}") from None
+        except requests.exceptions.RequestException as exc:
+            raise ReportError("connection", f"request to {self.master} failed: {_short(exc)}") from None
+        try:
+            if resp.status_code == 200:
+                return
+            detail = summarise_body(resp.text, resp.headers.get("Content-Type", ""))
+        finally:
+            resp.close()
+        if resp.status_code == 401:
+            raise ReportError(
+                "unauthorized",
+                f"master {self.master} refused the node secret (HTTP 401): "
+                + ("check 'secret' in the config (or -s / DM_AGENT_SECRET)"
+                   if self._secret else "the master wants one; set 'secret' in the config")
+                + (f"; master said: {detail}" if detail else ""),
+                status=401,
+            )
+        raise ReportError("http", f"master {self.master} answered HTTP {resp.status_code}"
+                          + (f": {detail}" if detail else ""), status=resp.status_code)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in ("Connection refused", "Connection reset by peer", "Name or service not known",
+                   "Temporary failure in name resolution", "No route to host",
+                   "Network is unreachable", "RemoteDisconnected", "certificate verify failed",
+                   "Connection aborted"):
+        if marker in text:
+            return marker
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:199] + "…"
