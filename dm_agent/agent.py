@@ -53,7 +53,7 @@ def backoff(failures: int, interval: float, rand: Callable[[], float] = random.r
 
 
 def fmt_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     minutes, seconds = divmod(seconds, 60)
@@ -220,7 +220,8 @@ class Agent:
         try:
             body = self.build_body()
         except Exception as exc:  # never crash on what a source answered
-            log.error("cannot build the registration: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error("cannot build the registration: %s", exc,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
             return False
         if log.isEnabledFor(logging.DEBUG):
             log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))

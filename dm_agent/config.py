@@ -87,7 +87,7 @@ def parse_master(text: str) -> str | None:
     if not url.hostname:
         raise ValueError("expected a host name in the master URL")
     try:
-        url.port
+        _ = url.port
     except ValueError as exc:
         raise ValueError(f"bad port in the master URL: {exc}") from None
     if url.query or url.fragment:
@@ -283,7 +283,8 @@ def read_file(path: str) -> tuple[dict[str, str], list[str]]:
     except IsADirectoryError:
         raise ConfigError(f"cannot read config file {path}: it is a directory") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"cannot read config file {path}: not UTF-8 text ({exc.reason})") from None
+        raise ConfigError(
+            f"cannot read config file {path}: not UTF-8 text ({exc.reason})") from None
     except configparser.Error as exc:
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"cannot parse config file {path}: {msg}") from None
@@ -327,8 +328,8 @@ def load(
         raw: str | None
         if cli.get(key.name) is not None:
             raw, where = cli[key.name], "command line"
-        elif ENV_PREFIX + key.name.upper() in env:
-            raw, where = env[ENV_PREFIX + key.name.upper()], "environment " + ENV_PREFIX + key.name.upper()
+        elif (var := ENV_PREFIX + key.name.upper()) in env:
+            raw, where = env[var], "environment " + var
         elif key.name in file_values:
             raw, where = file_values[key.name], f"{path} [{SECTION}] {key.name}"
         else:
@@ -382,7 +383,8 @@ def render(settings: Settings) -> str:
             text = ""
         else:
             text = str(value)
-        lines.append(f"{key.name} = {text}".rstrip() + f"  ; {settings.sources.get(key.name, 'default')}")
+        source = settings.sources.get(key.name, "default")
+        lines.append(f"{key.name} = {text}".rstrip() + f"  ; {source}")
     return "\n".join(lines) + "\n"
 
 

@@ -36,12 +36,12 @@ def preload() -> None:
     import ssl  # noqa: F401
     import urllib.parse  # noqa: F401
 
-    import docker  # noqa: F401
-    import docker.api.client  # noqa: F401
-    import docker.tls  # noqa: F401
+    import docker
+    import docker.api.client
+    import docker.tls
     import docker.transport.unixconn  # noqa: F401
     import psutil  # noqa: F401
-    import requests  # noqa: F401
+    import requests
     import requests.adapters  # noqa: F401
     import urllib3  # noqa: F401
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import re
 import urllib.parse
+
 import requests
 
 from . import __version__
@@ -25,7 +26,8 @@ def node_url(master: str, name: str, ttl: int) -> str:
 def summarise_body(text: str, content_type: str = "") -> str:
     """A log-sized version of an error body: an HTML page is reduced to its title."""
     size = len(text)
-    if "html" in content_type.lower() or text.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
+    head = text.lstrip()[:15].lower()
+    if "html" in content_type.lower() or head.startswith(("<!doctype", "<html")):
         match = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
         text = match.group(1) if match else re.sub(r"<[^>]+>", " ", text)
         text = html.unescape(text)
@@ -78,7 +80,8 @@ class Reporter:
         except requests.exceptions.ConnectionError as exc:
             raise ReportError("connection", f"cannot reach {self.master}: {_short(exc)}") from None
         except requests.exceptions.RequestException as exc:
-            raise ReportError("connection", f"request to {self.master} failed: {_short(exc)}") from None
+            raise ReportError("connection",
+                              f"request to {self.master} failed: {_short(exc)}") from None
         try:
             if resp.status_code == 200:
                 return

@@ -23,18 +23,19 @@ from ..config import is_excluded
 log = logging.getLogger("dm_agent.host")
 
 # Filesystem types that are not a host's storage (pseudo, memory, image or overlay).
-PSEUDO_FS = frozenset(
-    """autofs binfmt_misc bpf cgroup cgroup2 configfs debugfs devpts devtmpfs efivarfs
-    fusectl hugetlbfs mqueue nsfs overlay overlayfs proc pstore ramfs rpc_pipefs
-    securityfs selinuxfs squashfs sysfs tmpfs tracefs fuse.lxcfs fuse.gvfsd-fuse
-    fuse.portal iso9660 udf aufs shm nullfs devfs""".split()
-)
+PSEUDO_FS = frozenset((
+    "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts",
+    "devtmpfs", "efivarfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "overlay", "overlayfs",
+    "proc", "pstore", "ramfs", "rpc_pipefs", "securityfs", "selinuxfs", "squashfs", "sysfs",
+    "tmpfs", "tracefs", "fuse.lxcfs", "fuse.gvfsd-fuse", "fuse.portal", "iso9660", "udf",
+    "aufs", "shm", "nullfs", "devfs",
+))
 
 
 class _Probe:
     """One in-flight stat+statvfs of a mount point, run in a daemon thread."""
 
-    __slots__ = ("path", "done", "result", "error", "thread")
+    __slots__ = ("done", "error", "path", "result", "thread")
 
     def __init__(self, path: str, fn: Callable[[str], tuple[int, int, int, bool]]) -> None:
         self.path = path
