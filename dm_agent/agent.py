@@ -52,6 +52,14 @@ def backoff(failures: int, interval: float, rand: Callable[[], float] = random.r
     return cap * (0.5 + 0.5 * rand())
 
 
+def first_tick(start: float, interval: float, jitter: bool,
+               rand: Callable[[], float] = random.random) -> float:
+    """When the periodic schedule begins, after the immediate first registration:
+    at a random offset within the interval (so a fleet started together spreads out),
+    or one interval later without jitter. The grid then runs fixed from there."""
+    return start + (rand() * interval if jitter else interval)
+
+
 def fmt_duration(seconds: float) -> str:
     seconds = round(seconds)
     if seconds < 60:
@@ -312,8 +320,7 @@ class Agent:
         self.host.prime()
         now = time.monotonic()
         self._kick_at = now  # the node appears at once
-        offset = random.uniform(0, interval) if self.settings.jitter else interval
-        due = now + offset
+        due = first_tick(now, interval, self.settings.jitter)
         failures = 0
         retry_at: float | None = None
         if on_first is not None:

@@ -1,0 +1,101 @@
+"""Unit tests of the loop's pure parts: backoff, schedule spread, log flood control."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+
+from dm_agent import agent
+
+
+def test_backoff_grows_exponentially_and_is_capped_at_the_interval() -> None:
+    lo = [agent.backoff(n, 60, rand=lambda: 0.0) for n in range(1, 10)]
+    hi = [agent.backoff(n, 60, rand=lambda: 0.999999) for n in range(1, 10)]
+    assert lo == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert all(h <= 60 for h in hi) and hi[-1] > 59.9
+    assert max(agent.backoff(20, 5) for _ in range(200)) <= 5
+
+
+def test_backoff_is_jittered() -> None:
+    rng = random.Random(7)
+    delays = {round(agent.backoff(4, 60, rng.random), 3) for _ in range(50)}
+    assert len(delays) > 40
+
+
+def test_timeouts_are_shorter_than_the_interval() -> None:
+    for interval in (1, 2, 5, 60, 3600):
+        t = agent.timeouts(interval)
+        assert t["docker"] < interval or t["docker"] <= 0.8 * interval + 1e-9
+        assert t["http"][0] < interval and t["http"][1] < interval
+        assert t["disk"] < interval
+
+
+def test_thousand_agents_started_together_spread_evenly() -> None:
+    """1,000 agents started in the same second: their periodic rounds cover the
+    interval evenly (chi-square over 10 buckets), and without jitter they collide."""
+    interval = 60.0
+    rng = random.Random(2026)
+    starts = [rng.random() for _ in range(1000)]  # all within the same second
+    phases = [agent.first_tick(s, interval, True, rng.random) % interval for s in starts]
+    buckets = [0] * 10
+    for phase in phases:
+        buckets[int(phase / interval * 10)] += 1
+    chi2 = sum((b - 100) ** 2 / 100 for b in buckets)
+    assert chi2 < 27.9, buckets  # p = 0.001 for 9 degrees of freedom
+    # the busiest second of the interval holds a handful, not the fleet
+    per_second = [0] * int(interval)
+    for phase in phases:
+        per_second[int(phase)] += 1
+    assert max(per_second) < 35, max(per_second)
+    lockstep = [agent.first_tick(s, interval, False) % interval for s in starts]
+    assert max(lockstep) - min(lockstep) < 1.0  # what jitter = no would do
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_outage_logs_first_error_summarises_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, "dm_agent")
+    clock = Clock()
+    outage = agent.Outage("registration", clock)
+    for _ in range(50):
+        outage.failed("connection", "cannot reach http://m:1: Connection refused")
+        clock.now += 5
+    outage.recovered()
+    records = [(r.levelno, r.getMessage()) for r in caplog.records]
+    errors = [m for lvl, m in records if lvl >= logging.ERROR]
+    warnings = [m for lvl, m in records if lvl == logging.WARNING]
+    infos = [m for lvl, m in records if lvl == logging.INFO]
+    assert errors == ["cannot reach http://m:1: Connection refused"]
+    assert warnings == []
+    assert infos == ["registration recovered after 50 failed attempts over 4m10s"]
+    assert sum(1 for lvl, _ in records if lvl == logging.DEBUG) == 49
+
+
+def test_outage_kind_change_warns_once_and_hourly_summary(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "dm_agent")
+    clock = Clock()
+    outage = agent.Outage("registration", clock)
+    kinds = ["connection", "http", "connection", "http"] * 500
+    for kind in kinds:
+        outage.failed(kind, f"failure of kind {kind}")
+        clock.now += 4
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert lines[0] == (logging.ERROR, "failure of kind connection")
+    assert lines[1] == (logging.WARNING, "registration still failing, now: failure of kind http")
+    # 2,000 attempts over 8,000 s: two hourly summaries, nothing else
+    assert len(lines) == 4 and all("still failing:" in m for _, m in lines[2:])
+
+
+def test_fmt_duration() -> None:
+    assert agent.fmt_duration(5) == "5s"
+    assert agent.fmt_duration(125) == "2m05s"
+    assert agent.fmt_duration(7322) == "2h02m"

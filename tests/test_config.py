@@ -1,0 +1,252 @@
+"""Unit tests of dm_agent.config: converters, search path, precedence, messages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dm_agent import config
+from dm_agent.errors import ConfigError
+
+SECRET = "s3cr3t-value-that-must-not-leak"
+
+
+def write(path: Path, body: str) -> str:
+    path.write_text(body, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("172.31.0.12:2375", "tcp://172.31.0.12:2375"),
+        ("tcp://10.0.0.1:2375", "tcp://10.0.0.1:2375"),
+        ("unix:///var/run/docker.sock", "unix:///var/run/docker.sock"),
+        ("https://docker.example:2376/", "https://docker.example:2376"),
+        ("[::1]:2375", "tcp://[::1]:2375"),
+    ],
+)
+def test_docker_endpoint_forms(raw: str, expected: str) -> None:
+    assert config.parse_docker(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("172.31.0.12", "no port"),
+        ("host:notaport", "port number"),
+        ("host:70000", "port number"),
+        ("ftp://host:21", "unknown scheme 'ftp'"),
+        ("unix://relative/path", "unix:///absolute"),
+        ("", "empty"),
+    ],
+)
+def test_docker_endpoint_errors(raw: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        config.parse_docker(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("172.31.0.3:8762", "http://172.31.0.3:8762"),
+        ("http://master:8762/", "http://master:8762"),
+        ("https://master.example/cluman/", "https://master.example/cluman"),
+        ("", None),
+    ],
+)
+def test_master_forms(raw: str, expected: str | None) -> None:
+    assert config.parse_master(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("master", "no port"),
+        ("gopher://m:70", "unknown scheme 'gopher'"),
+        ("http://:8762", "host name"),
+        ("http://m:99999", "bad port"),
+        ("http://m:1/x?y=1", "query"),
+    ],
+)
+def test_master_errors(raw: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        config.parse_master(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [("ten", "whole number"), ("0", "at least 1"), ("-5", "at least 1"), ("1.5", "whole number"),
+     ("100000", "at most")],
+)
+def test_interval_errors(raw: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        config.parse_interval(raw)
+
+
+def test_search_path_first_existing_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd = tmp_path / "cwd"
+    xdg = tmp_path / "xdg"
+    cwd.mkdir()
+    xdg.mkdir()
+    monkeypatch.chdir(cwd)
+    env = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(xdg)}
+    write(xdg / "dm-agent.ini", "[main]\ntimeout = 7\n")
+    settings, _ = config.load({}, None, env)
+    assert settings.timeout == 7
+    assert settings.config_file == str(xdg / "dm-agent.ini")
+    # the CWD file takes over, and only it is read: its missing timeout is the default
+    write(cwd / "dm-agent.ini", "[main]\nmaster = m:1\n")
+    settings, _ = config.load({}, None, env)
+    assert settings.config_file == str(cwd / "dm-agent.ini")
+    assert settings.timeout == 60
+    assert settings.master == "http://m:1"
+
+
+def test_home_config_without_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "home"
+    (home / ".config").mkdir(parents=True)
+    write(home / ".config" / "dm-agent.ini", "[main]\ntimeout = 9\n")
+    settings, _ = config.load({}, None, {"HOME": str(home)})
+    assert settings.timeout == 9
+
+
+def test_precedence_cli_env_file_default(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.ini", "[main]\ntimeout = 10\nmaster = file:1\nlog_level = 1\n")
+    env = {"DM_AGENT_TIMEOUT": "20", "DM_AGENT_MASTER": "env:2"}
+    settings, _ = config.load(config.cli_overrides(timeout="30"), path, env)
+    assert settings.timeout == 30
+    assert settings.sources["timeout"] == "command line"
+    assert settings.master == "http://env:2"
+    assert settings.sources["master"] == "environment DM_AGENT_MASTER"
+    assert settings.log_level == 1
+    assert settings.sources["log_level"].endswith("a.ini [main] log_level")
+    assert settings.docker == config.DEFAULT_DOCKER
+    assert settings.sources["docker"] == "default"
+    assert settings.ttl == 60
+
+
+def test_invalid_file_value_names_file_key_and_expectation(tmp_path: Path) -> None:
+    path = write(tmp_path / "bad.ini", "[main]\ntimeout = soon\n")
+    with pytest.raises(ConfigError) as err:
+        config.load({}, path, {})
+    msg = str(err.value)
+    assert path in msg and "timeout" in msg and "'soon'" in msg and "whole number" in msg
+    assert err.value.exit_code == 78
+
+
+def test_invalid_env_value_names_variable() -> None:
+    with pytest.raises(ConfigError, match="environment DM_AGENT_DOCKER: invalid docker"):
+        config.load({}, os.devnull, {"DM_AGENT_DOCKER": "ftp://x:1"})
+
+
+def test_unknown_key_and_section_are_warnings(tmp_path: Path) -> None:
+    path = write(tmp_path / "w.ini", "[main]\nmaster = m:1\ncolour = blue\n[extra]\na = b\n")
+    settings, warnings = config.load({}, path, {})
+    assert settings.master == "http://m:1"
+    assert any("unknown key 'colour'" in w and path in w for w in warnings)
+    assert any("[extra]" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [("not an ini file at all\n", "cannot parse"), ("[main]\nmaster\n", "cannot parse")],
+)
+def test_unparsable_file(tmp_path: Path, body: str, fragment: str) -> None:
+    path = write(tmp_path / "x.ini", body)
+    with pytest.raises(ConfigError, match=fragment):
+        config.load({}, path, {})
+
+
+def test_missing_and_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load({}, str(tmp_path / "nope.ini"), {})
+    with pytest.raises(ConfigError, match="is a directory"):
+        config.load({}, str(tmp_path), {})
+
+
+def test_unreadable_file_as_other_user(tmp_path: Path) -> None:
+    path = write(tmp_path / "locked.ini", "[main]\n")
+    os.chmod(path, 0)
+    if os.geteuid() == 0:
+        # root reads anything: prove the message with a real unprivileged reader instead
+        import subprocess
+        import sys
+
+        os.chmod(tmp_path, 0o755)
+        code = (
+            "import sys; from dm_agent import config\n"
+            "try: config.load({}, sys.argv[1], {})\n"
+            "except config.ConfigError as e: print(e); sys.exit(78)\n"
+        )
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-c", code, path],
+            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(config.__file__)),
+        )
+        assert proc.returncode == 78, proc.stderr
+        assert "permission denied" in proc.stdout and path in proc.stdout
+    else:
+        with pytest.raises(ConfigError, match="permission denied"):
+            config.load({}, path, {})
+
+
+def test_secret_never_in_errors_or_render(tmp_path: Path) -> None:
+    path = write(tmp_path / "s.ini", f"[main]\nsecret = {SECRET}\nmaster = m:1\n")
+    settings, _ = config.load({}, path, {})
+    assert settings.secret == SECRET
+    assert SECRET not in repr(settings)
+    text = config.render(settings)
+    assert SECRET not in text and "secret = ********" in text
+    # an invalid secret's error does not echo it either
+    with pytest.raises(ConfigError) as err:
+        config.load(config.cli_overrides(secret=SECRET + "\nX-Evil: 1"), path, {})
+    assert SECRET not in str(err.value) and "line breaks" in str(err.value)
+
+
+def test_tls_files_go_together(tmp_path: Path) -> None:
+    cert = write(tmp_path / "cert.pem", "x")
+    path = write(tmp_path / "t.ini", f"[main]\ndocker_tls_cert = {cert}\n")
+    with pytest.raises(ConfigError, match="go together"):
+        config.load({}, path, {})
+    path = write(tmp_path / "u.ini", "[main]\ndocker = https://h:2376\n")
+    with pytest.raises(ConfigError, match="needs docker_tls_cert"):
+        config.load({}, path, {})
+    path = write(tmp_path / "v.ini", f"[main]\ndocker_tls_ca = {tmp_path}/missing.pem\n")
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load({}, path, {})
+
+
+def test_require_master_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "m.ini", "[main]\n")
+    settings, _ = config.load({}, path, {})
+    with pytest.raises(ConfigError, match=f"set 'master = host:port' in \\[main\\] of {path}"):
+        settings.require_master()
+
+
+def test_sample_config_documents_every_key_with_its_default() -> None:
+    sample = Path(config.__file__).parent / "data" / "dm-agent.ini"
+    text = sample.read_text(encoding="utf-8")
+    for key in config.KEYS:
+        assert f"#{key.name} =" in text, key.name
+    # The sample loads as it is: every default it shows is valid, master unset.
+    settings, warnings = config.load({}, str(sample), {})
+    assert warnings == []
+    assert settings.master is None
+    for key in config.KEYS:
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"#{key.name} ="))
+        shown = line.split("=", 1)[1].strip()
+        if key.name != "master":
+            assert key.convert(shown) == key.convert(key.default), key.name
+
+
+def test_bool_and_patterns() -> None:
+    assert config.parse_bool("Yes") is True and config.parse_bool("off") is False
+    with pytest.raises(ValueError, match="yes/no"):
+        config.parse_bool("maybe")
+    assert config.parse_patterns("lo, veth*  docker0") == ("lo", "veth*", "docker0")
+    assert config.is_excluded("veth12ab", ("lo", "veth*"))
+    assert not config.is_excluded("eth0", ("lo", "veth*"))

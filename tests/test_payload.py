@@ -1,0 +1,35 @@
+"""Unit tests of the registration body and its time formats."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from dm_agent import payload
+from dm_agent.collectors.docker import NodeInfo
+
+
+def test_local_time_has_no_offset_and_parses_as_local_datetime() -> None:
+    now = dt.datetime(2016, 8, 10, 15, 3, 5, 0)
+    text = payload.timestamp("local", now)
+    assert text == "2016-08-10T15:03:05.000000"
+    assert dt.datetime.fromisoformat(text).tzinfo is None
+
+
+def test_utc_time_has_z() -> None:
+    now = dt.datetime(2016, 8, 10, 17, 3, 5, 559807, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert payload.timestamp("utc", now) == "2016-08-10T15:03:05.559807Z"
+
+
+def test_body_fields_and_encoding() -> None:
+    node = NodeInfo("docker-exp", {"zone": "eu-1"},
+                    [{"id": "4970ae", "name": "web1", "image": "nginx", "labels": {"ü": "é"}}])
+    system = {"cpuLoad": 12.5, "memory": {"total": 1, "available": 1, "used": 0},
+              "disks": {}, "net": {}}
+    body = payload.build(node, "172.31.0.12:2375", system)
+    assert body["id"] == body["name"] == "docker-exp"
+    assert body["address"] == "172.31.0.12:2375"
+    assert list(body) == ["time", "id", "name", "address", "labels", "containers", "system"]
+    raw = payload.encode(body)
+    assert json.loads(raw.decode("utf-8")) == body
+    assert "ü".encode() in raw  # UTF-8, not \\u escapes
