@@ -57,7 +57,7 @@ class FakePs:
     def __init__(self, parts: list[Part]) -> None:
         self.parts = parts
 
-    def disk_partitions(self, all: bool = False) -> list[Part]:  # noqa: A002 - psutil's name
+    def disk_partitions(self, all: bool = False) -> list[Part]:
         return self.parts
 
 
