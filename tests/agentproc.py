@@ -1,0 +1,36 @@
+"""Run the real ``dm-agent`` program in a clean environment (helpers for the tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+BIN = os.environ.get("DM_AGENT_BIN") or os.path.join(os.path.dirname(sys.executable), "dm-agent")
+
+
+def clean_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a node with no dm-agent settings, HOME in a temp dir."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("DM_AGENT_") and k not in ("JOURNAL_STREAM", "XDG_CONFIG_HOME")}
+    env["HOME"] = str(home)
+    env["XDG_RUNTIME_DIR"] = str(home)
+    env.update(extra or {})
+    return env
+
+
+def run(args: Sequence[str], home: Path, extra_env: Mapping[str, str] | None = None,
+        timeout: float = 30, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([BIN, *args], capture_output=True, text=True, cwd=home,
+                          env=clean_env(home, extra_env), timeout=timeout, stdin=subprocess.DEVNULL,
+                          **kw)  # type: ignore[call-overload]
+
+
+def popen(args: Sequence[str], home: Path, extra_env: Mapping[str, str] | None = None,
+          **kw: object) -> subprocess.Popen[str]:
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen([BIN, *args], text=True, cwd=home, env=clean_env(home, extra_env),
+                            stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]

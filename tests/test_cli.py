@@ -1,0 +1,133 @@
+"""The real dm-agent program's command line: exit codes, messages, the secret kept out."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from agentproc import popen, run
+
+from dm_agent import __version__
+
+SECRET = "Zq9-very-secret-token"
+NO_DOCKER = "unix:///nonexistent/docker.sock"
+
+
+def ini(home: Path, body: str, name: str = "dm-agent.ini") -> Path:
+    path = home / name
+    path.write_text("[main]\n" + body, encoding="utf-8")
+    return path
+
+
+def test_version(tmp_path: Path) -> None:
+    proc = run(["--version"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"dm-agent {__version__}"
+
+
+def test_help_lists_seed_flags(tmp_path: Path) -> None:
+    proc = run(["-h"], tmp_path)
+    assert proc.returncode == 0
+    for flag in ("-d DOCKER", "-m MASTER", "-t TIMEOUT", "-v", "-f CONFIG", "-s SECRET",
+                 "--daemon", "--pidfile", "--once", "--dry-run", "--check-config", "--version"):
+        assert flag in proc.stdout, flag
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["-t"], ["--once", "--daemon"], ["extra"]])
+def test_usage_errors_exit_64(tmp_path: Path, args: list[str]) -> None:
+    proc = run(args, tmp_path)
+    assert proc.returncode == 64, proc.stderr
+    assert "dm-agent" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("body", "args", "expect"),
+    [
+        ("timeout = ten\n", [], "invalid timeout = 'ten': expected a whole number"),
+        ("timeout = 0\n", [], "invalid timeout = '0': expected at least 1"),
+        ("timeout = -3\n", [], "expected at least 1"),
+        ("master = 10.0.0.1\n", [], "invalid master = '10.0.0.1': expected host:port"),
+        ("master = ftp://m:1\n", [], "unknown scheme 'ftp'"),
+        ("docker = 10.0.0.1\n", [], "invalid docker = '10.0.0.1'"),
+        ("docker = smb://x:1\n", [], "unknown scheme 'smb'"),
+        ("log_level = 5\n", [], "expected 0 (WARNING), 1 (INFO) or 2 (DEBUG)"),
+        ("", ["-t", "x"], "command line: invalid timeout = 'x'"),
+        ("", [], "master is not set"),
+    ],
+)
+def test_config_errors_exit_78_naming_file_key_value(
+        tmp_path: Path, body: str, args: list[str], expect: str) -> None:
+    path = ini(tmp_path, f"secret = {SECRET}\n" + body)
+    for mode in (["--once"], ["--check-config"], ["--daemon", "--pidfile", str(tmp_path / "p")]):
+        proc = run(["-f", str(path), *args, *mode], tmp_path)
+        assert proc.returncode == 78, (mode, proc.stderr)
+        assert expect in proc.stderr, proc.stderr
+        if "command line" not in expect and "not set" not in expect:
+            assert str(path) in proc.stderr
+        assert SECRET not in proc.stderr + proc.stdout
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_unreadable_and_missing_config(tmp_path: Path) -> None:
+    proc = run(["-f", str(tmp_path / "missing.ini"), "--once"], tmp_path)
+    assert proc.returncode == 78 and "missing.ini: it does not exist" in proc.stderr
+    (tmp_path / "broken.ini").write_text("no section here\n")
+    proc = run(["-f", str(tmp_path / "broken.ini"), "--check-config"], tmp_path)
+    assert proc.returncode == 78 and "cannot parse config file" in proc.stderr
+
+
+def test_unknown_key_is_a_warning(tmp_path: Path) -> None:
+    path = ini(tmp_path, "master = 127.0.0.1:9\nfavourite = blue\n")
+    proc = run(["-f", str(path), "--check-config"], tmp_path)
+    assert proc.returncode == 0
+    assert f"{path}: unknown key 'favourite'" in proc.stderr
+
+
+def test_check_config_prints_effective_settings_secret_masked(tmp_path: Path) -> None:
+    ini(tmp_path, f"master = 127.0.0.1:9\nsecret = {SECRET}\n")
+    proc = run(["--check-config", "-t", "5"], tmp_path, {"DM_AGENT_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "master = http://127.0.0.1:9" in out and "dm-agent.ini [main] master" in out
+    assert "timeout = 5  ; command line" in out
+    assert "log_level = 2  ; environment DM_AGENT_LOG_LEVEL" in out
+    assert "secret = ********" in out
+    assert SECRET not in out + proc.stderr
+
+
+def test_once_dry_run_without_master_or_docker(tmp_path: Path) -> None:
+    proc = run(["--once", "--dry-run", "-d", NO_DOCKER, "-s", SECRET, "-vv"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    body = json.loads(proc.stdout)
+    assert body["containers"] == [] and body["id"] == body["name"]
+    assert isinstance(body["system"]["cpuLoad"], float)
+    assert "cannot reach Docker at unix:///nonexistent/docker.sock" in proc.stderr
+    assert "reporting host figures only" in proc.stderr
+    assert "- DEBUG - do registration with {" in proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_once_fails_with_1_when_master_unreachable(tmp_path: Path) -> None:
+    proc = run(["--once", "-d", NO_DOCKER, "-m", "127.0.0.1:9", "-t", "2"], tmp_path)
+    assert proc.returncode == 1
+    assert "- ERROR - cannot reach http://127.0.0.1:9: Connection refused" in proc.stderr
+
+
+def test_secret_given_with_s_is_not_in_ps(tmp_path: Path) -> None:
+    proc = popen(["-d", NO_DOCKER, "-m", "127.0.0.1:9", "-t", "30", "-s", SECRET], tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        cmdline = b""
+        while time.monotonic() < deadline:
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            if b"dm_agent" in cmdline and SECRET.encode() not in cmdline:
+                break  # re-executed without the secret
+            time.sleep(0.05)
+        assert SECRET.encode() not in cmdline, cmdline
+        assert b"-m\x00127.0.0.1:9" in cmdline  # the rest of the command line is kept
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    assert SECRET not in out + err
