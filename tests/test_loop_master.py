@@ -1,0 +1,176 @@
+"""The foreground agent against a real strict HTTP master: schedule, ttl, signals, failures.
+
+Docker is deliberately unreachable here (the agent keeps reporting host figures);
+tests against a real dockerd are in test_integration_docker.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agentproc import popen, run
+from support.master import Master
+
+from dm_agent import __version__
+
+NO_DOCKER = "unix:///nonexistent/docker.sock"
+SECRET = "node-secret-Kx81"
+
+
+@pytest.fixture
+def strict_master() -> Iterator[Master]:
+    with Master(expected_version=__version__) as m:
+        yield m
+        m.assert_valid()
+
+
+def start(home: Path, master: Master, *args: str, extra_env: dict[str, str] | None = None,
+          ) -> subprocess.Popen[str]:
+    return popen(["-d", NO_DOCKER, "-m", master.url, *args], home, extra_env)
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[float, str]:
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"agent did not stop on {sig}: {err[-2000:]}")
+    return time.monotonic() - t0, err
+
+
+def test_once_registers_with_ttl_headers_and_valid_body(tmp_path: Path,
+                                                        strict_master: Master) -> None:
+    proc = run(["--once", "-d", NO_DOCKER, "-m", strict_master.url, "-t", "7"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (req,) = strict_master.requests
+    assert req.method == "POST" and req.query == {"ttl": ["14"]}
+    assert req.header("User-Agent") == f"dm-agent/{__version__}"
+    assert req.header("X-Auth-Node") is None
+    assert req.header("Content-Type") == "application/json"
+
+
+def test_secret_header_exactly_when_set(tmp_path: Path) -> None:
+    with Master(secret=SECRET) as master:
+        ok = run(["--once", "-d", NO_DOCKER, "-m", master.url, "-s", SECRET], tmp_path)
+        assert ok.returncode == 0, ok.stderr
+        bad = run(["--once", "-d", NO_DOCKER, "-m", master.url], tmp_path)
+        assert bad.returncode == 1
+        assert [r.header("X-Auth-Node") for r in master.requests] == [SECRET, None]
+        assert "HTTP 401" in bad.stderr and "set 'secret'" in bad.stderr
+        wrong = run(["--once", "-d", NO_DOCKER, "-m", master.url],
+                    tmp_path, {"DM_AGENT_SECRET": "wrong-one"})
+        assert wrong.returncode == 1 and "check 'secret'" in wrong.stderr
+        assert "wrong-one" not in wrong.stderr
+        for proc in (ok, bad, wrong):
+            assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_path_prefix_and_percent_encoded_name(tmp_path: Path) -> None:
+    with Master(prefix="/cluman/api") as master:
+        proc = run(["--once", "-d", NO_DOCKER, "-m", master.url], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        (req,) = master.requests
+        assert req.path.startswith("/cluman/api/discovery/nodes/")
+        master.assert_valid()
+
+
+def test_fixed_schedule_every_second_with_ttl_2(tmp_path: Path, strict_master: Master) -> None:
+    proc = start(tmp_path, strict_master, "-t", "1")
+    try:
+        reqs = strict_master.wait_for(7, timeout=15)
+    finally:
+        elapsed, err = stop(proc)
+    assert all(r.query == {"ttl": ["2"]} for r in reqs)
+    # the first goes out at once, the grid starts at a random offset, then runs fixed
+    gaps = [b.time - a.time for a, b in itertools.pairwise(reqs[1:])]
+    assert all(0.8 < g < 1.2 for g in gaps), gaps
+    drift = (reqs[-1].time - reqs[1].time) - (len(reqs) - 2)
+    assert abs(drift) < 0.2, drift
+    assert elapsed < 2 and proc.returncode == 0
+    assert "Traceback" not in err
+
+
+def test_sigterm_mid_sleep_and_mid_request(tmp_path: Path, strict_master: Master) -> None:
+    proc = start(tmp_path, strict_master, "-t", "60")
+    strict_master.wait_for(1)
+    time.sleep(0.3)
+    elapsed, _ = stop(proc)
+    assert elapsed < 2 and proc.returncode == 0
+    strict_master.clear()
+    strict_master.set_mode("hang")
+    proc = start(tmp_path, strict_master, "-t", "60")
+    strict_master.wait_for(1)  # the request is in flight, the master never answers
+    time.sleep(0.3)
+    elapsed, _ = stop(proc, signal.SIGINT)
+    assert elapsed < 2 and proc.returncode == 0
+
+
+def test_sighup_applies_a_changed_interval_and_keeps_config_when_broken(
+        tmp_path: Path, strict_master: Master) -> None:
+    conf = tmp_path / "dm-agent.ini"
+    conf.write_text(f"[main]\nmaster = {strict_master.url}\ndocker = {NO_DOCKER}\ntimeout = 30\n")
+    proc = popen(["-f", str(conf), "-v"], tmp_path)
+    try:
+        strict_master.wait_for(1)
+        conf.write_text(conf.read_text().replace("timeout = 30", "timeout = 1"))
+        proc.send_signal(signal.SIGHUP)
+        reqs = strict_master.wait_for(4, timeout=10)
+        assert reqs[0].query == {"ttl": ["60"]}
+        assert all(r.query == {"ttl": ["2"]} for r in reqs[1:])
+        conf.write_text("[main]\ntimeout = never\n")
+        proc.send_signal(signal.SIGHUP)
+        n = len(strict_master.requests)
+        reqs = strict_master.wait_for(n + 3, timeout=10)
+        assert all(r.query == {"ttl": ["2"]} for r in reqs[n:])  # old config kept
+    finally:
+        _, err = stop(proc)
+    assert "reload failed, keeping the running configuration" in err
+    assert "invalid timeout = 'never'" in err
+    assert "configuration reloaded" in err
+
+
+def test_sigusr1_registers_at_once(tmp_path: Path, strict_master: Master) -> None:
+    proc = start(tmp_path, strict_master, "-t", "60")
+    try:
+        strict_master.wait_for(1)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGUSR1)
+        reqs = strict_master.wait_for(2, timeout=5)
+        assert reqs[1].time - t0 < 1.0
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("mode", ["error500", "html502", "drop", "refuse", "hang"])
+def test_outage_is_one_error_line_then_recovery_info(tmp_path: Path, mode: str) -> None:
+    with Master() as master:
+        master.set_mode(mode)
+        proc = popen(["-d", NO_DOCKER, "-m", master.url, "-t", "1", "-v"], tmp_path)
+        try:
+            time.sleep(4)  # several failed rounds and retries
+            master.resume("ok") if mode == "refuse" else master.set_mode("ok")
+            n = len(master.requests)
+            master.wait_for(n + 2, timeout=5)  # registers again within one interval
+        finally:
+            _, err = stop(proc)
+        errors = [ln for ln in err.splitlines() if " - ERROR - " in ln]
+        docker_errors = [ln for ln in errors if "Docker" in ln]
+        master_errors = [ln for ln in errors if ln not in docker_errors]
+        assert len(master_errors) == 1, err
+        assert "recovered after" in err
+        if mode == "html502":
+            line = master_errors[0]
+            assert "HTTP 502" in line and len(line) < 400 and "<html" not in line.lower()
+        if mode == "hang":
+            assert "did not answer within" in master_errors[0]
+        assert "Traceback" not in err
