@@ -1,0 +1,221 @@
+"""--daemon with real forks: readiness, pidfile lock, signals, logs, descriptors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agentproc import BIN, clean_env, run
+from support.master import Master
+
+from dm_agent.pidfile import read_pid
+
+pytestmark = pytest.mark.daemon
+NO_DOCKER = "unix:///nonexistent/docker.sock"
+SECRET = "daemon-secret-77Q"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def wait_gone(pid: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while alive(pid):
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"PID {pid} still alive after {timeout}s")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+class Daemon:
+    """Starts ``dm-agent --daemon`` and always kills what it started."""
+
+    def __init__(self, home: Path, master: Master) -> None:
+        self.home, self.master = home, master
+        self.pidfile = home / "run" / "dm-agent.pid"
+        self.conf = home / "dm-agent.ini"
+        self.conf.write_text(
+            f"[main]\nmaster = {master.url}\ndocker = {NO_DOCKER}\ntimeout = 60\n"
+            f"secret = {SECRET}\nlog_level = 1\n")
+        self.pids: set[int] = set()
+
+    def start(self, *extra: str, env: dict[str, str] | None = None,
+              **kw: object) -> subprocess.CompletedProcess[str]:
+        proc = run(["--daemon", "-f", str(self.conf), "--pidfile", str(self.pidfile), *extra],
+                   self.home, env, **kw)
+        pid = read_pid(str(self.pidfile))
+        if pid:
+            self.pids.add(pid)
+        return proc
+
+    @property
+    def pid(self) -> int:
+        pid = read_pid(str(self.pidfile))
+        assert pid, "no pidfile"
+        return pid
+
+    def cleanup(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def master() -> Iterator[Master]:
+    with Master(secret=SECRET) as m:
+        yield m
+        m.assert_valid()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, master: Master) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, master)
+    yield d
+    d.cleanup()
+
+
+def test_start_returns_when_ready_and_daemon_is_detached(daemon: Daemon, master: Master) -> None:
+    with open(daemon.home / "inherited.txt", "w") as leak:
+        proc = daemon.start(pass_fds=(leak.fileno(),))
+        leaked_fd = leak.fileno()
+    assert proc.returncode == 0, proc.stderr
+    assert daemon.pidfile.exists()  # readiness: written before the starter returned
+    pid = daemon.pid
+    assert alive(pid)
+    assert os.getsid(pid) != pid  # double fork: not a session leader
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    assert stat[4] == "0"  # tty_nr: no controlling terminal
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    status = Path(f"/proc/{pid}/status").read_text()
+    umask = next(ln for ln in status.splitlines() if ln.startswith("Umask:")).split()[1]
+    assert umask == "0022"
+    fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert not any("inherited.txt" in target for target in fds.values()), fds
+    assert leaked_fd not in fds or "inherited" not in fds[leaked_fd]
+    for fd in (0, 1, 2):
+        assert fds.get(fd) == "/dev/null", fds
+    reqs = master.wait_for(1)
+    assert reqs[0].header("X-Auth-Node") == SECRET
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert SECRET.encode() not in cmdline
+
+
+def test_second_instance_exits_75_naming_pid_and_kill9_leaves_no_lock(daemon: Daemon) -> None:
+    assert daemon.start().returncode == 0
+    first = daemon.pid
+    second = daemon.start()
+    assert second.returncode == 75, second.stderr
+    assert f"PID {first}" in second.stderr and str(daemon.pidfile) in second.stderr
+    assert daemon.pid == first and alive(first)
+    os.kill(first, signal.SIGKILL)
+    wait_gone(first, 5)
+    assert daemon.pidfile.exists()  # a stale file, but no lock
+    again = daemon.start()
+    assert again.returncode == 0, again.stderr
+    assert daemon.pid != first and alive(daemon.pid)
+
+
+def test_bad_config_exits_78_and_leaves_nothing(daemon: Daemon) -> None:
+    daemon.conf.write_text(daemon.conf.read_text().replace("timeout = 60", "timeout = 0"))
+    proc = daemon.start()
+    assert proc.returncode == 78
+    assert "invalid timeout = '0'" in proc.stderr and str(daemon.conf) in proc.stderr
+    assert not daemon.pidfile.exists()
+    found = subprocess.run(["pgrep", "-f", str(daemon.pidfile)], capture_output=True, text=True)
+    assert found.stdout.strip() == ""
+
+
+def test_unwritable_pidfile_reported_on_terminal(daemon: Daemon, tmp_path: Path) -> None:
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("")
+    proc = run(["--daemon", "-f", str(daemon.conf), "--pidfile", str(blocker / "x.pid")],
+               daemon.home)
+    assert proc.returncode == 1
+    assert "pidfile" in proc.stderr and str(blocker) in proc.stderr
+
+
+def test_sighup_sigusr1_sigterm(daemon: Daemon, master: Master) -> None:
+    assert daemon.start().returncode == 0
+    pid = daemon.pid
+    master.wait_for(1)
+    daemon.conf.write_text(daemon.conf.read_text().replace("timeout = 60", "timeout = 1"))
+    os.kill(pid, signal.SIGHUP)
+    reqs = master.wait_for(4, timeout=10)
+    assert reqs[0].query == {"ttl": ["120"]} and reqs[-1].query == {"ttl": ["2"]}
+    daemon.conf.write_text("[main]\ntimeout = -1\n")
+    os.kill(pid, signal.SIGHUP)
+    n = len(master.requests)
+    reqs = master.wait_for(n + 2, timeout=5)
+    assert reqs[-1].query == {"ttl": ["2"]} and alive(pid)
+    # back to a long interval, then SIGUSR1 registers within a second
+    daemon.conf.write_text(f"[main]\nmaster = {master.url}\ndocker = {NO_DOCKER}\n"
+                           f"timeout = 60\nsecret = {SECRET}\n")
+    os.kill(pid, signal.SIGHUP)
+    n = len(master.wait_for(len(master.requests) + 1))
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGUSR1)
+    reqs = master.wait_for(n + 1, timeout=5)
+    assert reqs[n].time - t0 < 1.0
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid, 3) < 2.0
+    assert not daemon.pidfile.exists()
+
+
+def journal_pipe_env(fd: int) -> dict[str, str]:
+    st = os.fstat(fd)
+    return {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+
+
+def test_journal_stream_prefixes_and_broken_pipe_survival(daemon: Daemon, master: Master) -> None:
+    rfd, wfd = os.pipe()
+    daemon.conf.write_text(daemon.conf.read_text().replace("timeout = 60", "timeout = 1"))
+    proc = subprocess.Popen(
+        [BIN, "--daemon", "-f", str(daemon.conf),
+         "--pidfile", str(daemon.pidfile), "-vv"],
+        stdin=subprocess.DEVNULL, stdout=wfd, stderr=wfd, cwd=daemon.home,
+        env=clean_env(daemon.home, journal_pipe_env(wfd)))
+    os.close(wfd)
+    assert proc.wait(timeout=20) == 0
+    daemon.pids.add(daemon.pid)
+    master.wait_for(2, timeout=10)
+    with os.fdopen(rfd, "rb", buffering=0) as reader:
+        time.sleep(0.5)
+        data = os.read(reader.fileno(), 65536).decode()
+    lines = [ln for ln in data.splitlines() if ln]
+    assert lines and all(ln[:3] in ("<3>", "<4>", "<6>", "<7>") for ln in lines), lines[:5]
+    assert any(ln.startswith("<6>started as daemon") for ln in lines)
+    assert any(ln.startswith("<3>") and "Docker" in ln for ln in lines)  # unreachable Docker
+    assert not any(" - INFO - " in ln for ln in lines)  # no timestamps under the journal
+    assert SECRET not in data
+    # the read end is closed now: writes get EPIPE, registrations must go on
+    n = len(master.requests)
+    master.wait_for(n + 3, timeout=6)
+    assert alive(daemon.pid)
+
+
+def test_daemon_without_journal_logs_to_log_file_or_syslog(daemon: Daemon, master: Master) -> None:
+    log_file = daemon.home / "agent.log"
+    daemon.conf.write_text(daemon.conf.read_text() + f"log_file = {log_file}\n")
+    assert daemon.start().returncode == 0
+    master.wait_for(1)
+    os.kill(daemon.pid, signal.SIGTERM)
+    wait_gone(daemon.pid, 3)
+    if os.path.exists("/dev/log"):
+        assert not log_file.exists() or "started as daemon" not in log_file.read_text()
+    else:
+        text = log_file.read_text()
+        assert " - INFO - started as daemon" in text and SECRET not in text
