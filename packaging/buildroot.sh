@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# Create, or reuse from the cache, the Debian 11 (bullseye) root that freezes dm-agent.
+#
+# Why a Debian 11 root: everything PyInstaller bundles is linked against the root's glibc
+# (2.31), so the frozen program runs on any x86_64 Linux with glibc >= 2.31 (Debian 11+,
+# Ubuntu 20.04+, RHEL 9+...). Debian 11's own Python (3.9) and OpenSSL (1.1.1) are past
+# their end of life, so the root compiles its own, into private prefixes:
+#
+#   /opt/dm-build/openssl    OpenSSL 3.5 LTS, shared (PyInstaller bundles libssl/libcrypto)
+#   /opt/dm-build/python     CPython 3.13, --enable-shared (PyInstaller needs libpython)
+#   /opt/dm-build/venv       the locked dependencies + PyInstaller (packaging/requirements.lock)
+#   /opt/dm-build/BUILDINFO  what was built, from what
+#
+# Sources come from Debian's archive (the .orig tarballs of trixie's python3.13 and
+# openssl), pinned by sha256 below. Wheels are downloaded on the host (pip inside the root
+# would have to trust this machine's TLS setup) into the root's wheelhouse and installed
+# with --no-index --require-hashes.
+#
+# Cache: the root is reused when its recorded key (sha256 of this script, the lock and the
+# source tarballs' names and hashes) matches; otherwise it is rebuilt beside the old one and
+# swapped in only when complete, so an interrupted build never leaves a half root behind.
+#
+# Environment:
+#   DM_BUILDROOT       the root (default /var/cache/dm-agent/buildroot-bullseye)
+#   DM_SRC_CACHE       downloaded source tarballs (default /var/cache/dm-agent/src)
+#   DM_DEBIAN_MIRROR   default http://deb.debian.org/debian
+#   DM_DEBIAN_SECURITY default http://deb.debian.org/debian-security
+#   DM_BUILDROOT_FORCE=1  rebuild even when the cache key matches
+#   DM_JOBS            make -j (default: nproc)
+#
+# Usage: packaging/buildroot.sh            build or reuse; prints timings
+#        packaging/buildroot.sh --key      print the cache key and exit
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=${DM_BUILDROOT:-/var/cache/dm-agent/buildroot-bullseye}
+SRC_CACHE=${DM_SRC_CACHE:-/var/cache/dm-agent/src}
+MIRROR=${DM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SECURITY=${DM_DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
+JOBS=${DM_JOBS:-$(nproc)}
+LOCK=$HERE/requirements.lock
+PREFIX=/opt/dm-build
+
+# Sources: Debian's .orig tarballs (identical to upstream's releases), checked by sha256.
+# When Debian drops one from its pool, take the current one from `apt-get source
+# --print-uris` (trixie) and update name, path and hash here.
+PY_VERSION=3.13.5
+PY_TARBALL=python3.13_${PY_VERSION}.orig.tar.xz
+PY_URL=$MIRROR/pool/main/p/python3.13/$PY_TARBALL
+PY_SHA256=93e583f243454e6e9e4588ca2c2662206ad961659863277afcdb96801647d640
+OSSL_VERSION=3.5.7
+OSSL_TARBALL=openssl_${OSSL_VERSION}.orig.tar.gz
+OSSL_URL=$MIRROR/pool/main/o/openssl/$OSSL_TARBALL
+OSSL_SHA256=a8c0d28a529ca480f9f36cf5792e2cd21984552a3c8e4aa11a24aa31aeac98e8
+
+# Packages the root needs to compile OpenSSL and CPython, and that PyInstaller runs
+# (ldd from libc-bin, objdump from binutils).
+ROOT_PACKAGES=(gcc make libc6-dev binutils perl pkg-config xz-utils
+  zlib1g-dev libffi-dev libbz2-dev liblzma-dev uuid-dev)
+
+T0=$(date +%s)
+step_start=$T0
+log() { printf '[buildroot %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
+step() {
+  local now
+  now=$(date +%s)
+  log "$* (previous step took $((now - step_start))s)"
+  step_start=$now
+}
+die() { log "ERROR: $*"; exit 1; }
+
+cache_key() {
+  {
+    sha256sum "$HERE/buildroot.sh" "$LOCK" | awk '{print $1}'
+    printf '%s %s\n' "$PY_TARBALL" "$PY_SHA256" "$OSSL_TARBALL" "$OSSL_SHA256"
+  } | sha256sum | awk '{print $1}'
+}
+
+if [[ ${1:-} == --key ]]; then
+  cache_key
+  exit 0
+fi
+[[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot, mount)"
+for tool in debootstrap chroot mount umount flock sha256sum curl pip3; do
+  command -v "$tool" >/dev/null || die "missing host tool: $tool"
+done
+
+# --- mounts -------------------------------------------------------------------------
+# Every mount made here is undone on exit, failure or interrupt. A directory is never
+# deleted while anything is mounted below it (rm -rf through a bind mount of /dev would
+# empty the host's /dev).
+MOUNTS=()
+umount_all() {
+  local i
+  for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
+    umount "${MOUNTS[i]}" 2>/dev/null || umount -l "${MOUNTS[i]}" || true
+  done
+  MOUNTS=()
+}
+mounts_below() { # prints mount points at or below $1, deepest first
+  local dir
+  dir=$(readlink -f "$1")
+  awk -v d="$dir" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo | sort -r
+}
+safe_rm_tree() {
+  local dir=$1 mp
+  [[ -e $dir ]] || return 0
+  while read -r mp; do
+    [[ -n $mp ]] || continue
+    log "unmounting stale $mp"
+    umount "$mp" 2>/dev/null || umount -l "$mp"
+  done < <(mounts_below "$dir")
+  [[ -z $(mounts_below "$dir") ]] || die "still mounted below $dir, not deleting it"
+  rm -rf --one-file-system "$dir"
+}
+mount_root() {
+  local r=$1
+  mount -t proc proc "$r/proc" && MOUNTS+=("$r/proc")
+  mount --bind /dev "$r/dev" && MOUNTS+=("$r/dev")
+}
+# Runs a bash script (stdin) inside root $1 with a clean environment; extra NAME=value
+# arguments are exported to it.
+in_root() {
+  local r=$1
+  shift
+  chroot "$r" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
+    HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@" /bin/bash -euo pipefail -s
+}
+
+mkdir -p "$(dirname "$ROOT")"
+exec 9>"$ROOT.lock"
+flock 9
+trap 'umount_all' EXIT
+trap 'exit 130' INT TERM
+
+KEY=$(cache_key)
+if [[ ${DM_BUILDROOT_FORCE:-0} != 1 && -f $ROOT/.dm-buildroot-key &&
+  $(cat "$ROOT/.dm-buildroot-key") == "$KEY" && -x $ROOT$PREFIX/venv/bin/pyinstaller ]]; then
+  log "reusing cached build root $ROOT (key ${KEY:0:12}) in $(($(date +%s) - T0))s"
+  exit 0
+fi
+log "building $ROOT (key ${KEY:0:12}; cached key: $(cat "$ROOT/.dm-buildroot-key" 2>/dev/null || echo none))"
+
+NEW=$ROOT.new
+safe_rm_tree "$NEW"
+
+# --- sources and wheels (host side) ---------------------------------------------------
+fetch() { # url file sha256
+  local url=$1 file=$SRC_CACHE/$2 sha=$3
+  if [[ -f $file ]] && echo "$sha  $file" | sha256sum -c --status; then return 0; fi
+  log "downloading $url"
+  curl -fsS --retry 3 -o "$file.part" "$url" ||
+    die "cannot download $url (superseded in Debian's pool? see the comment above PY_VERSION)"
+  echo "$sha  $file.part" | sha256sum -c --status || die "sha256 mismatch for $url"
+  mv "$file.part" "$file"
+}
+mkdir -p "$SRC_CACHE"
+fetch "$PY_URL" "$PY_TARBALL" "$PY_SHA256"
+fetch "$OSSL_URL" "$OSSL_TARBALL" "$OSSL_SHA256"
+step "sources ready"
+
+# --- the Debian 11 root ------------------------------------------------------------------
+debootstrap --variant=minbase bullseye "$NEW" "$MIRROR" >"$SRC_CACHE/debootstrap.log" 2>&1 ||
+  { tail -20 "$SRC_CACHE/debootstrap.log" >&2; die "debootstrap failed"; }
+step "debootstrap bullseye done"
+
+cat >"$NEW/etc/apt/sources.list" <<EOF
+deb $MIRROR bullseye main
+deb $MIRROR bullseye-updates main
+deb $SECURITY bullseye-security main
+EOF
+cp /etc/resolv.conf "$NEW/etc/resolv.conf"
+mkdir -p "$NEW$PREFIX/src" "$NEW$PREFIX/wheelhouse"
+cp "$SRC_CACHE/$PY_TARBALL" "$SRC_CACHE/$OSSL_TARBALL" "$NEW$PREFIX/src/"
+cp "$LOCK" "$NEW$PREFIX/requirements.lock"
+
+# Wheels for the target (CPython 3.13, x86_64, glibc <= 2.31), downloaded by the host's pip
+# and checked against the lock's hashes. Binary only: nothing is compiled from an sdist.
+pip3 download --quiet --disable-pip-version-check --no-deps --require-hashes \
+  --only-binary=:all: --dest "$NEW$PREFIX/wheelhouse" \
+  --platform manylinux_2_31_x86_64 --platform manylinux2014_x86_64 \
+  --python-version 3.13 --implementation cp --abi cp313 --abi abi3 --abi none \
+  -r "$LOCK" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+step "wheelhouse downloaded ($(find "$NEW$PREFIX/wheelhouse" -name '*.whl' | wc -l) wheels)"
+
+mount_root "$NEW"
+in_root "$NEW" PKGS="${ROOT_PACKAGES[*]}" <<'EOF'
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $PKGS >/dev/null
+apt-get clean
+EOF
+step "build packages installed in the root"
+
+# --- OpenSSL 3 (shared, private prefix, rpath to itself) -------------------------------
+# --openssldir=/etc/ssl: on the node, OpenSSL's default CA locations are the system's
+# (/etc/ssl/certs, /etc/ssl/cert.pem), as on Debian, Ubuntu and SUSE.
+in_root "$NEW" PREFIX="$PREFIX" TARBALL="$OSSL_TARBALL" JOBS="$JOBS" <<'EOF'
+cd /tmp && rm -rf openssl-* && tar xzf "$PREFIX/src/$TARBALL" && cd openssl-*/
+./Configure linux-x86_64 --prefix="$PREFIX/openssl" --libdir=lib --openssldir=/etc/ssl \
+  shared no-apps no-docs no-tests -Wl,-rpath,"$PREFIX/openssl/lib" >/tmp/openssl-build.log 2>&1 ||
+  { tail -40 /tmp/openssl-build.log; exit 1; }
+make -j"$JOBS" >>/tmp/openssl-build.log 2>&1 || { tail -40 /tmp/openssl-build.log; exit 1; }
+make install_sw >>/tmp/openssl-build.log 2>&1 || { tail -40 /tmp/openssl-build.log; exit 1; }
+cd /tmp && rm -rf openssl-*
+EOF
+step "OpenSSL $OSSL_VERSION built"
+
+# --- CPython 3.13 (shared libpython, linked against that OpenSSL) ----------------------
+# No --enable-optimizations: PGO triples the build time for a program that mostly waits.
+in_root "$NEW" PREFIX="$PREFIX" TARBALL="$PY_TARBALL" JOBS="$JOBS" <<'EOF'
+cd /tmp && rm -rf Python-* && tar xJf "$PREFIX/src/$TARBALL" && cd Python-*/
+./configure --prefix="$PREFIX/python" --enable-shared --with-ensurepip=install \
+  --with-openssl="$PREFIX/openssl" --with-openssl-rpath=auto --disable-test-modules \
+  LDFLAGS="-Wl,-rpath,$PREFIX/python/lib" >/tmp/python-configure.log
+make -j"$JOBS" >/tmp/python-make.log 2>&1 || { tail -40 /tmp/python-make.log; exit 1; }
+# The modules the agent (and its dependencies) need must have been built.
+missing=$(grep -A3 'The necessary bits to build these optional modules were not found' \
+  /tmp/python-make.log || true)
+[ -z "$missing" ] || echo "note: $missing"
+make install >/tmp/python-install.log 2>&1 || { tail -40 /tmp/python-install.log; exit 1; }
+cd /tmp && rm -rf Python-*
+py=$PREFIX/python/bin/python3.13
+"$py" - <<'PY'
+import ssl, ctypes, zlib, bz2, lzma, uuid, hashlib, json, socket, _decimal
+print("ssl:", ssl.OPENSSL_VERSION)
+assert ssl.OPENSSL_VERSION.startswith("OpenSSL 3."), ssl.OPENSSL_VERSION
+PY
+EOF
+step "CPython $PY_VERSION built"
+
+# --- strip what was compiled here ------------------------------------------------------
+in_root "$NEW" PREFIX="$PREFIX" <<'EOF'
+before=$(du -sm "$PREFIX" | cut -f1)
+find "$PREFIX/openssl" "$PREFIX/python" -type f \( -name '*.so' -o -name '*.so.*' \) \
+  -exec strip --strip-unneeded {} +
+strip --strip-unneeded "$PREFIX/python/bin/python3.13"
+echo "stripped: ${before} MB -> $(du -sm "$PREFIX" | cut -f1) MB;" \
+  "libpython $(du -h "$PREFIX"/python/lib/libpython3.13.so.1.0 | cut -f1)"
+EOF
+step "stripped"
+
+# --- the locked build environment --------------------------------------------------------
+in_root "$NEW" PREFIX="$PREFIX" <<'EOF'
+"$PREFIX/python/bin/python3.13" -m venv "$PREFIX/venv"
+"$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check --no-index \
+  --find-links "$PREFIX/wheelhouse" --require-hashes --only-binary=:all: \
+  -r "$PREFIX/requirements.lock"
+"$PREFIX/venv/bin/pip" check
+{
+  echo "built: $(date -u +%FT%TZ) on Debian $(cat /etc/debian_version)"
+  echo "glibc: $(ldd --version | head -1)"
+  "$PREFIX/venv/bin/python" -c 'import sys, ssl; print("python:", sys.version.split()[0]); print("openssl:", ssl.OPENSSL_VERSION)'
+  echo "pyinstaller: $("$PREFIX/venv/bin/pyinstaller" --version)"
+  echo "packages:"
+  "$PREFIX/venv/bin/pip" freeze --all | sed 's/^/  /'
+} >"$PREFIX/BUILDINFO"
+cat "$PREFIX/BUILDINFO"
+EOF
+step "venv with the locked dependencies ready"
+
+umount_all
+echo "$KEY" >"$NEW/.dm-buildroot-key"
+safe_rm_tree "$ROOT"
+mv "$NEW" "$ROOT"
+log "build root ready: $ROOT ($(du -sh "$ROOT" | cut -f1)) in $(($(date +%s) - T0))s"
