@@ -1,0 +1,52 @@
+"""Test harness: a real private dockerd, a tiny local image, a strict master.
+
+Import it as ``tests.support`` (``tests/conftest.py`` puts the repository root on
+``sys.path``), never as a bare ``support``: two copies of these modules would not share
+their registries of running daemons.
+
+- ``tests.support.dockerd``: ``Dockerd``, ``populate``, ``create_containers``, TLS files
+- ``tests.support.image``: the ``dmtest/busybox:1`` image
+- ``tests.support.master``: ``Master`` and ``validate_payload``
+"""
+
+from __future__ import annotations
+
+from .dockerd import (
+    API_VERSION,
+    BulkResult,
+    Dockerd,
+    DockerdError,
+    FixtureContainer,
+    FixtureSet,
+    TlsFiles,
+    create_containers,
+    make_tls_files,
+    parse_labels,
+    populate,
+    remove_containers,
+)
+from .image import IMAGE, ensure_image, rootfs_tarball
+from .master import MODES, Master, MasterTimeout, RecordedRequest, validate_payload
+
+__all__ = [
+    "API_VERSION",
+    "IMAGE",
+    "MODES",
+    "BulkResult",
+    "Dockerd",
+    "DockerdError",
+    "FixtureContainer",
+    "FixtureSet",
+    "Master",
+    "MasterTimeout",
+    "RecordedRequest",
+    "TlsFiles",
+    "create_containers",
+    "ensure_image",
+    "make_tls_files",
+    "parse_labels",
+    "populate",
+    "remove_containers",
+    "rootfs_tarball",
+    "validate_payload",
+]
