@@ -420,6 +420,8 @@ class Dockerd:
         self._client: Any = None
         self._lock = threading.RLock()
         self.last_start_seconds: float | None = None
+        #: what populate() created on this instance (None until it ran)
+        self.fixture_set: FixtureSet | None = None
 
     # ----------------------------------------------------------------- addresses
     @property
@@ -775,7 +777,11 @@ class Dockerd:
             ca_cert=str(f.ca),
             verify=True,
         )
-        return docker.APIClient(base_url=self.https_url, tls=tls, version=API_VERSION)
+        client = docker.APIClient(base_url=self.https_url, tls=tls, version=API_VERSION)
+        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override Session.verify, which
+        # would replace our CA file with the system store: ignore the environment
+        client.trust_env = False
+        return client
 
     def log_tail(self, lines: int = 40, since: int = 0) -> str:
         try:
@@ -922,12 +928,14 @@ def populate(dockerd: Dockerd, image: str | None = None) -> FixtureSet:
                 state=spec.state,
             )
         )
-    return FixtureSet(
+    result = FixtureSet(
         containers=tuple(created),
         image=image,
         image_id=image_id,
         daemon_labels=dict(dockerd.labels),
     )
+    dockerd.fixture_set = result
+    return result
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,155 @@
+"""Fixtures for the whole suite: a real private dockerd and a strict master.
+
+- ``dockerd`` (session): a private dockerd with ``SESSION_LABELS``, Docker ``Name``
+  ``SESSION_NODE_NAME``, a unix socket and a plain TCP listener on 127.0.0.1, populated
+  with the fixture containers.  If a test stops or kills it, it is started again after
+  that test (its running containers have ``restart=always`` and come back).
+- ``docker_fixture_set`` (session): what ``populate()`` created on it.
+- ``tls_dockerd`` (session, started on first use): TLS-only TCP with a throwaway CA.
+- ``dockerd_factory``: ``make(**Dockerd kwargs)`` for private, throwaway instances
+  (fault tests that crash or break dockerd should use these).
+- ``master`` / ``master_factory``: a strict master per test.  After the test, any
+  request that broke the contract fails the test, unless it set ``allow_invalid``.
+
+Nothing is skipped: if dockerd cannot start, these fixtures error loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # so that `tests.support` imports under plain `pytest` too
+    sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+from tests.support.dockerd import Dockerd, FixtureSet, populate  # noqa: E402
+from tests.support.master import Master  # noqa: E402
+
+#: daemon labels of the session dockerd: a value with '=', unicode, an empty value
+SESSION_LABELS: dict[str, str] = {
+    "zone": "eu-1",
+    "dm.query": "a=b=c",
+    "régiön": "Zürich ✓ 日本",
+    "empty": "",
+}
+#: Docker's Name of the session dockerd (a space and a non-ASCII letter: it must be
+#: percent-encoded in the registration path)
+SESSION_NODE_NAME = "dm-test node ü"
+
+_session: list[Dockerd] = []
+
+
+def agent_version() -> str | None:
+    """dm_agent.__version__, or None while the package does not import."""
+    try:
+        from dm_agent import __version__
+    except Exception:
+        return None
+    return str(__version__)
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise RuntimeError(f"{what} needs root (it runs a real dockerd); run the tests as root")
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[Dockerd]:
+    _require_root("the dockerd fixture")
+    d = Dockerd(labels=SESSION_LABELS, tcp=True, hostname=SESSION_NODE_NAME)
+    try:
+        d.start()
+        populate(d)
+    except BaseException:
+        d.close()
+        raise
+    _session.append(d)
+    try:
+        yield d
+    finally:
+        _session.remove(d)
+        d.close()
+
+
+@pytest.fixture(autouse=True)
+def _session_dockerd_stays_up() -> Iterator[None]:
+    yield
+    for d in _session:  # only when a test already started it
+        if not d.running:
+            d.start()
+
+
+@pytest.fixture(scope="session")
+def docker_fixture_set(dockerd: Dockerd) -> FixtureSet:
+    assert dockerd.fixture_set is not None
+    return dockerd.fixture_set
+
+
+@pytest.fixture(scope="session")
+def tls_dockerd() -> Iterator[Dockerd]:
+    _require_root("the tls_dockerd fixture")
+    d = Dockerd(labels={"transport": "tls", "dm.query": "x=y"}, tls=True)
+    try:
+        d.start()
+        populate(d)
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def dockerd_factory() -> Iterator[Callable[..., Dockerd]]:
+    _require_root("the dockerd_factory fixture")
+    made: list[Dockerd] = []
+
+    def make(**kwargs: Any) -> Dockerd:
+        d = Dockerd(**kwargs)
+        made.append(d)
+        return d.start()
+
+    yield make
+    errors = []
+    for d in reversed(made):
+        try:
+            d.close()
+        except Exception as e:  # close the others anyway
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+def _finish(m: Master) -> None:
+    m.stop()
+    if not m.allow_invalid:
+        m.assert_valid()
+
+
+@pytest.fixture
+def master() -> Iterator[Master]:
+    m = Master(expected_version=agent_version()).start()
+    yield m
+    _finish(m)
+
+
+@pytest.fixture
+def master_factory() -> Iterator[Callable[..., Master]]:
+    made: list[Master] = []
+
+    def make(**kwargs: Any) -> Master:
+        kwargs.setdefault("expected_version", agent_version())
+        m = Master(**kwargs)
+        made.append(m)
+        return m.start()
+
+    yield make
+    for m in made:
+        m.stop()
+    for m in made:
+        if not m.allow_invalid:
+            m.assert_valid()
