@@ -7,6 +7,7 @@ Retry and backoff live in the loop, not here. Every failure becomes a
 from __future__ import annotations
 
 import html
+import os
 import re
 import urllib.parse
 
@@ -16,6 +17,27 @@ from . import __version__
 from .errors import ReportError
 
 MAX_BODY_IN_LOG = 200
+
+# Where distributions keep the system CA store (the list Go's crypto/x509 reads, too).
+SYSTEM_CA_FILES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # RHEL 7+
+    "/etc/ssl/ca-bundle.pem",  # SUSE
+    "/etc/ssl/cert.pem",  # Alpine
+)
+
+
+def system_ca_bundle() -> str | bool:
+    """The system CA store as a file; True (the bundled certifi store) if none is found.
+
+    requests would otherwise use its bundled store, and a frozen program's OpenSSL has
+    its own build-time default paths, neither of which is what the node's admin manages.
+    """
+    for path in SYSTEM_CA_FILES:
+        if os.path.isfile(path):
+            return path
+    return True
 
 
 def node_url(master: str, name: str, ttl: int) -> str:
@@ -47,10 +69,12 @@ class Reporter:
                  session: requests.Session | None = None) -> None:
         self.master = master
         self._secret = secret
-        self.verify: bool | str = ca_file or True
+        self.verify: bool | str = ca_file or system_ca_bundle()
         self.timeout = timeout
         self.session = session or requests.Session()
-        self.session.trust_env = False  # a node's http_proxy must not catch the master
+        # Neither a node's http_proxy nor REQUESTS_CA_BUNDLE (which requests lets win
+        # over an explicit CA) may change where and how the master is reached.
+        self.session.trust_env = False
         self.user_agent = f"dm-agent/{__version__}"
 
     def headers(self) -> dict[str, str]:

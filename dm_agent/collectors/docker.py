@@ -9,11 +9,18 @@ returns plain JSON-able data or raises :class:`DockerError` — never anything e
 from __future__ import annotations
 
 import dataclasses
+import re
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 from ..errors import DockerError
+
+_API_RE = re.compile(r"^\d+\.\d+$")
+
+
+def _vkey(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,25 +137,43 @@ class DockerCollector:
         self._client: Any = None
 
     def _connect(self) -> Any:
-        import docker  # imported at start-up by cli.preload(); cheap here
+        import docker
+        from docker.constants import DEFAULT_DOCKER_API_VERSION as MAX_API
+        from docker.constants import MINIMUM_DOCKER_API_VERSION as MIN_API
+
+        from ..reporter import system_ca_bundle
 
         tls_config: Any = False
         if self.tls is not None:
             tls_config = docker.tls.TLSConfig(
                 client_cert=(self.tls.cert, self.tls.key),
                 ca_cert=self.tls.ca,
-                verify=self.tls.ca or True,
+                verify=self.tls.ca or system_ca_bundle(),
             )
         try:
-            return docker.APIClient(
-                base_url=self.endpoint,
-                version="auto",
-                timeout=self.timeout,
-                tls=tls_config,
-                user_agent="dm-agent",
-            )
+            # A fixed version constructs without connecting; negotiated just below.
+            client = docker.APIClient(base_url=self.endpoint, version=MIN_API,
+                                      timeout=self.timeout, tls=tls_config,
+                                      user_agent="dm-agent")
         except Exception as exc:
+            raise DockerError(f"bad Docker endpoint {self.endpoint}: {_reason(exc)}") from None
+        # requests lets REQUESTS_CA_BUNDLE and proxies from the environment override
+        # the CA configured here: the node's Docker must be reached as configured.
+        client.trust_env = False
+        try:
+            server = client.version(api_version=False)
+            api = server.get("ApiVersion") if isinstance(server, Mapping) else None
+            if not isinstance(api, str) or not _API_RE.match(api):
+                raise DockerError(f"Docker at {self.endpoint} sent no usable ApiVersion")
+        except DockerError:
+            client.close()
+            raise
+        except Exception as exc:
+            client.close()
             raise DockerError(f"cannot reach Docker at {self.endpoint}: {_reason(exc)}") from None
+        # Speak the Engine's version, capped at the newest this SDK knows.
+        client._version = api if _vkey(api) <= _vkey(MAX_API) else MAX_API
+        return client
 
     def close(self) -> None:
         client, self._client = self._client, None
