@@ -7,7 +7,8 @@
 - ``docker_fixture_set`` (session): what ``populate()`` created on it.
 - ``tls_dockerd`` (session, started on first use): TLS-only TCP with a throwaway CA.
 - ``dockerd_factory``: ``make(**Dockerd kwargs)`` for private, throwaway instances
-  (fault tests that crash or break dockerd should use these).
+  (fault tests that crash or break dockerd, or add/remove containers, use these: the
+  session dockerd's containers are shared by every test and must stay as populated).
 - ``master`` / ``master_factory``: a strict master per test.  After the test, any
   request that broke the contract fails the test, unless it set ``allow_invalid``.
 
@@ -30,6 +31,13 @@ import pytest  # noqa: E402
 
 from tests.support.dockerd import Dockerd, FixtureSet, populate  # noqa: E402
 from tests.support.master import Master  # noqa: E402
+
+# pytest also puts tests/ itself on sys.path, so `support.master` would load a second,
+# separate copy of each module (its own classes, its own registry of running dockerds):
+# make the short names the same module objects
+for _name, _mod in list(sys.modules.items()):
+    if _name == "tests.support" or _name.startswith("tests.support."):
+        sys.modules.setdefault(_name[len("tests.") :], _mod)
 
 #: daemon labels of the session dockerd: a value with '=', unicode, an empty value
 SESSION_LABELS: dict[str, str] = {

@@ -584,3 +584,12 @@ def test_the_image_tarball_is_built_once() -> None:
     with tarfile.open(first) as tar:
         names = set(tar.getnames())
     assert {"bin/busybox", "bin/sh", "bin/sleep", "bin/true"} <= names
+
+
+def test_master_records_a_request_http_server_refuses(strict: Master) -> None:
+    sock = socket.create_connection(("127.0.0.1", strict.port), timeout=5)
+    sock.sendall(b"POST /discovery/nodes/a b c?ttl=20 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(100).split()[1] == b"400"
+    sock.close()
+    r = only_request(strict)
+    assert r.status == 400 and "malformed request" in r.errors[0]

@@ -1,8 +1,8 @@
 """Test harness: a real private dockerd, a tiny local image, a strict master.
 
 Import it as ``tests.support`` (``tests/conftest.py`` puts the repository root on
-``sys.path``), never as a bare ``support``: two copies of these modules would not share
-their registries of running daemons.
+``sys.path``).  ``support.*`` works too: conftest aliases the already imported
+``tests.support`` modules under those names, so there is one copy of each.
 
 - ``tests.support.dockerd``: ``Dockerd``, ``populate``, ``create_containers``, TLS files
 - ``tests.support.image``: the ``dmtest/busybox:1`` image

@@ -353,6 +353,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         if not self._in_handle:  # http.server refused the request line / headers itself
+            line = getattr(self, "raw_requestline", b"")
             rec = RecordedRequest(
                 method=getattr(self, "command", None) or "",
                 path="",
@@ -363,7 +364,7 @@ class _Handler(BaseHTTPRequestHandler):
                 json=None,
                 node_name=None,
                 time=time.monotonic(),
-                errors=[f"malformed request ({code} {message}): {self.raw_requestline!r}"],
+                errors=[f"malformed request ({code} {message}): {line!r}"],
                 status=code,
                 client=self.client_address,
             )
