@@ -1,0 +1,215 @@
+"""The shipped unit (systemd/) under a real, booted systemd, with the real frozen program.
+
+Each Debian release's root (tests/support/roots.py) is booted under systemd-nspawn, gets
+the frozen program installed as the packages install it (/usr/lib/dm-agent/ and the
+/usr/bin/dm-agent symlink), the unit and the sysusers snippet, and then:
+
+- ``systemd-analyze verify`` is clean and ``systemd-analyze security`` rates it <= 2.0;
+- an unconfigured, invalid or unreadable config skips the start (one journal line, no
+  failure, no restart);
+- configured, the sandboxed agent reaches a real dockerd through the docker group and a
+  test master on 127.0.0.1, reports the disks ``df`` shows (a real filesystem on /home
+  included, which ProtectHome=yes would have hidden), reloads on ``systemctl reload`` and
+  stops on ``systemctl stop`` without being killed.
+
+Needs root, systemd-container and debootstrap; the frozen program comes from
+``make frozen`` (or ``$DM_FROZEN_DIR``): without it these tests fail, they do not skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import nspawn, roots
+from tests.support.dockerd import Dockerd
+from tests.support.master import Master
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parents[1]
+FROZEN = Path(os.environ.get("DM_FROZEN_DIR") or REPO / "build/frozen/dm-agent")
+UNIT = "dm-agent.service"
+UNIT_PATH = f"/usr/lib/systemd/system/{UNIT}"
+SYSUSERS_PATH = "/usr/lib/sysusers.d/dm-agent.conf"
+INI = "/etc/dm-agent.ini"
+MAX_EXPOSURE = 2.0
+
+
+def require_frozen() -> Path:
+    program = FROZEN / "dm-agent"
+    if not os.access(program, os.X_OK):
+        pytest.fail(
+            f"the frozen program is missing ({program}): build it first with `make frozen` "
+            "(or point DM_FROZEN_DIR at a PyInstaller onedir)",
+            pytrace=False,
+        )
+    return program
+
+
+def install(box: nspawn.BootedRoot) -> None:
+    """Install what the packages install: program, symlink, unit, sysusers, default ini."""
+    box.copy_in(FROZEN, "/usr/lib/dm-agent")
+    box.run(["ln", "-sfn", "/usr/lib/dm-agent/dm-agent", "/usr/bin/dm-agent"])
+    box.copy_in(REPO / "systemd/dm-agent.service", UNIT_PATH, mode=0o644)
+    box.copy_in(REPO / "systemd/dm-agent.sysusers", SYSUSERS_PATH, mode=0o644)
+    box.run(["systemd-sysusers"])
+    box.run(["systemctl", "daemon-reload"])
+    write_ini(box, (REPO / "dm_agent/data/dm-agent.ini").read_text())
+
+
+def write_ini(box: nspawn.BootedRoot, text: str, mode: int = 0o640) -> None:
+    box.write(INI, text, mode=mode)
+    box.run(["chgrp", "dm-agent", INI])
+
+
+def reset(box: nspawn.BootedRoot) -> str | None:
+    """Stop the unit and forget its failures; return the journal cursor to read from."""
+    box.run(["systemctl", "stop", UNIT], check=False)
+    box.run(["systemctl", "reset-failed", UNIT], check=False)
+    return box.cursor()
+
+
+def show(box: nspawn.BootedRoot, *props: str) -> dict[str, str]:
+    out = box.run(["systemctl", "show", UNIT, *(f"--property={p}" for p in props)]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def agent_lines(box: nspawn.BootedRoot, after: str | None) -> list[str]:
+    """What the agent's own processes wrote to the journal (not systemd's lines)."""
+    out = box.journal(UNIT, output="json", after=after)
+    entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [e["MESSAGE"] for e in entries if e.get("_PID") != "1" and "MESSAGE" in e]
+
+
+@pytest.fixture(scope="module")
+def real_fs() -> Iterator[Path]:
+    """Host directories bound at /home and /srv/data: real filesystems in the container."""
+    base = Path(tempfile.mkdtemp(prefix="dm-realfs.", dir="/var/tmp"))
+    (base / "home").mkdir()
+    (base / "data").mkdir()
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=roots.RELEASES)
+def box(
+    request: pytest.FixtureRequest, dockerd: Dockerd, real_fs: Path
+) -> Iterator[nspawn.BootedRoot]:
+    require_frozen()
+    binds = [
+        (dockerd.socket_path, "/var/run/docker.sock"),
+        (real_fs / "home", "/home"),
+        (real_fs / "data", "/srv/data"),
+    ]
+    with nspawn.boot(request.param, binds=binds) as booted:
+        install(booted)
+        # The socket is root:root on the host; the container's docker group owns it here.
+        gid = int(booted.run(["getent", "group", "docker"]).stdout.split(":")[2])
+        os.chown(dockerd.socket_path, -1, gid)
+        os.chmod(dockerd.socket_path, 0o660)
+        yield booted
+
+
+def test_unit_verifies_clean(box: nspawn.BootedRoot) -> None:
+    result = box.run(["systemd-analyze", "verify", UNIT_PATH], check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == result.stderr.strip() == "", result.stderr
+
+
+def test_exposure_is_at_most_2(box: nspawn.BootedRoot) -> None:
+    out = box.run(["systemd-analyze", "security", "--no-pager", UNIT]).stdout
+    match = re.search(rf"Overall exposure level for {re.escape(UNIT)}: (\d+\.\d+)", out)
+    assert match, out
+    assert float(match.group(1)) <= MAX_EXPOSURE, out
+
+
+def test_sysusers_make_a_system_user_without_login(box: nspawn.BootedRoot) -> None:
+    user = box.run(["getent", "passwd", "dm-agent"]).stdout.strip().split(":")
+    assert int(user[2]) < 1000
+    assert user[5] == "/nonexistent"
+    assert user[6].endswith("/nologin")
+    assert box.run(["getent", "group", "docker"]).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("ini", "mode", "reason"),
+    [
+        pytest.param(None, 0o640, "master is not set", id="unconfigured"),
+        pytest.param("[main]\nmaster = 127.0.0.1:9\ntimeout = soon\n", 0o640, "timeout",
+                     id="invalid"),
+        pytest.param("[main]\nmaster = 127.0.0.1:9\n", 0o600, "permission denied",
+                     id="unreadable"),
+    ],
+)
+def test_bad_config_skips_the_start(
+    box: nspawn.BootedRoot, ini: str | None, mode: int, reason: str
+) -> None:
+    mark = reset(box)
+    write_ini(box, ini or (REPO / "dm_agent/data/dm-agent.ini").read_text(), mode=mode)
+    started = box.run(["systemctl", "start", UNIT], check=False)
+    assert started.returncode == 0, started.stderr  # skipped is not an error
+    time.sleep(1.5)  # time for a restart, if there were one
+    state = show(box, "ActiveState", "Result", "NRestarts", "ConditionResult")
+    assert state == {
+        "ActiveState": "inactive", "Result": "success", "NRestarts": "0",
+        "ConditionResult": "no",
+    }
+    lines = agent_lines(box, mark)
+    assert len(lines) == 1, lines  # the reason, once; not the settings dump
+    assert reason in lines[0]
+    assert "exec-condition" in box.journal(UNIT, after=mark)
+
+
+def test_configured_agent_runs_sandboxed(
+    box: nspawn.BootedRoot, master: Master, dockerd: Dockerd
+) -> None:
+    mark = reset(box)
+    ini = f"[main]\nmaster = {master.address}\ntimeout = 2\njitter = no\nlog_level = 1\n"
+    write_ini(box, ini)
+    box.run(["systemctl", "start", UNIT])
+    state = show(box, "ActiveState", "MainPID")
+    assert state["ActiveState"] == "active"
+    pid = state["MainPID"]
+    assert box.read("/run/dm-agent/dm-agent.pid").strip() == pid
+    assert box.run(["stat", "-c", "%U", f"/proc/{pid}"]).stdout.strip() == "dm-agent"
+
+    registration = master.wait_for(1, timeout=30)[0]
+    body = registration.json
+    assert registration.node_name == dockerd.hostname  # Docker's /info, via the docker group
+    assert body["system"]["memory"]["total"] > 0
+
+    # The sandbox changes nothing in the disks it reports: the same mounts as the program
+    # run outside it, with df's figures (a real /home included: ProtectHome=yes would
+    # have put an empty tmpfs there).
+    outside = json.loads(box.run(["dm-agent", "--once", "--dry-run", "-f", INI]).stdout)
+    reported = body["system"]["disks"]
+    assert set(reported) == set(outside["system"]["disks"])
+    assert "/home" in reported
+    for path, disk in reported.items():
+        df = box.run(["df", "-B1", "--output=size,used", path]).stdout.split()
+        size, used = int(df[-2]), int(df[-1])
+        assert disk["total"] == size, path
+        assert abs(disk["used"] - used) <= size // 100, path  # the host's disk is busy
+
+    # Reload: SIGHUP to the same process, which stays up.
+    box.run(["systemctl", "reload", UNIT])
+    box.wait_journal(UNIT, r"received SIGHUP", after=mark)
+    assert show(box, "ActiveState", "MainPID") == {"ActiveState": "active", "MainPID": pid}
+    assert box.journal(UNIT, priority="err", after=mark).strip() == ""
+
+    started = time.monotonic()
+    box.run(["systemctl", "stop", UNIT])
+    assert time.monotonic() - started < 5
+    assert show(box, "ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
+    journal = box.journal(UNIT, after=mark)
+    assert "SIGKILL" not in journal, journal
+    assert box.run(["test", "-e", "/run/dm-agent"], check=False).returncode != 0
