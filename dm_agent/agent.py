@@ -22,7 +22,8 @@ from typing import IO, Any
 import psutil
 
 from . import logs, payload
-from .collectors.docker import DockerCollector, DockerTLS, NodeInfo, tcp_address
+from .collectors.docker import DockerCollector, DockerTLS, NodeInfo, connect, tcp_address
+from .collectors.events import EventWatcher
 from .collectors.host import HostCollector
 from .config import Settings, is_excluded
 from .errors import ConfigError, DockerError, ReportError
@@ -30,6 +31,12 @@ from .reporter import Reporter
 from .signals import Signals, Waker
 
 log = logging.getLogger("dm_agent")
+
+# A container change is registered after EVENT_DEBOUNCE s (so a burst coalesces), and
+# event-driven registrations are at least EVENT_SPACING s apart: 100 containers started
+# together make a handful of registrations, a lone change is at the master within 1 s.
+EVENT_DEBOUNCE = 0.2
+EVENT_SPACING = 1.0
 
 
 def _clamp(value: float, low: float, high: float) -> float:
@@ -162,6 +169,10 @@ class Agent:
         self.master_outage = Outage("registration")
         self._last_node: NodeInfo | None = None
         self._kick_at: float | None = None
+        self._kick_lock = threading.Lock()
+        self._kick_is_event = False
+        self._last_event_round = -EVENT_SPACING
+        self.events: EventWatcher | None = None
         self._stopping = False
         self.waker = Waker()
         self.rounds = 0
@@ -178,6 +189,7 @@ class Agent:
         if s.docker_tls_cert and s.docker_tls_key:
             tls = DockerTLS(s.docker_tls_ca, s.docker_tls_cert, s.docker_tls_key)
         self.docker = DockerCollector(s.docker, tls, t["docker"])
+        self._tls = tls
         self.host.net_exclude = s.net_exclude
         self.host.disks.deadline = t["disk"]
         self.reporter = None
@@ -185,7 +197,25 @@ class Agent:
             self.reporter = Reporter(s.master, s.secret, s.master_ca, t["http"])
         self._address = None
 
+    def start_events(self) -> None:
+        """Follow Docker's event stream (``docker_events = yes``) in a daemon thread."""
+        s, tls, timeout = self.settings, self._tls, timeouts(self.settings.timeout)["docker"]
+        if s.docker_events and self.events is None:
+            self.events = EventWatcher(lambda: connect(s.docker, tls, timeout),
+                                       self.on_docker_event)
+            self.events.start()
+
+    def on_docker_event(self, action: str) -> None:
+        """Called from the event thread: ask for a registration, coalescing bursts."""
+        now = time.monotonic()
+        at = max(now + EVENT_DEBOUNCE, self._last_event_round + EVENT_SPACING)
+        log.debug("Docker event %s: registering in %.2fs", action, at - now)
+        self.kick(at - now, from_event=True)
+
     def close(self) -> None:
+        if self.events is not None:
+            self.events.stop()
+            self.events = None
         self.docker.close()
         if self.reporter is not None:
             self.reporter.close()
@@ -250,12 +280,23 @@ class Agent:
         return True
 
     # -- the loop
-    def kick(self, delay: float = 0.0) -> None:
-        """Ask for a registration within ``delay`` seconds (events coalesce into one)."""
+    def kick(self, delay: float = 0.0, from_event: bool = False) -> None:
+        """Ask for a registration within ``delay`` seconds (requests coalesce into one)."""
         at = time.monotonic() + delay
-        if self._kick_at is None or at < self._kick_at:
-            self._kick_at = at
+        with self._kick_lock:
+            if self._kick_at is None or at < self._kick_at:
+                self._kick_at = at
+                self._kick_is_event = from_event
         self.waker.wake()
+
+    def _take_kick(self, now: float) -> bool:
+        with self._kick_lock:
+            if self._kick_at is None or now < self._kick_at:
+                return False
+            if self._kick_is_event:
+                self._last_event_round = now
+            self._kick_at = None
+            return True
 
     def stop(self) -> None:
         self._stopping = True
@@ -275,6 +316,7 @@ class Agent:
         self.settings = new
         logs.set_level(new.log_level)
         self._build(new)
+        self.start_events()
         log.info("configuration reloaded from %s: interval %ds", new.config_file or "(no file)",
                  new.timeout)
         return True
@@ -319,10 +361,12 @@ class Agent:
         interval = float(self.settings.timeout)
         self.host.prime()
         now = time.monotonic()
-        self._kick_at = now  # the node appears at once
+        self.kick()  # the node appears at once
         due = first_tick(now, interval, self.settings.jitter)
         failures = 0
         retry_at: float | None = None
+        if not self.dry_run:
+            self.start_events()
         if on_first is not None:
             on_first()
         while not self._stopping:
@@ -331,14 +375,13 @@ class Agent:
                 now = time.monotonic()
                 due = now + interval
                 failures, retry_at = 0, None
-                self._kick_at = now
+                self.kick()
             if self._stopping:
                 break
             now = time.monotonic()
-            kicked = self._kick_at is not None and now >= self._kick_at
+            kicked = self._take_kick(now)
             if kicked or (retry_at is not None and now >= retry_at) or \
                     (retry_at is None and now >= due):
-                self._kick_at = None
                 ok = self._round(signals)
                 if ok is None:
                     break

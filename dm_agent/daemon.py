@@ -39,13 +39,15 @@ def preload() -> None:
     import docker
     import docker.api.client
     import docker.tls
-    import docker.transport.unixconn  # noqa: F401
+    import docker.transport.unixconn
+    import docker.types.daemon  # noqa: F401  (the event stream)
     import psutil  # noqa: F401
     import requests
     import requests.adapters  # noqa: F401
     import urllib3  # noqa: F401
 
     from . import agent, signals  # noqa: F401
+    from .collectors import events  # noqa: F401
 
     try:
         import charset_normalizer  # noqa: F401  (requests' text decoding)

@@ -127,6 +127,47 @@ def parse_info(raw: Any) -> tuple[str, dict[str, str]]:
     return name, parse_daemon_labels(raw.get("Labels"))
 
 
+def connect(endpoint: str, tls: DockerTLS | None = None, timeout: float | None = 10.0) -> Any:
+    """A low-level ``APIClient`` speaking the Engine's own API version. Raises DockerError."""
+    import docker
+    from docker.constants import DEFAULT_DOCKER_API_VERSION as MAX_API
+    from docker.constants import MINIMUM_DOCKER_API_VERSION as MIN_API
+
+    from ..reporter import system_ca_bundle
+
+    tls_config: Any = False
+    if tls is not None:
+        tls_config = docker.tls.TLSConfig(
+            client_cert=(tls.cert, tls.key),
+            ca_cert=tls.ca,
+            verify=tls.ca or system_ca_bundle(),
+        )
+    try:
+        # A fixed version constructs without connecting; negotiated just below.
+        client = docker.APIClient(base_url=endpoint, version=MIN_API,
+                                  timeout=timeout, tls=tls_config,
+                                  user_agent="dm-agent")
+    except Exception as exc:
+        raise DockerError(f"bad Docker endpoint {endpoint}: {_reason(exc)}") from None
+    # requests lets REQUESTS_CA_BUNDLE and proxies from the environment override
+    # the CA configured here: the node's Docker must be reached as configured.
+    client.trust_env = False
+    try:
+        server = client.version(api_version=False)
+        api = server.get("ApiVersion") if isinstance(server, Mapping) else None
+        if not isinstance(api, str) or not _API_RE.match(api):
+            raise DockerError(f"Docker at {endpoint} sent no usable ApiVersion")
+    except DockerError:
+        client.close()
+        raise
+    except Exception as exc:
+        client.close()
+        raise DockerError(f"cannot reach Docker at {endpoint}: {_reason(exc)}") from None
+    # Speak the Engine's version, capped at the newest this SDK knows.
+    client._version = api if _vkey(api) <= _vkey(MAX_API) else MAX_API
+    return client
+
+
 class DockerCollector:
     """Reads /info and /containers/json?all=1 from one Docker endpoint."""
 
@@ -135,45 +176,6 @@ class DockerCollector:
         self.tls = tls
         self.timeout = timeout
         self._client: Any = None
-
-    def _connect(self) -> Any:
-        import docker
-        from docker.constants import DEFAULT_DOCKER_API_VERSION as MAX_API
-        from docker.constants import MINIMUM_DOCKER_API_VERSION as MIN_API
-
-        from ..reporter import system_ca_bundle
-
-        tls_config: Any = False
-        if self.tls is not None:
-            tls_config = docker.tls.TLSConfig(
-                client_cert=(self.tls.cert, self.tls.key),
-                ca_cert=self.tls.ca,
-                verify=self.tls.ca or system_ca_bundle(),
-            )
-        try:
-            # A fixed version constructs without connecting; negotiated just below.
-            client = docker.APIClient(base_url=self.endpoint, version=MIN_API,
-                                      timeout=self.timeout, tls=tls_config,
-                                      user_agent="dm-agent")
-        except Exception as exc:
-            raise DockerError(f"bad Docker endpoint {self.endpoint}: {_reason(exc)}") from None
-        # requests lets REQUESTS_CA_BUNDLE and proxies from the environment override
-        # the CA configured here: the node's Docker must be reached as configured.
-        client.trust_env = False
-        try:
-            server = client.version(api_version=False)
-            api = server.get("ApiVersion") if isinstance(server, Mapping) else None
-            if not isinstance(api, str) or not _API_RE.match(api):
-                raise DockerError(f"Docker at {self.endpoint} sent no usable ApiVersion")
-        except DockerError:
-            client.close()
-            raise
-        except Exception as exc:
-            client.close()
-            raise DockerError(f"cannot reach Docker at {self.endpoint}: {_reason(exc)}") from None
-        # Speak the Engine's version, capped at the newest this SDK knows.
-        client._version = api if _vkey(api) <= _vkey(MAX_API) else MAX_API
-        return client
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -186,7 +188,7 @@ class DockerCollector:
     def collect(self) -> NodeInfo:
         """One round: node name, daemon labels, every container. Raises DockerError."""
         if self._client is None:
-            self._client = self._connect()
+            self._client = connect(self.endpoint, self.tls, self.timeout)
         try:
             info = self._client.info()
             raw = self._client.containers(all=True)

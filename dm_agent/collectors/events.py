@@ -1,0 +1,99 @@
+"""Docker's event stream: tell the loop the moment a container changes.
+
+One daemon thread follows ``GET /events`` (containers only). Each change calls
+``on_change``; the agent coalesces those into a registration within a second. When
+the stream drops (dockerd restarted, network), the watcher reconnects with backoff,
+resuming with ``since=`` the last event it saw, so no change in between is missed;
+a reconnect itself counts as a change, because the Engine may have been down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("dm_agent.events")
+
+# What changes the container list the master sees (or a container's state in it).
+ACTIONS = frozenset({"create", "start", "die", "destroy", "rename", "update", "pause",
+                     "unpause", "stop", "restart", "oom"})
+
+
+def since_param(time_nano: int) -> str:
+    """Docker's ``since`` for an event time in nanoseconds: ``seconds.nanoseconds``."""
+    return f"{time_nano // 1_000_000_000}.{time_nano % 1_000_000_000:09d}"
+
+
+class EventWatcher:
+    """Follows container events; ``connect`` returns a Docker ``APIClient``."""
+
+    def __init__(self, connect: Callable[[], Any], on_change: Callable[[str], None],
+                 max_backoff: float = 30.0) -> None:
+        self._connect = connect
+        self.on_change = on_change
+        self.max_backoff = max_backoff
+        self._stop = threading.Event()
+        self._stream: Any = None
+        self._thread: threading.Thread | None = None
+        self.last_nano: int | None = None
+        self.connects = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        stream = self._stream
+        if stream is not None:
+            try:
+                stream.close()  # shuts the socket down: the blocked read returns
+            except Exception:
+                pass
+
+    def _follow(self, since: str) -> None:
+        client = self._connect()
+        try:
+            self._stream = client.events(since=since, filters={"type": "container"},
+                                         decode=True)
+            self.connects += 1
+            if self.connects > 1:
+                log.info("Docker event stream resumed since %s", since)
+                self.on_change("reconnect")
+            for event in self._stream:
+                if self._stop.is_set():
+                    return
+                if not isinstance(event, dict):
+                    continue
+                nano = event.get("timeNano")
+                if isinstance(nano, int) and nano > 0:
+                    self.last_nano = nano
+                action = event.get("Action") or event.get("status")
+                if isinstance(action, str) and action.split(":", 1)[0] in ACTIONS:
+                    self.on_change(action)
+        finally:
+            self._stream = None
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    def _run(self) -> None:
+        started = time.time_ns()
+        delay = 1.0
+        while not self._stop.is_set():
+            since = since_param(self.last_nano + 1 if self.last_nano else started)
+            before = self.connects
+            try:
+                self._follow(since)
+            except Exception as exc:  # any failure: reconnect later, never die
+                log.debug("Docker event stream: %s", exc)
+            if self._stop.is_set():
+                return
+            if self.connects > before:
+                delay = 1.0  # it worked for a while: start the backoff again
+            self._stop.wait(delay)
+            delay = min(self.max_backoff, delay * 2)
