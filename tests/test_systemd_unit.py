@@ -213,3 +213,54 @@ def test_configured_agent_runs_sandboxed(
     journal = box.journal(UNIT, after=mark)
     assert "SIGKILL" not in journal, journal
     assert box.run(["test", "-e", "/run/dm-agent"], check=False).returncode != 0
+
+
+# -- the harness itself: a leftover container, cgroup or mount would break later runs ------
+
+
+def leftovers(machine: str, tree: Path) -> list[str]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"--machine={machine}".encode() in proc.read_bytes():
+                found.append(f"process {proc.parent.name}")
+        except OSError:
+            pass
+    cgroups = [c / f"dm-nspawn.{machine}" for c in nspawn._cgroup_roots()]
+    found += [f"cgroup {c}" for c in cgroups if c.exists()]
+    if str(tree) in Path("/proc/self/mountinfo").read_text():
+        found.append(f"mount {tree}")
+    if tree.parent.exists():
+        found.append(f"directory {tree.parent}")
+    return found
+
+
+def test_harness_powers_off_and_leaves_nothing() -> None:
+    with nspawn.boot("bookworm") as booted:
+        assert booted.run(["systemctl", "is-system-running"]).stdout.strip() == "running"
+        machine, tree = booted.machine, booted.root
+        assert booted.boot_seconds is not None and booted.boot_seconds < 30
+    assert leftovers(machine, tree) == []
+
+
+def test_harness_kills_a_container_that_does_not_answer() -> None:
+    import signal
+
+    with nspawn.boot("bookworm") as booted:
+        machine, tree = booted.machine, booted.root
+        assert booted.pid is not None
+        os.kill(booted.pid, signal.SIGSTOP)  # its systemd cannot power off any more
+        started = time.monotonic()
+        booted.stop(timeout=2)
+        assert time.monotonic() - started < 30
+    assert leftovers(machine, tree) == []
+
+
+def test_harness_cleans_up_a_boot_that_times_out() -> None:
+    with pytest.raises(nspawn.BootError) as failure, nspawn.boot("bookworm", boot_timeout=0.05):
+        pass
+    assert "console" in str(failure.value)
+    machine = re.search(r"container (\S+) on", str(failure.value))
+    tree = re.search(r" on (\S+):", str(failure.value))
+    assert machine and tree
+    assert leftovers(machine.group(1), Path(tree.group(1))) == []

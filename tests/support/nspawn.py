@@ -220,11 +220,14 @@ class BootedRoot:
                 self._scratch = None
 
     def _power_off(self, nspawn: subprocess.Popen[bytes], timeout: float) -> None:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            self.run(["systemctl", "poweroff", "--no-block"], check=False, timeout=10)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            nspawn.wait(timeout)
-            return
+        deadline = time.monotonic() + timeout
+        if self.pid is not None:  # else there is no systemd yet to ask
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self.run(["systemctl", "poweroff", "--no-block"], check=False,
+                         timeout=min(10.0, max(1.0, timeout)))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                nspawn.wait(max(0.1, deadline - time.monotonic()))
+                return
         # The container's systemd does not answer: ask nspawn (it halts the container),
         # then kill its PID 1 (the whole PID namespace dies with it) and nspawn.
         with contextlib.suppress(ProcessLookupError):
@@ -232,9 +235,10 @@ class BootedRoot:
         with contextlib.suppress(subprocess.TimeoutExpired):
             nspawn.wait(5)
             return
-        if self.pid is not None:
+        inits = {p for p in _children(nspawn.pid) if _ns_pid(p) == 1}
+        for pid in inits | ({self.pid} if self.pid else set()):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             nspawn.kill()
         nspawn.wait(10)
