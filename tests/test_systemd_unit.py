@@ -228,6 +228,8 @@ def leftovers(machine: str, tree: Path) -> list[str]:
             pass
     cgroups = [c / f"dm-nspawn.{machine}" for c in nspawn._cgroup_roots()]
     found += [f"cgroup {c}" for c in cgroups if c.exists()]
+    if Path("/run/systemd/nspawn/propagate", machine).exists():
+        found.append(f"nspawn propagation directory of {machine}")
     if str(tree) in Path("/proc/self/mountinfo").read_text():
         found.append(f"mount {tree}")
     if tree.parent.exists():

@@ -39,6 +39,7 @@ CONTAINER_ENV = {
     "SYSTEMD_COLORS": "0",
 }
 
+_NSPAWN_RUN = "/run/systemd/nspawn"
 _REQUIRED_TOOLS = {"systemd-nspawn": "systemd-container", "nsenter": "util-linux"}
 
 
@@ -146,7 +147,8 @@ class BootedRoot:
         # Enter a cgroup of our own before exec, so that nspawn's "payload" cgroup (it makes
         # one under its current cgroup with --keep-unit) is not shared by parallel boots.
         # A shell does it rather than preexec_fn, which is unsafe with threads around.
-        enter = 'for p in $DM_CGROUP_PROCS; do echo $$ > "$p" || exit 1; done; exec "$@"'
+        # Best effort: where that is not allowed, nspawn shares its parent's cgroup.
+        enter = 'for p in $DM_CGROUP_PROCS; do echo $$ 2>/dev/null > "$p"; done; exec "$@"'
         env = dict(os.environ)
         env["DM_CGROUP_PROCS"] = " ".join(str(c / "cgroup.procs") for c in self._cgroups)
         # nspawn 252 needs this for an image whose systemd has dropped cgroup v1 (trixie's)
@@ -212,12 +214,22 @@ class BootedRoot:
         finally:
             self._nspawn = None
             self.pid = None
+            self._forget_nspawn_state()
             for cgroup in self._cgroups:
                 _remove_cgroup(cgroup)
             self._cgroups = []
             if self._scratch is not None:
                 shutil.rmtree(self._scratch, ignore_errors=True)
                 self._scratch = None
+
+    def _forget_nspawn_state(self) -> None:
+        """Remove what nspawn leaves in the host's /run when it could not clean up itself
+        (it was killed, or /run is not a tmpfs): the image lock and the propagation dir."""
+        with contextlib.suppress(OSError):
+            st = os.stat(self.root)
+            Path(f"{_NSPAWN_RUN}/locks/inode-{st.st_dev}:{st.st_ino}").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (Path(_NSPAWN_RUN) / "propagate" / self.machine).rmdir()
 
     def _power_off(self, nspawn: subprocess.Popen[bytes], timeout: float) -> None:
         deadline = time.monotonic() + timeout
