@@ -37,6 +37,9 @@ log = logging.getLogger("dm_agent")
 # together make a handful of registrations, a lone change is at the master within 1 s.
 EVENT_DEBOUNCE = 0.2
 EVENT_SPACING = 1.0
+# With a live event stream the container list is re-read only after a change, and at
+# least this often (seconds) in case the stream missed something.
+RELIST_EVERY = 600.0
 
 
 def _clamp(value: float, low: float, high: float) -> float:
@@ -180,6 +183,9 @@ class Agent:
         self.docker: DockerCollector
         self.reporter: Reporter | None = None
         self._address: str | None = None
+        self._encoder = payload.Encoder()
+        self._listed_generation = -1
+        self._listed_at = 0.0
         self._build(settings)
 
     # -- components
@@ -232,9 +238,23 @@ class Agent:
         return self._address
 
     # -- one round
+    def _relist(self) -> tuple[bool, int]:
+        """Whether this round must re-read the container list, and the event generation
+        to remember: only while the event stream has been connected with no change since
+        the last read is the old list kept, and never longer than RELIST_EVERY."""
+        events = self.events
+        if events is None:
+            return True, -1
+        generation = events.generation
+        stale = time.monotonic() - self._listed_at >= max(RELIST_EVERY, self.settings.timeout)
+        return stale or not events.current(self._listed_generation), generation
+
     def collect_node(self) -> NodeInfo:
+        relist, generation = self._relist()
         try:
-            node = self.docker.collect()
+            node = self.docker.collect(relist=relist)
+            if relist:
+                self._listed_generation, self._listed_at = generation, time.monotonic()
         except DockerError as exc:
             last = self._last_node
             name = last.name if last else socket.gethostname()
@@ -271,7 +291,7 @@ class Agent:
                 pass
             return True
         try:
-            self.reporter.send(body["name"], self.settings.ttl, payload.encode(body))
+            self.reporter.send(body["name"], self.settings.ttl, self._encoder.encode(body))
         except ReportError as exc:
             self.master_outage.failed(exc.kind, str(exc))
             return False

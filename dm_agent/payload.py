@@ -26,12 +26,37 @@ def build(node: NodeInfo, address: str, system: dict[str, Any],
         "id": node.name,
         "name": node.name,
         "address": address,
-        "labels": dict(node.labels),
-        "containers": list(node.containers),
+        "labels": node.labels,
+        "containers": node.containers,
         "system": system,
     }
 
 
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class Encoder:
+    """Compact UTF-8 JSON of a body (non-ASCII labels stay readable and short).
+
+    The container list is most of a body (~150 bytes a container) and rarely changes:
+    its encoding is kept while the collector hands over the same list object."""
+
+    def __init__(self) -> None:
+        self._containers: Any = None
+        self._containers_json = b"[]"
+
+    def encode(self, body: dict[str, Any]) -> bytes:
+        containers = body["containers"]
+        if containers is not self._containers:
+            self._containers_json = _dumps(containers)
+            self._containers = containers
+        parts = [b'"' + key.encode() + b'":' + (self._containers_json if key == "containers"
+                                                 else _dumps(value))
+                 for key, value in body.items()]
+        return b"{" + b",".join(parts) + b"}"
+
+
 def encode(body: dict[str, Any]) -> bytes:
-    """Compact UTF-8 JSON (non-ASCII labels stay readable and short)."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON of a body, without caching."""
+    return _dumps(body)

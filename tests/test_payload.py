@@ -33,3 +33,19 @@ def test_body_fields_and_encoding() -> None:
     raw = payload.encode(body)
     assert json.loads(raw.decode("utf-8")) == body
     assert "ü".encode() in raw  # UTF-8, not \\u escapes
+
+
+def test_encoder_equals_plain_json_and_reuses_the_container_list() -> None:
+    containers = [{"id": "a", "name": "ü \"q\"", "image": "i", "labels": {"k": "v=w"}}]
+    node = NodeInfo("n", {"l": "ö"}, containers)
+    system = {"cpuLoad": 1.5, "memory": {}, "disks": {}, "net": {}}
+    enc = payload.Encoder()
+    first = payload.build(node, "a:1", system)
+    assert json.loads(enc.encode(first)) == json.loads(payload.encode(first)) == first
+    # the same list object: its bytes are reused even if (wrongly) mutated in place
+    containers.append({"id": "b", "name": "b", "image": "i", "labels": {}})
+    second = payload.build(node, "a:1", system)
+    assert len(json.loads(enc.encode(second))["containers"]) == 1
+    # a new list object (what a re-read gives) is encoded afresh
+    third = payload.build(NodeInfo("n", {}, list(containers)), "a:1", system)
+    assert len(json.loads(enc.encode(third))["containers"]) == 2

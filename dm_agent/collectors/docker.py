@@ -9,6 +9,7 @@ returns plain JSON-able data or raises :class:`DockerError` — never anything e
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import urllib.parse
 from collections.abc import Mapping
@@ -168,16 +169,41 @@ def connect(endpoint: str, tls: DockerTLS | None = None, timeout: float | None =
     return client
 
 
+def _slim(obj: dict[str, Any]) -> dict[str, Any]:
+    """json object_hook: keep only what the payload needs of each container as it is
+    decoded, so Docker's per-container network, mount and config details (most of the
+    ~650 bytes each) are freed at once instead of living until the whole list is read."""
+    if "Id" in obj and "Names" in obj:
+        return {"Id": obj["Id"], "Names": obj["Names"], "Image": obj.get("Image"),
+                "Labels": obj.get("Labels")}
+    return obj
+
+
+def list_containers(client: Any) -> Any:
+    """``GET /containers/json?all=1``, decoded lean (see ``_slim``). Raises on HTTP errors."""
+    # The SDK's containers() would decode every field of every container; these are
+    # the same calls it makes, with our own decoding.
+    response = client._get(client._url("/containers/json"), params={"all": 1})
+    client._raise_for_status(response)
+    return json.loads(response.content, object_hook=_slim)
+
+
 class DockerCollector:
-    """Reads /info and /containers/json?all=1 from one Docker endpoint."""
+    """Reads /info and /containers/json?all=1 from one Docker endpoint.
+
+    ``collect(relist=False)`` keeps the container list of the previous round: the agent
+    asks for that only while Docker's event stream says nothing has changed.
+    """
 
     def __init__(self, endpoint: str, tls: DockerTLS | None = None, timeout: float = 10.0) -> None:
         self.endpoint = endpoint
         self.tls = tls
         self.timeout = timeout
         self._client: Any = None
+        self._containers: list[dict[str, Any]] | None = None
 
     def close(self) -> None:
+        self._containers = None
         client, self._client = self._client, None
         if client is not None:
             try:
@@ -185,20 +211,25 @@ class DockerCollector:
             except Exception:  # closing a broken client must not matter
                 pass
 
-    def collect(self) -> NodeInfo:
-        """One round: node name, daemon labels, every container. Raises DockerError."""
+    def collect(self, relist: bool = True) -> NodeInfo:
+        """One round: node name, daemon labels, every container. Raises DockerError.
+
+        The returned ``containers`` list is the same object as long as it was not
+        re-read, so callers can cache what they derive from it."""
         if self._client is None:
             self._client = connect(self.endpoint, self.tls, self.timeout)
         try:
             info = self._client.info()
-            raw = self._client.containers(all=True)
+            name, labels = parse_info(info)
+            if relist or self._containers is None:
+                self._containers = None
+                self._containers = parse_containers(list_containers(self._client), name)
         except DockerError:
             raise
         except Exception as exc:
             self.close()  # renegotiate next round (the Engine may have been upgraded)
             raise DockerError(f"Docker at {self.endpoint} failed: {_reason(exc)}") from None
-        name, labels = parse_info(info)
-        return NodeInfo(name=name, labels=labels, containers=parse_containers(raw, name))
+        return NodeInfo(name=name, labels=labels, containers=self._containers)
 
 
 def _reason(exc: BaseException) -> str:

@@ -40,10 +40,18 @@ class EventWatcher:
         self._thread: threading.Thread | None = None
         self.last_nano: int | None = None
         self.connects = 0
+        #: bumped on every change and reconnect: a container list read while it stayed
+        #: the same, with the stream connected all along, is still current
+        self.generation = 0
+        self.connected = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
         self._thread.start()
+
+    def current(self, generation: int) -> bool:
+        """True when nothing changed since ``generation`` was read, as far as we know."""
+        return self.connected and generation == self.generation
 
     def stop(self) -> None:
         self._stop.set()
@@ -60,6 +68,8 @@ class EventWatcher:
             self._stream = client.events(since=since, filters={"type": "container"},
                                          decode=True)
             self.connects += 1
+            self.generation += 1
+            self.connected = True
             if self.connects > 1:
                 log.info("Docker event stream resumed since %s", since)
                 self.on_change("reconnect")
@@ -73,8 +83,11 @@ class EventWatcher:
                     self.last_nano = nano
                 action = event.get("Action") or event.get("status")
                 if isinstance(action, str) and action.split(":", 1)[0] in ACTIONS:
+                    self.generation += 1
                     self.on_change(action)
         finally:
+            self.connected = False
+            self.generation += 1
             self._stream = None
             try:
                 client.close()
