@@ -391,10 +391,11 @@ def boot(
     read_only_binds: Binds | None = None,
     machine: str | None = None,
     boot_timeout: float = 90.0,
+    copy: bool = False,
 ) -> Iterator[BootedRoot]:
-    """Boot a throwaway overlay of the cached *release* root; all of it is gone afterwards."""
-    cached = roots.ensure_root(release)
-    with roots.throwaway(cached) as tree, BootedRoot(
+    """Boot a throwaway overlay (or with *copy*, a copy) of the cached *release* root;
+    all of it is gone afterwards."""
+    with roots.use(release) as cached, roots.throwaway(cached, copy=copy) as tree, BootedRoot(
         tree,
         binds=binds,
         read_only_binds=read_only_binds,

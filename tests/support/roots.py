@@ -31,7 +31,7 @@ RELEASES = ("bullseye", "bookworm", "trixie")
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "ca-certificates", "gnupg")
 
 #: Bump when the recipe changes in a way the fields below do not show (the post-build steps).
-RECIPE_FORMAT = 2
+RECIPE_FORMAT = 3
 
 DEFAULT_CACHE = "/var/cache/dm-agent/roots"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -89,23 +89,27 @@ def is_current(release: str) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(release: str) -> Iterator[None]:
-    """Serialise builders of one release (parallel test runs share the cache)."""
+def _lock(release: str, mode: int) -> Iterator[None]:
+    """The release's lock: builders hold it exclusively, boots (``use``) shared, so a
+    rebuild never pulls a root from under a running container (parallel runs share the
+    cache)."""
     cache_dir().mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / f".{release}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open(cache_dir() / f".{release}.lock", "a") as handle:
+        fcntl.flock(handle, mode)
         yield
 
 
 def ensure_root(release: str = "bookworm", *, log: bool = True) -> Path:
     """Return the cached root for *release*, building it first when absent or stale.
 
-    A cold build runs debootstrap against the Debian mirror (a few minutes); reuse costs
-    one key comparison.
+    A cold build runs debootstrap against the Debian mirror (about a minute); reuse
+    costs one key comparison. A rebuild waits for the boots using the old root.
     """
-    wanted = recipe(release)
     root = cache_dir() / release
-    with _lock(release):
+    if is_current(release):
+        return root
+    wanted = recipe(release)
+    with _lock(release, fcntl.LOCK_EX):
         if is_current(release):
             return root
         started = time.monotonic()
@@ -114,6 +118,7 @@ def ensure_root(release: str = "bookworm", *, log: bool = True) -> Path:
         _key_path(release).unlink(missing_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{release}.", dir=cache_dir()))
         try:
+            staging.chmod(0o755)  # it becomes the container's /; mkdtemp made it 0700
             _debootstrap(wanted, staging)
             _finish(staging)
             _assert_no_python(staging)
@@ -132,6 +137,18 @@ def ensure_root(release: str = "bookworm", *, log: bool = True) -> Path:
         if log:
             print(f"roots: built {release} in {seconds} s")
         return root
+
+
+@contextlib.contextmanager
+def use(release: str = "bookworm") -> Iterator[Path]:
+    """The current root for *release* (built if needed), kept from rebuilds while in use."""
+    for _ in range(3):
+        root = ensure_root(release)
+        with _lock(release, fcntl.LOCK_SH):
+            if is_current(release):
+                yield root
+                return
+    raise RootError(f"the {release} root keeps being rebuilt by another recipe")
 
 
 def _debootstrap_version() -> str:
@@ -188,12 +205,12 @@ def _assert_no_python(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def throwaway(root: Path) -> Iterator[Path]:
+def throwaway(root: Path, *, copy: bool = False) -> Iterator[Path]:
     """Yield a writable copy of *root* that vanishes afterwards, leaving *root* untouched.
 
     An overlay (upper directory in a temporary directory) when the kernel allows one on this
-    filesystem — instant — else a ``cp -a --reflink=auto`` copy. Unmounted and removed on
-    every exit path.
+    filesystem — instant — else (or with *copy*) a ``cp -a --reflink=auto`` copy. Unmounted
+    and removed on every exit path.
     """
     scratch = Path(tempfile.mkdtemp(prefix="dm-root.", dir=os.environ.get("DM_ROOTS_TMP")))
     merged = scratch / "root"
@@ -202,11 +219,11 @@ def throwaway(root: Path) -> Iterator[Path]:
         for sub in ("upper", "work", "root"):
             (scratch / sub).mkdir()
         options = f"lowerdir={root},upperdir={scratch / 'upper'},workdir={scratch / 'work'}"
-        mount = subprocess.run(
+        mount = None if copy else subprocess.run(
             ["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
             capture_output=True, text=True,
         )
-        if mount.returncode == 0:
+        if mount is not None and mount.returncode == 0:
             mounted = True
         else:
             merged.rmdir()
