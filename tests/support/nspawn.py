@@ -108,6 +108,8 @@ class BootedRoot:
 
     def start(self) -> None:
         """Boot the container and return once its systemd has finished starting up."""
+        if os.geteuid() != 0:
+            raise BootError("booting a container needs root (systemd-nspawn, nsenter, mount)")
         for tool, package in _REQUIRED_TOOLS.items():
             if shutil.which(tool) is None:
                 raise BootError(f"{tool} is missing: apt-get install {package}")
