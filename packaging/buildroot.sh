@@ -81,9 +81,10 @@ if [[ ${1:-} == --key ]]; then
   exit 0
 fi
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot, mount)"
-for tool in debootstrap chroot mount umount flock sha256sum curl pip3; do
+for tool in debootstrap chroot mount umount flock sha256sum curl python3; do
   command -v "$tool" >/dev/null || die "missing host tool: $tool"
 done
+python3 -m pip --version >/dev/null 2>&1 || die "missing host tool: pip (apt-get install python3-pip)"
 
 # --- mounts -------------------------------------------------------------------------
 # Every mount made here is undone on exit, failure or interrupt. A directory is never
@@ -176,7 +177,7 @@ cp "$LOCK" "$NEW$PREFIX/requirements.lock"
 
 # Wheels for the target (CPython 3.13, x86_64, glibc <= 2.31), downloaded by the host's pip
 # and checked against the lock's hashes. Binary only: nothing is compiled from an sdist.
-pip3 download --quiet --disable-pip-version-check --no-deps --require-hashes \
+python3 -m pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
   --only-binary=:all: --dest "$NEW$PREFIX/wheelhouse" \
   --platform manylinux_2_31_x86_64 --platform manylinux2014_x86_64 \
   --python-version 3.13 --implementation cp --abi cp313 --abi abi3 --abi none \

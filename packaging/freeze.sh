@@ -122,11 +122,20 @@ for member in 'python3.13_*.orig.tar.xz:Python-*/LICENSE' 'openssl_*.orig.tar.gz
   tar -xf "$tb" -C "$STAGE/$NAME/licenses" --wildcards --no-wildcards-match-slash \
     --transform 's,^\([^/]*\)/,\1-,' "${member#*:}"
 done
-for d in "$ROOT$PREFIX"/venv/lib/python3.13/site-packages/*.dist-info; do
-  pkg=$(basename "$d" .dist-info)
-  while IFS= read -r -d '' lic; do
-    cp "$lic" "$STAGE/$NAME/licenses/$pkg-$(basename "$lic")"
-  done < <(find "$d" -type f \( -iname 'LICEN[CS]E*' -o -iname 'COPYING*' \) -print0)
+SITE=$ROOT$PREFIX/venv/lib/python3.13/site-packages
+# (the wheels whose code is in the program; a wheel without a licence file contributes its
+# METADATA, which names the licence)
+for dist in psutil requests certifi charset_normalizer idna urllib3 docker python_daemon \
+  lockfile pyinstaller; do
+  for d in "$SITE/$dist"-[0-9]*.dist-info; do
+    pkg=$(basename "$d" .dist-info)
+    found=0
+    while IFS= read -r -d '' lic; do
+      cp "$lic" "$STAGE/$NAME/licenses/$pkg-$(basename "$lic")"
+      found=1
+    done < <(find "$d" -type f \( -iname 'LICEN[CS]E*' -o -iname 'COPYING*' \) -print0)
+    if ((!found)); then cp "$d/METADATA" "$STAGE/$NAME/licenses/$pkg-METADATA"; fi
+  done
 done
 cat >"$STAGE/$NAME/README" <<EOF
 dm-agent $VERSION, the DockMaster node agent, frozen for x86_64 Linux (glibc $GLIBC_MAX or

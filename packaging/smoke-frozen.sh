@@ -6,7 +6,8 @@
 #  1. The bare root has no python3 and no OpenSSL 3, so nothing can come from the host.
 #  2. `ldd` of the executable and of the bundled libraries, as seen in that root: what
 #     the frozen program needs from the system is glibc and nothing else (printed).
-#  3. `dm-agent --version` prints __version__, directly and through a symlink in $PATH.
+#  3. `dm-agent --version` prints __version__, directly, through a symlink in $PATH, and
+#     from the unpacked dist/ tarball (when it is newer than the onedir).
 #  4. The throwaway smoke program (packaging/smoke_frozen.py, frozen with the same spec
 #     into build/smoke/) exercises, in the frozen runtime: docker.APIClient over a unix
 #     socket against a fake Docker Engine; requests over https to a TLS server on
@@ -142,6 +143,13 @@ got=$(in_bare '/opt/dm-smoke/dm-agent/dm-agent --version') || die "dm-agent --ve
 got=$(in_bare 'cd /tmp && dm-agent --version') || die "dm-agent --version through a symlink failed"
 [[ $got == *"$VERSION"* ]] || die "dm-agent (symlink) --version printed '$got'"
 log "ok: dm-agent --version: $got (directly and through /usr/local/bin/dm-agent)"
+TARBALL=$REPO/dist/dm-agent-$VERSION-linux-x86_64.tar.gz
+if [[ -f $TARBALL && $TARBALL -nt $FROZEN/dm-agent ]]; then
+  tar -C "$BARE/opt/dm-smoke" -xzf "$TARBALL"
+  got=$(in_bare "/opt/dm-smoke/dm-agent-$VERSION/dm-agent --version") ||
+    die "dm-agent --version from the tarball failed"
+  log "ok: the tarball unpacks to dm-agent-$VERSION/ and runs: $got"
+fi
 
 # --- the host side: throwaway CA, a TLS master on 127.0.0.1, a fake Docker Engine ----------
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
