@@ -200,6 +200,8 @@ def test_configured_agent_runs_sandboxed(
     body = registration.json
     assert registration.node_name == dockerd.hostname  # Docker's /info, via the docker group
     assert body["system"]["memory"]["total"] > 0
+    # The master is on loopback, so the address is an interface's, found over netlink.
+    assert body["address"], "no address announced: RestrictAddressFamilies= needs AF_NETLINK"
 
     # The sandbox changes nothing in the disks it reports: the same mounts as the program
     # run outside it, with df's figures (a real /home included: ProtectHome=yes would
