@@ -113,7 +113,7 @@ def box(
     ]
     with nspawn.boot(request.param, binds=binds) as booted:
         install(booted)
-        # The socket is root:root on the host; the container's docker group owns it here.
+        # The socket belongs to the host's docker group; the container's must own it here.
         gid = int(booted.run(["getent", "group", "docker"]).stdout.split(":")[2])
         before = os.stat(dockerd.socket_path)
         os.chown(dockerd.socket_path, -1, gid)
