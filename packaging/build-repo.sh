@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Build signed apt and yum repositories in dist/repo/ from the packages in dist/.
+#
+#   dist/repo/apt/                             apt repository (reprepro): suite "stable",
+#                                              component "main", amd64; Release signed
+#                                              (InRelease, Release.gpg)
+#   dist/repo/yum/                             yum/dnf repository (createrepo_c): the .rpm,
+#                                              signed (rpmsign), repodata/repomd.xml.asc
+#   dist/repo/dm-agent-archive-keyring.gpg     the public key, binary (apt's signed-by=)
+#   dist/repo/dm-agent-archive-keyring.asc     the same, armored (yum's gpgkey=, rpm --import)
+#   dist/repo/dm-agent.list, dist/repo/dm-agent.repo   what a node adds to its sources
+#
+# The repositories are made afresh from dist/dm-agent_<version>_amd64.deb and
+# dist/dm-agent-<version>-1.x86_64.rpm at every run (make packages builds them).
+#
+# Signing key:
+#   default      a throwaway key, generated once into build/repo-gnupg/ (no passphrase),
+#                for tests only: nodes must never trust it
+#   real key     DM_REPO_GNUPGHOME=/path/to/gnupghome DM_REPO_KEY=<fingerprint>; the key
+#                must sign without a prompt (gpg-agent with the passphrase preset, or a
+#                signing subkey on a token), see README
+# Environment:   DM_REPO_URL (default https://packages.dm-agent.invalid/repo): the URL
+#                written into dm-agent.list and dm-agent.repo.
+# Needs: reprepro, createrepo-c, gnupg, rpm (rpmsign).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+NAME=build-repo
+# shellcheck source=packaging/package-common.sh
+. "$HERE/package-common.sh"
+need reprepro reprepro
+need createrepo_c createrepo-c
+need gpg gnupg
+need gpgv gpgv
+need rpmsign rpm
+
+DIST=$REPO/dist
+OUT=$DIST/repo
+WORK=$REPO/build/repo
+URL=${DM_REPO_URL:-https://packages.dm-agent.invalid/repo}
+DEB=$DIST/dm-agent_${VERSION}_amd64.deb
+RPM=$DIST/dm-agent-$VERSION-1.x86_64.rpm
+[[ -f $DEB ]] || die "no $DEB: run packaging/build-deb.sh (or make packages)"
+[[ -f $RPM ]] || die "no $RPM: run packaging/build-rpm.sh (or make packages)"
+
+# --- the signing key -------------------------------------------------------------------
+if [[ -n ${DM_REPO_KEY:-} ]]; then
+  export GNUPGHOME=${DM_REPO_GNUPGHOME:?DM_REPO_KEY needs DM_REPO_GNUPGHOME}
+  KEY=$DM_REPO_KEY
+  gpg --batch --list-secret-keys "$KEY" >/dev/null 2>&1 || die "no secret key $KEY in $GNUPGHOME"
+  log "signing with $KEY from $GNUPGHOME"
+else
+  export GNUPGHOME=$REPO/build/repo-gnupg
+  # Made once and reused; made again when it is gone or expired (it lives a year).
+  fpr=$(cat "$GNUPGHOME/throwaway.fpr" 2>/dev/null || true)
+  if [[ -z $fpr ]] || ! gpg --batch --with-colons --list-secret-keys "$fpr" 2>/dev/null |
+    awk -F: '$1 == "sec" && $2 !~ /[erd]/ {ok = 1} END {exit !ok}'; then
+    rm -rf "$GNUPGHOME"
+    mkdir -p "$GNUPGHOME"
+    chmod 0700 "$GNUPGHOME"
+    # Only this key is in this keyring: no web of trust to compute.
+    echo "trust-model always" >"$GNUPGHOME/gpg.conf"
+    log "generating a throwaway signing key in $GNUPGHOME (tests only)"
+    gpg --batch --passphrase '' --quick-gen-key \
+      "dm-agent throwaway test repository key (never trust on a node) <repo@dm-agent.invalid>" \
+      rsa3072 sign 1y >"$GNUPGHOME/keygen.log" 2>&1 || { cat "$GNUPGHOME/keygen.log" >&2; die "gpg --quick-gen-key failed"; }
+    gpg --batch --no-auto-check-trustdb --with-colons --list-secret-keys | awk -F: '$1 == "fpr" {print $10; exit}' \
+      >"$GNUPGHOME/throwaway.fpr"
+  fi
+  KEY=$(cat "$GNUPGHOME/throwaway.fpr")
+  log "signing with the throwaway key $KEY"
+fi
+
+rm -rf "$OUT" "$WORK"
+mkdir -p "$OUT" "$WORK"
+gpg --batch --export "$KEY" >"$OUT/dm-agent-archive-keyring.gpg"
+gpg --batch --armor --export "$KEY" >"$OUT/dm-agent-archive-keyring.asc"
+[[ -s $OUT/dm-agent-archive-keyring.gpg ]] || die "could not export the public key $KEY"
+
+# --- apt: reprepro, its configuration and database kept out of what is published -------
+mkdir -p "$WORK/apt/conf"
+cat >"$WORK/apt/conf/distributions" <<EOF
+Origin: dm-agent
+Label: dm-agent
+Suite: stable
+Codename: stable
+Architectures: amd64
+Components: main
+Description: dm-agent, the DockMaster node agent
+SignWith: $KEY
+EOF
+reprepro --silent --basedir "$WORK/apt" --outdir "$OUT/apt" includedeb stable "$DEB"
+gpgv --keyring "$OUT/dm-agent-archive-keyring.gpg" "$OUT/apt/dists/stable/InRelease" 2>/dev/null ||
+  die "the apt repository's InRelease does not verify with the exported key"
+log "apt: dist/repo/apt (stable/main/amd64, $(basename "$DEB"))"
+
+# --- yum: the signed .rpm, createrepo_c, a detached signature of repomd.xml -----------------
+mkdir -p "$OUT/yum/x86_64"
+cp "$RPM" "$OUT/yum/x86_64/"
+# (rpmsign warns that it cannot set GPG_TTY when stdin is no terminal: no prompt is needed.)
+rpmsign --define "__gpg $(command -v gpg)" --define "_gpg_name $KEY" \
+  --addsign "$OUT/yum/x86_64/$(basename "$RPM")" 2>&1 >/dev/null | { grep -v GPG_TTY >&2 || true; }
+createrepo_c --quiet --no-database --set-timestamp-to-revision --revision "$SOURCE_DATE_EPOCH" \
+  "$OUT/yum" >/dev/null
+gpg --batch --yes --local-user "$KEY" --armor --detach-sign "$OUT/yum/repodata/repomd.xml"
+gpg --batch --verify "$OUT/yum/repodata/repomd.xml.asc" "$OUT/yum/repodata/repomd.xml" 2>/dev/null ||
+  die "repomd.xml.asc does not verify"
+cp "$OUT/dm-agent-archive-keyring.asc" "$OUT/yum/RPM-GPG-KEY-dm-agent"
+rpmdb=$(mktemp -d)
+trap 'rm -rf "$rpmdb"' EXIT
+rpm --dbpath "$rpmdb" --import "$OUT/dm-agent-archive-keyring.asc"
+rpm --dbpath "$rpmdb" -K "$OUT/yum/x86_64/$(basename "$RPM")" | grep -q 'signatures OK' ||
+  die "the signed .rpm does not verify with the exported key"
+log "yum: dist/repo/yum (x86_64/$(basename "$RPM"), signed; repodata/repomd.xml.asc)"
+
+# --- what a node adds to its sources -----------------------------------------------------
+cat >"$OUT/dm-agent.list" <<EOF
+# /etc/apt/sources.list.d/dm-agent.list (key: /usr/share/keyrings/dm-agent-archive-keyring.gpg)
+deb [arch=amd64 signed-by=/usr/share/keyrings/dm-agent-archive-keyring.gpg] $URL/apt stable main
+EOF
+cat >"$OUT/dm-agent.repo" <<EOF
+# /etc/yum.repos.d/dm-agent.repo
+[dm-agent]
+name=dm-agent, the DockMaster node agent
+baseurl=$URL/yum
+enabled=1
+gpgcheck=1
+repo_gpgcheck=1
+gpgkey=$URL/yum/RPM-GPG-KEY-dm-agent
+EOF
+log "made dist/repo/ in $(($(date +%s) - T0))s: apt/, yum/, dm-agent-archive-keyring.{gpg,asc}," \
+  "dm-agent.list, dm-agent.repo"
+echo "$OUT"
