@@ -11,6 +11,12 @@ die() {
   exit 1
 }
 
+# One run of each script at a time in this tree (a second one waits): they rebuild
+# build/<name>/ from scratch.
+mkdir -p "$REPO/build"
+exec 8>"$REPO/build/.$NAME.lock"
+flock 8
+
 # The one place the version lives: dm_agent/__init__.py (the same reading as freeze.sh).
 VERSION=$(sed -n 's/^__version__ = "\([^"]*\)"$/\1/p' "$REPO/dm_agent/__init__.py")
 [[ $VERSION =~ ^[0-9][0-9A-Za-z.+~]*$ ]] || die "no usable __version__ = \"...\" in dm_agent/__init__.py"
