@@ -1,0 +1,584 @@
+"""The built packages: .deb, .rpm, the apt and yum repositories, as files.
+
+Session fixtures build what the tests inspect, once per run, from this tree:
+
+- the frozen onedir and the tarball (``packaging/freeze.sh``) only when they are missing
+  or hold another version (a cold freeze takes minutes; it needs root);
+- the .deb, the .rpm and ``dist/repo/`` (``packaging/build-{deb,rpm,repo}.sh``) always,
+  so that what is checked is what this tree builds (seconds each).
+
+Then: paths, modes, owners and conffile marks of both packages, their dependencies (the
+glibc floor is recomputed here from the payload's ELF files), the payload byte for byte,
+lintian (0 errors, 0 warnings) and rpmlint (0 errors), every override and filter with its
+reason, the repositories' signatures (and that a forged one fails), apt reading the signed
+repository, and the extracted program running on this host. Installing the packages into
+booted systems is the lifecycle tests' job.
+
+Nothing is skipped: a missing tool fails the test, naming the Debian package to install.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.packages
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGING = REPO / "packaging"
+DIST = REPO / "dist"
+FROZEN = REPO / "build/frozen/dm-agent"
+GLIBC_SUPPORTED = (2, 31)  # Debian 11: the newest glibc the payload may need
+
+TOOLS = {
+    "dpkg-deb": "dpkg",
+    "dpkg-buildpackage": "dpkg-dev",
+    "dh": "debhelper",
+    "lintian": "lintian",
+    "rpm": "rpm",
+    "rpmbuild": "rpm",
+    "rpmsign": "rpm",
+    "rpm2cpio": "rpm2cpio",
+    "rpmlint": "rpmlint",
+    "reprepro": "reprepro",
+    "createrepo_c": "createrepo-c",
+    "gpg": "gnupg",
+    "gpgv": "gpgv",
+    "objdump": "binutils",
+    "cpio": "cpio",
+    "apt-get": "apt",
+    "man": "man-db",
+    "shellcheck": "shellcheck",
+}
+
+
+def version() -> str:
+    text = (REPO / "dm_agent/__init__.py").read_text()
+    m = re.search(r'^__version__ = "([^"]+)"$', text, re.M)
+    assert m, "no __version__ in dm_agent/__init__.py"
+    return m.group(1)
+
+
+VERSION = version()
+DEB = DIST / f"dm-agent_{VERSION}_amd64.deb"
+RPM = DIST / f"dm-agent-{VERSION}-1.x86_64.rpm"
+TARBALL = DIST / f"dm-agent-{VERSION}-linux-x86_64.tar.gz"
+
+
+def run(cmd: list[str | Path], *, check: bool = True, timeout: float = 600,
+        **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run, capture text output; on failure (check) fail the test with both outputs."""
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                       timeout=timeout, **kw)  # type: ignore[call-overload]
+    if check and p.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {p.returncode}\n"
+                    f"--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}", pytrace=False)
+    return p  # type: ignore[no-any-return]
+
+
+def run_bytes(cmd: list[str | Path], timeout: float = 600) -> bytes:
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, timeout=timeout)
+    if p.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {p.returncode}: {p.stderr!r}",
+                    pytrace=False)
+    return p.stdout
+
+
+def agent_env() -> dict[str, str]:
+    """This environment without DM_AGENT_* settings, so that only the file counts."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DM_AGENT_")}
+
+
+def is_elf(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(4) == b"\x7fELF"
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def glibc_floor(onedir: Path) -> tuple[int, int]:
+    """The highest GLIBC_x.y symbol version any ELF file of the payload needs."""
+    top = (0, 0)
+    for f in sorted(onedir.rglob("*")):
+        if f.is_file() and not f.is_symlink() and is_elf(f):
+            out = run(["objdump", "-T", f]).stdout
+            for major, minor in re.findall(r"GLIBC_(\d+)\.(\d+)", out):
+                top = max(top, (int(major), int(minor)))
+    assert top != (0, 0), f"no GLIBC_ symbol versions in {onedir}"
+    return top
+
+
+def payload_md5s(onedir: Path) -> dict[str, str]:
+    return {str(f.relative_to(onedir)): md5(f)
+            for f in sorted(onedir.rglob("*")) if f.is_file() and not f.is_symlink()}
+
+
+# --- fixtures: build once per session ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tools() -> None:
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    if missing:
+        pytest.fail(f"missing tools: apt-get install {' '.join(missing)}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def frozen(tools: None) -> Path:
+    """The onedir and tarball of this version; frozen here when absent or stale."""
+    program = FROZEN / "dm-agent"
+    current = False
+    if os.access(program, os.X_OK) and TARBALL.is_file():
+        p = run([program, "--version"], check=False)
+        current = p.returncode == 0 and p.stdout.strip() == f"dm-agent {VERSION}"
+        # ... and the tarball holds the same program (both come from one freeze.sh run)
+        with tarfile.open(TARBALL) as tf:
+            member = tf.extractfile(f"dm-agent-{VERSION}/dm-agent")
+            current = current and member is not None and member.read() == program.read_bytes()
+    if not current:
+        if os.geteuid() != 0:
+            pytest.fail("the frozen program is missing or stale and packaging/freeze.sh "
+                        "needs root: run the tests as root", pytrace=False)
+        run([PACKAGING / "freeze.sh"], timeout=3 * 3600)
+    assert os.access(program, os.X_OK) and TARBALL.is_file()
+    return FROZEN
+
+
+@dataclass
+class Built:
+    path: Path
+    log: str
+
+
+@pytest.fixture(scope="session")
+def deb(frozen: Path) -> Built:
+    p = run([PACKAGING / "build-deb.sh"], timeout=1800)
+    assert Path(p.stdout.strip()) == DEB and DEB.is_file(), p.stdout
+    return Built(DEB, p.stderr)
+
+
+@pytest.fixture(scope="session")
+def rpm(frozen: Path) -> Built:
+    p = run([PACKAGING / "build-rpm.sh"], timeout=1800)
+    assert Path(p.stdout.strip()) == RPM and RPM.is_file(), p.stdout
+    return Built(RPM, p.stderr)
+
+
+@pytest.fixture(scope="session")
+def repo(deb: Built, rpm: Built) -> Path:
+    p = run([PACKAGING / "build-repo.sh"], timeout=600)
+    out = Path(p.stdout.strip())
+    assert out == DIST / "repo"
+    return out
+
+
+@pytest.fixture(scope="session")
+def payload(deb: Built) -> Path:
+    """The onedir the packages were built from (build-deb.sh's snapshot of build/frozen)."""
+    snap = REPO / "build/deb/payload"
+    assert (snap / "dm-agent").is_file()
+    return snap
+
+
+@pytest.fixture(scope="session")
+def deb_tree(deb: Built) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="dm-deb-") as tmp:
+        run(["dpkg-deb", "-x", deb.path, tmp])
+        run(["dpkg-deb", "-e", deb.path, Path(tmp) / "DEBIAN"])
+        yield Path(tmp)
+
+
+@pytest.fixture(scope="session")
+def rpm_tree(rpm: Built) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="dm-rpm-") as tmp:
+        cpio = run_bytes(["rpm2cpio", rpm.path])
+        subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=cpio,
+                       cwd=tmp, check=True, timeout=300)
+        yield Path(tmp)
+
+
+# --- .deb ------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    mode: str
+    owner: str
+    size: int
+    path: str
+    target: str | None
+
+
+def deb_entries(path: Path) -> dict[str, Entry]:
+    entries = {}
+    for line in run(["dpkg-deb", "-c", path]).stdout.splitlines():
+        mode, owner, size, _date, _time, rest = line.split(None, 5)
+        name, _, target = rest.partition(" -> ")
+        name = "/" + name.removeprefix("./").rstrip("/")
+        entries[name] = Entry(mode, owner, int(size), name, target or None)
+    return entries
+
+
+def test_deb_control_fields(deb: Built, payload: Path) -> None:
+    fields = run(["dpkg-deb", "-f", deb.path]).stdout
+    print(fields)
+    info = dict(re.findall(r"^(\S+): (.*)$", fields, re.M))
+    assert info["Package"] == "dm-agent"
+    assert info["Version"] == VERSION
+    assert info["Architecture"] == "amd64"
+    floor = glibc_floor(payload)
+    assert floor <= GLIBC_SUPPORTED, f"the payload needs GLIBC_{floor}, above Debian 11's"
+    depends = [d.strip() for d in info["Depends"].split(",")]
+    assert f"libc6 (>= {floor[0]}.{floor[1]})" in depends, depends
+    assert any(d.startswith("systemd") for d in depends), "systemd-sysusers runs in postinst"
+    assert not re.search(r"python|libssl|libffi|zlib|libbz2|liblzma",
+                         info["Depends"] + info.get("Pre-Depends", "")), (
+        "the payload bundles Python and its libraries: nothing of them is a dependency")
+    assert "Recommends" not in info and "Pre-Depends" not in info
+
+
+def test_deb_contents_modes_owners(deb: Built, payload: Path) -> None:
+    entries = deb_entries(deb.path)
+    for e in entries.values():
+        assert e.owner == "root/root", e
+        if not e.mode.startswith("l"):  # no group/other write, no setuid/setgid
+            assert not re.match(r"^.....w|^........w|^...s|^......s", e.mode), e
+    ini = entries["/etc/dm-agent.ini"]
+    # dpkg unpacks it before the dm-agent group exists; postinst makes it 0640 root:dm-agent
+    sample = REPO / "dm_agent/data/dm-agent.ini"
+    assert (ini.mode, ini.size) == ("-rw-r--r--", sample.stat().st_size)
+    link = entries["/usr/bin/dm-agent"]
+    assert link.mode.startswith("l") and link.target == "../lib/dm-agent/dm-agent"
+    assert entries["/usr/lib/dm-agent/dm-agent"].mode == "-rwxr-xr-x"
+    unit = entries.get("/lib/systemd/system/dm-agent.service") or \
+        entries["/usr/lib/systemd/system/dm-agent.service"]
+    assert unit.mode == "-rw-r--r--"
+    assert entries["/usr/lib/sysusers.d/dm-agent.conf"].mode == "-rw-r--r--"
+    for doc in ("copyright", "changelog.gz", "README.md.gz", "dm-agent.ini"):
+        assert entries[f"/usr/share/doc/dm-agent/{doc}"].mode == "-rw-r--r--", doc
+    assert entries["/usr/share/man/man8/dm-agent.8.gz"].mode == "-rw-r--r--"
+    # the whole onedir, and nothing else below /usr/lib/dm-agent
+    files = {p for p, e in entries.items() if p.startswith("/usr/lib/dm-agent/")
+             and not e.mode.startswith("d")}
+    assert files == {f"/usr/lib/dm-agent/{rel}" for rel in payload_md5s(payload)}
+    # nothing outside the documented layout
+    allowed = re.compile(r"^/(etc/dm-agent\.ini|usr/bin/dm-agent|usr/lib/dm-agent(/.*)?|"
+                         r"(usr/)?lib/systemd/system/dm-agent\.service|"
+                         r"usr/lib/sysusers\.d/dm-agent\.conf|usr/lib/tmpfiles\.d/dm-agent\.conf|"
+                         r"usr/share/doc/dm-agent/.*|usr/share/man/man8/dm-agent\.8\.gz|"
+                         r"usr/share/lintian/overrides/dm-agent)$")
+    stray = [p for p, e in entries.items() if not e.mode.startswith("d") and not allowed.match(p)]
+    assert not stray, stray
+
+
+def test_deb_conffiles_and_scripts(deb_tree: Path) -> None:
+    ctl = deb_tree / "DEBIAN"
+    assert (ctl / "conffiles").read_text().split() == ["/etc/dm-agent.ini"]
+    postinst = (ctl / "postinst").read_text()
+    # users first (dh_installsysusers), then enable + start (dh_installsystemd), then the mode
+    i_users = postinst.index("systemd-sysusers ${DPKG_ROOT:+--root=\"$DPKG_ROOT\"} dm-agent.conf")
+    i_enable = postinst.index("deb-systemd-helper enable 'dm-agent.service'")
+    i_start = postinst.index("deb-systemd-invoke $_dh_action 'dm-agent.service'")
+    i_mode = postinst.index('chmod 0640 "$conf"')
+    assert i_users < i_enable < i_start < i_mode
+    assert "dpkg-statoverride" in postinst and 'chgrp "$gid" "$conf"' in postinst
+    assert "#DEBHELPER#" not in postinst
+    assert "deb-systemd-invoke stop 'dm-agent.service'" in (ctl / "prerm").read_text()
+    assert "deb-systemd-helper purge 'dm-agent.service'" in (ctl / "postrm").read_text()
+    # private libraries: no shlibs, no ldconfig trigger
+    assert not (ctl / "shlibs").exists() and not (ctl / "triggers").exists()
+    for script in ("postinst", "prerm", "postrm"):
+        run(["sh", "-n", ctl / script])
+    run(["shellcheck", "-s", "sh", "-e", "SC2016", ctl / "postinst"])
+
+
+def test_deb_postinst_conffile_mode(deb_tree: Path, tmp_path: Path) -> None:
+    """The postinst's mode fix, run against a scratch root (DPKG_ROOT): set while the
+    file is as dpkg left it, not over an admin's mode, not over a statoverride."""
+    postinst = (deb_tree / "DEBIAN/postinst").read_text()
+    block = postinst[postinst.index('if [ "$1" = configure ]; then\n\t# /etc/dm-agent.ini'):]
+    script = "set -e\nconf=${DPKG_ROOT:-}/etc/dm-agent.ini\n" + block
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "var/lib/dpkg").mkdir(parents=True)
+    (root / "var/lib/dpkg/statoverride").write_text("")
+    (root / "etc/group").write_text("root:x:0:\ndm-agent:x:987:\n")
+    ini = root / "etc/dm-agent.ini"
+
+    def configure(mode: int) -> tuple[int, int]:
+        ini.write_text((REPO / "dm_agent/data/dm-agent.ini").read_text())
+        os.chown(ini, 0, 0)
+        ini.chmod(mode)
+        p = run(["sh", "-c", script, "postinst", "configure", ""],
+                env={**os.environ, "DPKG_ROOT": str(root)})
+        assert "set 'master'" in p.stderr  # the shipped file has no master
+        st = ini.stat()
+        return st.st_gid, stat.S_IMODE(st.st_mode)
+
+    assert configure(0o644) == (987, 0o640)
+    assert configure(0o600) == (0, 0o600)  # an admin's choice stays
+    (root / "var/lib/dpkg/statoverride").write_text("root root 0644 /etc/dm-agent.ini\n")
+    assert configure(0o644) == (0, 0o644)  # dpkg applies the statoverride, not postinst
+
+
+def test_deb_payload_byte_for_byte(deb_tree: Path, payload: Path) -> None:
+    shipped = payload_md5s(deb_tree / "usr/lib/dm-agent")
+    assert shipped == payload_md5s(payload)
+    # and dpkg's md5sums agree
+    sums = dict(reversed(line.split(None, 1))
+                for line in (deb_tree / "DEBIAN/md5sums").read_text().splitlines())
+    for rel, digest in shipped.items():
+        assert sums[f"usr/lib/dm-agent/{rel}"] == digest
+
+
+def test_deb_program_runs_here(deb_tree: Path) -> None:
+    for exe in ("usr/lib/dm-agent/dm-agent", "usr/bin/dm-agent"):
+        p = run([deb_tree / exe, "--version"])
+        assert p.stdout.strip() == f"dm-agent {VERSION}"
+    # the shipped config: valid, but no master, so the unit's ExecCondition skips the start
+    p = run([deb_tree / "usr/bin/dm-agent", "--check-config", "-f",
+             deb_tree / "etc/dm-agent.ini"], check=False, env=agent_env())
+    assert p.returncode == 78, p
+    assert "master" in p.stderr
+    p = run([deb_tree / "usr/bin/dm-agent", "--once", "--dry-run", "-d",
+             "unix:///nonexistent/docker.sock", "-f", deb_tree / "etc/dm-agent.ini"],
+            timeout=60, env=agent_env())
+    body = json.loads(p.stdout)
+    assert body["system"]["memory"]["total"] > 0
+
+
+def test_deb_changelog_copyright_man(deb_tree: Path, payload: Path) -> None:
+    doc = deb_tree / "usr/share/doc/dm-agent"
+    first = gzip.decompress((doc / "changelog.gz").read_bytes()).decode().splitlines()[0]
+    assert first.startswith(f"dm-agent ({VERSION}) "), first
+    assert (doc / "dm-agent.ini").read_bytes() == (REPO / "dm_agent/data/dm-agent.ini").read_bytes()
+    copyright_text = (doc / "copyright").read_text()
+    assert copyright_text.startswith(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/")
+    # every bundled ELF file is named by a Files paragraph of its own, not only by "*"
+    patterns = [p for block in re.findall(r"^Files: (.*?)^(?:Copyright|License):",
+                                          copyright_text, re.M | re.S)
+                for p in block.split() if p != "*"]
+    for f in payload.rglob("*"):
+        if f.is_file() and is_elf(f):
+            rel = "usr/lib/dm-agent/" + str(f.relative_to(payload))
+            assert any(Path(rel).match(p) or rel == p or
+                       (p.endswith("/*") and rel.startswith(p[:-1])) for p in patterns), (
+                f"{rel} is bundled but debian/copyright has no Files paragraph for it")
+    man = deb_tree / "usr/share/man/man8/dm-agent.8.gz"
+    p = run(["man", "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z", man],
+            env={**os.environ, "LC_ALL": "C.UTF-8", "MANROFFSEQ": "", "MANWIDTH": "80"})
+    assert p.stderr == "", p.stderr
+    text = run(["man", "-l", man], env={**os.environ, "MANWIDTH": "80"}).stdout
+    for word in ("--check-config", "SIGHUP", "DM_AGENT_", "/etc/dm-agent.ini", "78", "75"):
+        assert word in text, word
+
+
+def overrides_have_reasons(path: Path, is_override: re.Pattern[str]) -> None:
+    prev_comment = False
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.startswith("#"):
+            prev_comment = True
+        elif is_override.match(line):
+            assert prev_comment, f"{path.name}:{n}: no reason written above: {line}"
+        elif not line.strip():
+            prev_comment = False
+
+
+def test_lintian(deb: Built) -> None:
+    overrides_have_reasons(REPO / "debian/dm-agent.lintian-overrides", re.compile(r"^dm-agent: "))
+    # (--show-overrides would make --fail-on count the overridden tags too)
+    p = run(["lintian", "--fail-on", "error,warning", "--pedantic", "-E",
+             "--tag-display-limit", "0", deb.path], check=False, timeout=900)
+    tags = [t for t in p.stdout.splitlines() if re.match(r"^[EWIPX]: ", t)]
+    print("\n".join(tags) or "lintian: no tags")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not [t for t in tags if t[0] in "EW"]
+    # an override that no longer matches must go (the reason it states is gone)
+    assert not [t for t in tags if "unused-override" in t or "mismatched-override" in t], tags
+    assert not re.search(r"\d+ unused overrides?", p.stdout), p.stdout
+
+
+# --- .rpm ------------------------------------------------------------------------------
+
+
+def rpmq(path: Path, *args: str) -> str:
+    return run(["rpm", "-qp", *args, path]).stdout
+
+
+def test_rpm_header(rpm: Built, payload: Path) -> None:
+    fmt = "%{NAME}|%{VERSION}|%{RELEASE}|%{ARCH}|%{LICENSE}|%{SIGPGP:pgpsig}"
+    name, ver, rel, arch, lic, _sig = rpmq(rpm.path, "--queryformat", fmt).split("|")
+    assert (name, ver, rel, arch) == ("dm-agent", VERSION, "1", "x86_64")
+    assert "Apache-2.0" in lic
+    requires = rpmq(rpm.path, "--requires").splitlines()
+    print("\n".join(requires))
+    floor = glibc_floor(payload)
+    assert f"glibc >= {floor[0]}.{floor[1]}" in requires
+    assert "systemd" in requires
+    # AutoReqProv: no — nothing about the bundled libraries, no Python
+    assert not [r for r in requires if ".so" in r or "python" in r.lower()], requires
+    provides = rpmq(rpm.path, "--provides").splitlines()
+    assert not [p for p in provides if ".so" in p], provides
+    assert f"{VERSION}-1" in rpmq(rpm.path, "--changelog").splitlines()[0]
+
+
+def test_rpm_contents_modes_owners_flags(rpm: Built, payload: Path) -> None:
+    fmt = "[%{FILENAMES}\t%{FILEMODES:perms}\t%{FILEUSERNAME}\t%{FILEGROUPNAME}\t" \
+          "%{FILEFLAGS:fflags}\t%{FILELINKTOS}\n]"
+    rows = {}
+    for line in rpmq(rpm.path, "--queryformat", fmt).splitlines():
+        name, perms, user, group, flags, target = line.split("\t")
+        rows[name] = (perms, user, group, flags, target)
+    print(rpmq(rpm.path, "-lv"))
+    assert rows["/etc/dm-agent.ini"][:4] == ("-rw-r-----", "root", "dm-agent", "cn")
+    assert rpmq(rpm.path, "--configfiles").split() == ["/etc/dm-agent.ini"]
+    assert rows["/usr/bin/dm-agent"][0].startswith("l")
+    assert rows["/usr/bin/dm-agent"][4] == "../lib/dm-agent/dm-agent"
+    assert rows["/usr/lib/dm-agent/dm-agent"][0] == "-rwxr-xr-x"
+    assert rows["/usr/lib/systemd/system/dm-agent.service"][0] == "-rw-r--r--"
+    assert rows["/usr/lib/sysusers.d/dm-agent.conf"][0] == "-rw-r--r--"
+    assert rows["/usr/share/man/man8/dm-agent.8.gz"][3] == "d"
+    assert rows["/usr/share/doc/dm-agent/README.md"][3] == "d"
+    assert rows["/usr/share/licenses/dm-agent/COPYRIGHT"][3] == "l"
+    for name, (perms, user, group, _flags, _t) in rows.items():
+        if name != "/etc/dm-agent.ini":
+            assert (user, group) == ("root", "root"), name
+        if not perms.startswith("l"):
+            assert perms[5] != "w" and perms[8] != "w", name
+    files = {n for n, r in rows.items() if n.startswith("/usr/lib/dm-agent/")
+             and not r[0].startswith("d")}
+    assert files == {f"/usr/lib/dm-agent/{rel}" for rel in payload_md5s(payload)}
+
+
+def test_rpm_scripts(rpm: Built) -> None:
+    scripts = rpmq(rpm.path, "--scripts")
+    print(scripts)
+    sections = dict(re.findall(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)",
+                               scripts, re.M | re.S))
+    sysusers = "systemd-sysusers --replace=/usr/lib/sysusers.d/dm-agent.conf -"
+    assert sysusers in sections["preinstall"]
+    assert "u dm-agent -" in sections["preinstall"]
+    assert "systemctl --no-reload preset dm-agent.service" in sections["postinstall"]
+    assert "disable --now dm-agent.service" in sections["preuninstall"]
+    assert "try-restart dm-agent.service" in sections["postuninstall"]
+    for body in sections.values():
+        run(["sh", "-n", "-c", body])
+    assert rpmq(rpm.path, "--qf", "[%{FILENAMES}\n]").count("80-dm-agent.preset") == 1
+
+
+def test_rpm_payload_and_program(rpm_tree: Path, payload: Path) -> None:
+    assert payload_md5s(rpm_tree / "usr/lib/dm-agent") == payload_md5s(payload)
+    for exe in ("usr/lib/dm-agent/dm-agent", "usr/bin/dm-agent"):
+        assert run([rpm_tree / exe, "--version"]).stdout.strip() == f"dm-agent {VERSION}"
+    assert (rpm_tree / "usr/lib/systemd/system-preset/80-dm-agent.preset").read_text() \
+        .strip().endswith("enable dm-agent.service")
+    lic = rpm_tree / "usr/share/licenses/dm-agent"
+    assert (lic / "COPYRIGHT").read_bytes() == (REPO / "debian/copyright").read_bytes()
+    assert any(lic.glob("Python-*-LICENSE")) and any(lic.glob("openssl-*"))
+
+
+def test_rpmlint(rpm: Built) -> None:
+    rc = REPO / "rpm/dm-agent.rpmlintrc"
+    overrides_have_reasons(rc, re.compile(r"^addFilter\("))
+    p = run(["rpmlint", "-r", rc, rpm.path], check=False, timeout=600)
+    print(p.stdout, p.stderr)
+    # unused filters are errors too (rpmlint: unused-rpmlintrc-filter)
+    m = re.search(r"(\d+) errors, (\d+) warnings", p.stdout)
+    assert m and m.group(1) == "0", p.stdout
+    assert p.returncode == 0
+
+
+# --- repositories and tarball --------------------------------------------------------------
+
+
+def test_apt_repository_signed(repo: Path, deb: Built, tmp_path: Path) -> None:
+    keyring = repo / "dm-agent-archive-keyring.gpg"
+    stable = repo / "apt/dists/stable"
+    run(["gpgv", "--keyring", keyring, stable / "InRelease"])
+    run(["gpgv", "--keyring", keyring, stable / "Release.gpg", stable / "Release"])
+    # a forged Release does not verify
+    forged = tmp_path / "InRelease"
+    forged.write_text((stable / "InRelease").read_text().replace("Suite: stable", "Suite: stolen"))
+    assert run(["gpgv", "--keyring", keyring, forged], check=False).returncode != 0
+    release = (stable / "Release").read_text()
+    assert re.search(r"^Suite: stable$", release, re.M)
+    assert re.search(r"^Components: main$", release, re.M)
+    assert re.search(r"^Architectures: amd64$", release, re.M)
+    packages = (stable / "main/binary-amd64/Packages").read_text()
+    assert f"Version: {VERSION}" in packages
+    assert hashlib.sha256(deb.path.read_bytes()).hexdigest() in packages
+    assert (repo / "dm-agent-archive-keyring.asc").read_text().startswith(
+        "-----BEGIN PGP PUBLIC KEY BLOCK-----")
+    assert "signed-by=/usr/share/keyrings/dm-agent-archive-keyring.gpg" in \
+        (repo / "dm-agent.list").read_text()
+
+    # apt itself, with a private configuration, reads the signed repository
+    etc = tmp_path / "etc"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "preferences.d").mkdir()
+    (etc / "sources.list").write_text(
+        f"deb [arch=amd64 signed-by={keyring}] file://{repo / 'apt'} stable main\n")
+    opts = [f"-oDir::Etc={etc}", f"-oDir::Etc::sourcelist={etc / 'sources.list'}",
+            f"-oDir::Etc::sourceparts={etc / 'sources.list.d'}",
+            f"-oDir::State={tmp_path / 'state'}", f"-oDir::Cache={tmp_path / 'cache'}",
+            "-oDir::State::status=/dev/null", "-oAPT::Sandbox::User=root",
+            "-oDebug::NoLocking=1"]
+    (tmp_path / "state/lists/partial").mkdir(parents=True)
+    (tmp_path / "cache/archives/partial").mkdir(parents=True)
+    p = run(["apt-get", *opts, "update"])
+    assert "NO_PUBKEY" not in p.stderr and "not signed" not in p.stderr, p.stderr
+    policy = run(["apt-cache", *opts, "policy", "dm-agent"]).stdout
+    assert f"Candidate: {VERSION}" in policy, policy
+
+
+def test_yum_repository_signed(repo: Path, rpm: Built, tmp_path: Path) -> None:
+    yum = repo / "yum"
+    keyring = repo / "dm-agent-archive-keyring.gpg"
+    repodata = yum / "repodata"
+    run(["gpgv", "--keyring", keyring, repodata / "repomd.xml.asc", repodata / "repomd.xml"])
+    repomd = (yum / "repodata/repomd.xml").read_text()
+    for kind in ("primary", "filelists", "other"):
+        assert f'<data type="{kind}">' in repomd
+    primary = next((yum / "repodata").glob("*-primary.xml.gz"))
+    assert f'ver="{VERSION}" rel="1"' in gzip.decompress(primary.read_bytes()).decode()
+    signed = yum / f"x86_64/{RPM.name}"
+    dbpath = tmp_path / "rpmdb"
+    dbpath.mkdir()
+    run(["rpm", "--dbpath", dbpath, "--import", repo / "dm-agent-archive-keyring.asc"])
+    check = run(["rpm", "--dbpath", dbpath, "-K", signed]).stdout
+    assert "signatures OK" in check, check
+    # the same payload as the unsigned build output
+    assert rpmq(signed, "--qf", "%{SHA256HEADER}") != ""
+    assert run_bytes(["rpm2cpio", signed]) == run_bytes(["rpm2cpio", rpm.path])
+    text = (repo / "dm-agent.repo").read_text()
+    assert "gpgcheck=1" in text and "repo_gpgcheck=1" in text
+
+
+def test_tarball(frozen: Path) -> None:
+    with tarfile.open(TARBALL) as tf:
+        names = tf.getnames()
+    top = f"dm-agent-{VERSION}"
+    assert f"{top}/dm-agent" in names and f"{top}/_internal" in names
+
+
+def test_scripts_are_shellcheck_clean() -> None:
+    scripts = [PACKAGING / n for n in ("build-deb.sh", "build-rpm.sh", "build-repo.sh",
+                                       "payload-deps.sh", "package-common.sh")]
+    run(["shellcheck", "-x", *scripts], cwd=REPO)
+    run(["shellcheck", "-s", "sh", REPO / "debian/dm-agent.postinst"])
