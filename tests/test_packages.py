@@ -265,9 +265,9 @@ def test_deb_contents_modes_owners(deb: Built, payload: Path) -> None:
     link = entries["/usr/bin/dm-agent"]
     assert link.mode.startswith("l") and link.target == "../lib/dm-agent/dm-agent"
     assert entries["/usr/lib/dm-agent/dm-agent"].mode == "-rwxr-xr-x"
-    unit = entries.get("/lib/systemd/system/dm-agent.service") or \
-        entries["/usr/lib/systemd/system/dm-agent.service"]
-    assert unit.mode == "-rw-r--r--"
+    # /usr/lib, not the /lib alias of merged-/usr systems (DEP 17)
+    assert entries["/usr/lib/systemd/system/dm-agent.service"].mode == "-rw-r--r--"
+    assert not [p for p in entries if p == "/lib" or p.startswith("/lib/")]
     assert entries["/usr/lib/sysusers.d/dm-agent.conf"].mode == "-rw-r--r--"
     for doc in ("copyright", "changelog.gz", "README.md.gz", "dm-agent.ini"):
         assert entries[f"/usr/share/doc/dm-agent/{doc}"].mode == "-rw-r--r--", doc
@@ -278,7 +278,7 @@ def test_deb_contents_modes_owners(deb: Built, payload: Path) -> None:
     assert files == {f"/usr/lib/dm-agent/{rel}" for rel in payload_md5s(payload)}
     # nothing outside the documented layout
     allowed = re.compile(r"^/(etc/dm-agent\.ini|usr/bin/dm-agent|usr/lib/dm-agent(/.*)?|"
-                         r"(usr/)?lib/systemd/system/dm-agent\.service|"
+                         r"usr/lib/systemd/system/dm-agent\.service|"
                          r"usr/lib/sysusers\.d/dm-agent\.conf|usr/lib/tmpfiles\.d/dm-agent\.conf|"
                          r"usr/share/doc/dm-agent/.*|usr/share/man/man8/dm-agent\.8\.gz|"
                          r"usr/share/lintian/overrides/dm-agent)$")
