@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 
 help: ## list every job
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(BIN)/dm-agent: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,18 +24,35 @@ run: venv ## print one real registration from the local Docker and host (no mast
 deps: ## install the Debian packages the tests use (as root: docker.io, debootstrap, rpm, ...)
 	bash .ci/deps
 
-lint: venv ## ruff over the code, tests and benchmarks
+lint: venv ## ruff over the code, tests and benchmarks; shellcheck over the scripts
 	$(BIN)/ruff check dm_agent tests bench
+	shellcheck .ci/run .ci/deps packaging/*.sh
 
 typecheck: venv ## mypy --strict over the package
 	$(BIN)/mypy
 
-test: venv ## the test suite (needs root: it starts its own dockerd)
+test: venv ## the test suite (root: it starts dockerd, boots systemd roots; needs `make frozen`)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-check: deps lint typecheck test ## everything CI runs: deps, lint, types, the whole suite
+check: deps lint typecheck frozen test ## everything CI runs: deps, lint, types, the frozen program, the whole suite
+
+frozen: ## the frozen program in build/frozen/dm-agent/ and the tarball in dist/ (root; Debian 11 build root cached in /var/cache)
+	packaging/freeze.sh
+
+smoke-frozen: frozen ## run the frozen program in a bare Debian 11 root without Python
+	packaging/smoke-frozen.sh
+
+packages: frozen ## dist/: the .deb, the .rpm and the tarball
+	packaging/build-deb.sh
+	packaging/build-rpm.sh
+
+repo: packages ## signed apt and yum repositories in dist/repo/ (throwaway key unless DM_REPO_KEY)
+	packaging/build-repo.sh
+
+bench: venv frozen ## benchmarks of the frozen program with their targets (root: private dockerd)
+	$(BIN)/python bench/bench_agent.py $(BENCH_ARGS)
 
 clean: ## remove build outputs and caches (not the cached build roots in /var/cache)
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
-.PHONY: help venv run deps lint typecheck test check clean
+.PHONY: help venv run deps lint typecheck test check clean frozen smoke-frozen packages repo bench

@@ -149,7 +149,11 @@ def route_address(master: str | None) -> str | None:
 
 def first_host_ip() -> str | None:
     """First IPv4 address of a real interface (not lo, veth*, docker*, br-*)."""
-    for name, addrs in sorted(psutil.net_if_addrs().items()):
+    try:
+        interfaces = psutil.net_if_addrs()
+    except OSError:  # e.g. AF_NETLINK refused by a sandbox: the address stays a gap
+        return None
+    for name, addrs in sorted(interfaces.items()):
         if is_excluded(name, ("lo", "veth*", "docker*", "br-*")):
             continue
         for addr in addrs:

@@ -111,6 +111,7 @@ class HostCollector:
         self._cpu_prev: tuple[float, float] | None = None
         self._cpu_prev_at = 0.0
         self._cpu_last = 0.0
+        self._cpu_measured = False
 
     # -- CPU: busy share of all CPUs between two samples of /proc/stat
     def _cpu_sample(self) -> tuple[float, float]:
@@ -127,10 +128,12 @@ class HostCollector:
         self._cpu_prev_at = time.monotonic()
 
     def cpu_load(self, min_window: float = 0.25) -> float:
+        """Percent of all CPUs busy since the previous call (the first call measures
+        at least ``min_window`` seconds after priming, never an unprimed 0.0)."""
         if self._cpu_prev is None:
             self.prime()
         wait = self._cpu_prev_at + min_window - time.monotonic()
-        if wait > 0:  # never report a window too short to mean anything
+        if not self._cpu_measured and wait > 0:
             time.sleep(wait)
         busy, total = self._cpu_sample()
         assert self._cpu_prev is not None
@@ -139,6 +142,7 @@ class HostCollector:
             self._cpu_last = round(min(100.0, max(0.0, 100.0 * dbusy / dtotal)), 2)
             self._cpu_prev = (busy, total)
             self._cpu_prev_at = time.monotonic()
+            self._cpu_measured = True
         return float(self._cpu_last)
 
     def memory(self) -> dict[str, int]:
