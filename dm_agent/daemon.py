@@ -32,7 +32,6 @@ def preload() -> None:
     the program's files (and the frozen archive) under a running agent."""
     import encodings.idna  # noqa: F401  (hostnames)
     import http.client  # noqa: F401
-    import logging.handlers  # noqa: F401
     import ssl  # noqa: F401
     import urllib.parse  # noqa: F401
 
@@ -48,6 +47,9 @@ def preload() -> None:
 
     from . import agent, signals  # noqa: F401
     from .collectors import events  # noqa: F401
+
+    if not logs.under_journal(sys.stderr):
+        import logging.handlers  # noqa: F401  (syslog, outside systemd)
 
     try:
         import charset_normalizer  # noqa: F401  (requests' text decoding)

@@ -11,7 +11,6 @@ A broken stream (journald restarted, EPIPE) never raises into the agent.
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 from typing import IO
@@ -63,6 +62,8 @@ def _stream_handler(stream: IO[str]) -> logging.Handler:
 def syslog_handler(address: str = "/dev/log") -> logging.Handler | None:
     if not os.path.exists(address):
         return None
+    import logging.handlers  # only here: it imports pickle, ~0.3 MB the journal never needs
+
     try:
         handler = logging.handlers.SysLogHandler(
             address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)

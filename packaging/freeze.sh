@@ -125,7 +125,7 @@ done
 SITE=$ROOT$PREFIX/venv/lib/python3.13/site-packages
 # (the wheels whose code is in the program; a wheel without a licence file contributes its
 # METADATA, which names the licence)
-for dist in psutil requests certifi charset_normalizer idna urllib3 docker python_daemon \
+for dist in psutil requests certifi idna urllib3 docker python_daemon \
   lockfile pyinstaller; do
   for d in "$SITE/$dist"-[0-9]*.dist-info; do
     pkg=$(basename "$d" .dist-info)
@@ -150,8 +150,8 @@ Where a package manager exists, prefer the .deb or .rpm: they add the systemd un
 the dm-agent user. See README.md in the source for configuration and operation.
 
 dm-agent is licensed under Apache-2.0. It bundles CPython (PSF licence), OpenSSL
-(Apache-2.0), and the Python packages psutil, requests, certifi, charset-normalizer,
-idna, urllib3, docker, python-daemon and lockfile; their licences are in licenses/.
+(Apache-2.0), and the Python packages psutil, requests, certifi, idna, urllib3, docker,
+python-daemon and lockfile; their licences are in licenses/.
 The PyInstaller bootloader is GPL-2.0 with an exception that allows this use.
 EOF
 TARBALL=$REPO/dist/$NAME-linux-x86_64.tar.gz

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -96,3 +97,27 @@ def test_any_answer_parses_or_raises_docker_error(info: Any, containers: Any) ->
         assert set(c) == {"id", "name", "image", "labels"}
         assert all(isinstance(c[k], str) for k in ("id", "name", "image"))
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in c["labels"].items())
+
+
+def chunked(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64, 100000])
+def test_decode_array_streams_any_chunking(size: int) -> None:
+    doc = [{"Id": "a", "Names": ["/ü"], "Labels": {"k": "v=w"}}, 12, "s", [1, [2]], None,
+           True, {"x": {"Id": 1}}, 3.5e10, {}]
+    data = json.dumps(doc, ensure_ascii=False).encode()
+    assert dk.decode_array(chunked(data, size), lambda o: o) == doc
+    assert dk.decode_array(chunked(b"  [ ]  ", size), lambda o: o) == []
+    assert dk.decode_array(chunked(b'{"message": "x"}', size), lambda o: o) == {"message": "x"}
+    for bad in (b"[1,", b"[1 2]", b"[1,]", b"[", b"[{", b"", b"nul"):
+        with pytest.raises(ValueError):
+            dk.decode_array(chunked(bad, size), lambda o: o)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=json_values, size=st.integers(1, 50))
+def test_decode_array_equals_json_loads(doc: Any, size: int) -> None:
+    data = json.dumps(doc).encode()
+    assert dk.decode_array(chunked(data, size), lambda o: o) == json.loads(data)
