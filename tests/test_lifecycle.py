@@ -317,7 +317,7 @@ def test_journald(node: Node) -> None:
         assert len(node.messages(priority="err")) == 2  # two outages, two lines in all
 
 
-def outage(node: Node, seconds: float = 3.0) -> str:
+def outage(node: Node, seconds: float = 2.0) -> str:
     """Refuse the master's port for *seconds* (several failed attempts at timeout = 1);
     one ERROR line, then one INFO line when it answers again. Returns the ERROR line."""
     mark = node.cursor()
