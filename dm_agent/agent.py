@@ -364,16 +364,19 @@ class Agent:
     def _round(self, signals: Signals) -> bool | None:
         """Run one registration in a worker thread; None when a stop came first."""
         result: list[bool] = []
+        done = threading.Event()
 
         def work() -> None:
             try:
                 result.append(self.register())
             finally:
+                done.set()  # before the wake-up: the loop below must see it when it wakes
                 self.waker.wake()
 
-        worker = threading.Thread(target=work, name="round", daemon=True)
-        worker.start()
-        while worker.is_alive():
+        threading.Thread(target=work, name="round", daemon=True).start()
+        while not done.is_set():
+            # Wakes for the round's end or any signal; a kick that arrives meanwhile
+            # is in _kick_at and a signal in the pending list, so draining loses nothing.
             self.waker.wait(0.5)
             if signals.stop_requested():  # other signals wait until the round is over
                 self._on_signals(signals)

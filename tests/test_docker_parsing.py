@@ -33,6 +33,8 @@ def test_daemon_labels_split_at_first_equals() -> None:
         ([], "4970ae0123ab"),
         (None, "4970ae0123ab"),
         ([None, 3], "4970ae0123ab"),
+        (["//odd"], "odd"),
+        (["/"], "4970ae0123ab"),
     ],
 )
 def test_container_name(names: Any, expected: str) -> None:

@@ -92,11 +92,11 @@ def container_name(names: Any, node: str, fallback: str) -> str:
     if not texts:
         return fallback
     primary = next((n for n in texts if "/" not in n[1:]), texts[0])
-    name = primary[1:] if primary.startswith("/") else primary
+    name = primary.lstrip("/")
     prefix = node + "/"
     if node and name.startswith(prefix) and len(name) > len(prefix):
-        name = name[len(prefix):]
-    return name
+        name = name[len(prefix):].lstrip("/")
+    return name or fallback
 
 
 def parse_containers(raw: Any, node: str) -> list[dict[str, Any]]:
@@ -176,16 +176,16 @@ def container_entry(item: Mapping[str, Any], node: str,
     image = _text(item.get("Image"))
     if shared is not None:
         image = shared.setdefault(image, image)
-    return _Entry(id=cid, name=container_name(item.get("Names"), node, cid[:12]),
-                  image=image, labels=container_labels(item.get("Labels"), shared))
+    name = container_name(item.get("Names"), node, cid[:12].lstrip("/"))
+    return _Entry(id=cid, name=name, image=image,
+                  labels=container_labels(item.get("Labels"), shared))
 
 
-def list_containers(client: Any, node: str) -> Any:
-    """``GET /containers/json?all=1``, each container turned into its payload entry as
-    it is decoded, so Docker's network, mount and config details (most of the ~650
-    bytes a container) are freed at once instead of living until the whole list is
-    read: a third of the memory at 3,000 containers. Raises on HTTP errors."""
-
+def decode_containers(chunks: Iterable[bytes], node: str) -> Any:
+    """The body of /containers/json, each container turned into its payload entry as it
+    is decoded, so Docker's network, mount and config details (most of the ~650 bytes a
+    container) are freed at once instead of living until the whole list is read: a third
+    of the memory at 3,000 containers. Raises ValueError on malformed JSON."""
     shared: dict[str, str] = {}
 
     def hook(obj: dict[str, Any]) -> Any:
@@ -194,11 +194,16 @@ def list_containers(client: Any, node: str) -> Any:
             return container_entry(obj, node, shared)
         return obj
 
+    return decode_array(chunks, hook)
+
+
+def list_containers(client: Any, node: str) -> Any:
+    """``GET /containers/json?all=1``, decoded lean. Raises on HTTP errors."""
     # The SDK's containers() makes the same request but decodes every field.
     response = client._get(client._url("/containers/json"), params={"all": 1}, stream=True)
     try:
         client._raise_for_status(response)
-        return decode_array(response.iter_content(CHUNK), hook)
+        return decode_containers(response.iter_content(CHUNK), node)
     finally:
         response.close()
 
