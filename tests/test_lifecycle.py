@@ -209,7 +209,8 @@ def install_rpm(node: Node, pkgs: lifecycle.Packages) -> None:
     run_scriptlet(node, "pre", scripts["PREIN"][1])
     # --nodeps: the root's dpkg database is not an rpm one; --noscripts: they run inside
     host([*rpm_root, "-i", "--nodeps", "--noscripts", str(pkgs.rpm)])
-    run_scriptlet(node, "post", scripts["POSTIN"][1])
+    said = run_scriptlet(node, "post", scripts["POSTIN"][1])
+    assert "dm-agent: set 'master' in /etc/dm-agent.ini" in said, said
     node.run(["systemctl", "daemon-reload"])
     assert host([*rpm_root, "-q", "dm-agent"]).strip() == f"dm-agent-{pkgs.version}-1.x86_64"
     # the payload, the unit and everything else as the package lists them
@@ -217,11 +218,13 @@ def install_rpm(node: Node, pkgs: lifecycle.Packages) -> None:
     node.notes["rpm_scriptlets_run_in_root"] = ["%pre", "%post"]
 
 
-def run_scriptlet(node: Node, what: str, body: str) -> None:
+def run_scriptlet(node: Node, what: str, body: str) -> str:
+    """Run a scriptlet as rpm does on a first install (``/bin/sh FILE 1``); its output."""
     path = f"/tmp/rpm-{what}.sh"
     node.box.write(path, body, mode=0o700)
-    node.run(["/bin/sh", path, "1"])
+    done = node.run(["/bin/sh", path, "1"])
     node.run(["rm", "-f", path])
+    return done.stdout + done.stderr
 
 
 def host(cmd: list[str], *, check: bool = True) -> str:
