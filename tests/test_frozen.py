@@ -1,0 +1,93 @@
+"""The frozen program (make frozen) where there is no Python: a bare Debian 11 root.
+
+packaging/smoke-frozen.sh proves --version, --check-config, --once --dry-run, https with
+a private CA, psutil and --daemon there; this test adds a real registration: the frozen
+program in that root reaches the tests' real dockerd through its socket bound in, and
+the real master on the loopback it shares with the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.master import Master
+
+pytestmark = pytest.mark.packages
+ROOT = Path(__file__).resolve().parent.parent
+FROZEN = ROOT / "build" / "frozen" / "dm-agent"
+BARE = Path(os.environ.get("DM_BAREROOT", "/var/cache/dm-agent/bareroot-bullseye"))
+SECRET = "frozen-secret-4Qz"
+
+
+def require_frozen() -> None:
+    if not (FROZEN / "dm-agent").exists():
+        pytest.fail(f"{FROZEN}/dm-agent is not built: run `make frozen` first")
+
+
+@pytest.fixture(scope="module")
+def bare_root() -> Path:
+    require_frozen()
+    proc = subprocess.run([str(ROOT / "packaging" / "smoke-frozen.sh")], capture_output=True,
+                          text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (BARE / "etc" / "debian_version").read_text().startswith("11.")
+    return BARE
+
+
+def in_bare(root: Path, socket: str, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run in a private mount namespace: the onedir, /proc and the Docker socket are
+    bound into the cached root only for this process, and vanish with it."""
+    for path in ("opt/dm-agent", "run/docker.sock"):
+        target = root / path
+        if path.endswith(".sock"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+    script = " && ".join([
+        "mount --make-rprivate /",
+        f"mount --bind {shlex.quote(str(FROZEN))} {shlex.quote(str(root / 'opt/dm-agent'))}",
+        f"mount -t proc proc {shlex.quote(str(root / 'proc'))}",
+        f"mount --bind {shlex.quote(socket)} {shlex.quote(str(root / 'run/docker.sock'))}",
+        "exec chroot " + shlex.quote(str(root)) + " /usr/bin/env -i PATH=/usr/bin:/bin "
+        "HOME=/root " + " ".join(shlex.quote(c) for c in command),
+    ])
+    return subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_no_python_in_the_bare_root(bare_root: Path) -> None:
+    for name in ("python3", "python3.9", "python"):
+        assert not (bare_root / "usr" / "bin" / name).exists()
+
+
+def test_frozen_once_against_real_docker_and_master(bare_root: Path, dockerd: Any,
+                                                    master_factory: Any) -> None:
+    master: Master = master_factory(secret=SECRET)
+    proc = in_bare(bare_root, str(dockerd.socket_path),
+                   ["/opt/dm-agent/dm-agent", "--once", "-d", "unix:///run/docker.sock",
+                    "-m", master.url, "-s", SECRET, "-t", "3"])
+    assert proc.returncode == 0, proc.stderr
+    (req,) = master.requests
+    assert req.valid, req.errors
+    assert req.query == {"ttl": ["6"]} and req.header("X-Auth-Node") == SECRET
+    assert req.json["name"] == dockerd.info()["Name"]
+    truth = dockerd.api("/containers/json", params={"all": 1})
+    assert {c["id"] for c in req.json["containers"]} == {c["Id"] for c in truth}
+    assert req.json["labels"] == dockerd.labels
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_frozen_check_config_and_version_in_the_bare_root(bare_root: Path, dockerd: Any) -> None:
+    from dm_agent import __version__
+
+    proc = in_bare(bare_root, str(dockerd.socket_path), ["/opt/dm-agent/dm-agent", "--version"])
+    assert proc.returncode == 0 and proc.stdout.strip() == f"dm-agent {__version__}"
+    proc = in_bare(bare_root, str(dockerd.socket_path),
+                   ["/opt/dm-agent/dm-agent", "--check-config", "-t", "0"])
+    assert proc.returncode == 78 and "invalid timeout = '0'" in proc.stderr
