@@ -174,3 +174,20 @@ def test_outage_is_one_error_line_then_recovery_info(tmp_path: Path, mode: str) 
         if mode == "hang":
             assert "did not answer within" in master_errors[0]
         assert "Traceback" not in err
+
+
+def test_https_master_with_configured_ca_and_not_without(tmp_path: Path) -> None:
+    with Master(tls=True, prefix="/api") as master:
+        assert master.url.startswith("https://") and master.ca_file
+        ok = run(["--once", "-d", NO_DOCKER, "-m", master.url], tmp_path,
+                 {"DM_AGENT_MASTER_CA": str(master.ca_file)})
+        assert ok.returncode == 0, ok.stderr
+        # the system CA store does not know the throwaway CA, and neither may
+        # REQUESTS_CA_BUNDLE pointing elsewhere change what is trusted
+        bad = run(["--once", "-d", NO_DOCKER, "-m", master.url], tmp_path,
+                  {"REQUESTS_CA_BUNDLE": str(master.ca_file)})
+        assert bad.returncode == 1
+        assert "TLS to https://127.0.0.1" in bad.stderr
+        assert "certificate verify failed" in bad.stderr
+        assert len(master.requests) == 1
+        master.assert_valid()
