@@ -26,7 +26,7 @@ deps: ## install the Debian packages the tests use (as root: docker.io, debootst
 
 lint: venv ## ruff over the code, tests and benchmarks; shellcheck over the scripts
 	$(BIN)/ruff check dm_agent tests bench
-	shellcheck .ci/run .ci/deps packaging/*.sh
+	shellcheck -x .ci/run .ci/deps packaging/*.sh
 
 typecheck: venv ## mypy --strict over the package
 	$(BIN)/mypy

@@ -44,6 +44,15 @@ RPM=$DIST/dm-agent-$VERSION-1.x86_64.rpm
 [[ -f $RPM ]] || die "no $RPM: run packaging/build-rpm.sh (or make packages)"
 
 # --- the signing key -------------------------------------------------------------------
+rpmdb=""
+throwaway_home=""
+cleanup() {
+  if [[ -n $rpmdb ]]; then rm -rf "$rpmdb"; fi
+  # gpg starts an agent for the throwaway home: stop it with the script (never an
+  # operator's agent, which DM_REPO_GNUPGHOME leaves running).
+  if [[ -n $throwaway_home ]]; then gpgconf --homedir "$throwaway_home" --kill gpg-agent || true; fi
+}
+trap cleanup EXIT
 if [[ -n ${DM_REPO_KEY:-} ]]; then
   export GNUPGHOME=${DM_REPO_GNUPGHOME:?DM_REPO_KEY needs DM_REPO_GNUPGHOME}
   KEY=$DM_REPO_KEY
@@ -51,6 +60,7 @@ if [[ -n ${DM_REPO_KEY:-} ]]; then
   log "signing with $KEY from $GNUPGHOME"
 else
   export GNUPGHOME=$REPO/build/repo-gnupg
+  throwaway_home=$GNUPGHOME
   # Made once and reused; made again when it is gone or expired (it lives a year).
   fpr=$(cat "$GNUPGHOME/throwaway.fpr" 2>/dev/null || true)
   if [[ -z $fpr ]] || ! gpg --batch --with-colons --list-secret-keys "$fpr" 2>/dev/null |
@@ -107,7 +117,6 @@ gpg --batch --verify "$OUT/yum/repodata/repomd.xml.asc" "$OUT/yum/repodata/repom
   die "repomd.xml.asc does not verify"
 cp "$OUT/dm-agent-archive-keyring.asc" "$OUT/yum/RPM-GPG-KEY-dm-agent"
 rpmdb=$(mktemp -d)
-trap 'rm -rf "$rpmdb"' EXIT
 rpm --dbpath "$rpmdb" --import "$OUT/dm-agent-archive-keyring.asc"
 rpm --dbpath "$rpmdb" -K "$OUT/yum/x86_64/$(basename "$RPM")" | grep -q 'signatures OK' ||
   die "the signed .rpm does not verify with the exported key"

@@ -350,9 +350,29 @@ class BootedRoot:
             argv.append(f"--unit={unit}")
         if priority is not None:
             argv.append(f"--priority={priority}")
-        if after is not None:
+        if after is not None and unit is None and priority is None:
             argv.append(f"--after-cursor={after}")
+        elif after is not None:
+            # journalctl 247 and 252 (Debian 11, 12) drop the first matching entry after
+            # --after-cursor when the cursor's own entry does not match the filter: start
+            # at the first matching entry after it instead (--cursor includes it).
+            first = self._first_after(after, argv[4:])
+            if first is None:
+                return ""
+            argv.append(f"--cursor={first}")
         return self.run(argv).stdout
+
+    def _first_after(self, cursor: str, matches: list[str]) -> str | None:
+        boot, seq = _cursor_seq(cursor)
+        out = self.run(["journalctl", "--no-pager", "--quiet", "--output=json",
+                        *matches]).stdout
+        for line in out.splitlines():
+            if line.startswith("{"):
+                found = str(json.loads(line)["__CURSOR"])
+                found_boot, found_seq = _cursor_seq(found)
+                if found_boot != boot or found_seq > seq:
+                    return found
+        return None
 
     def cursor(self) -> str | None:
         """The journal's position now, for ``journal(after=...)``; None while it is empty."""
@@ -472,3 +492,9 @@ def _remove_cgroup(path: Path) -> None:
             for sub in [*dirs, path]:
                 sub.rmdir()
         time.sleep(0.1)
+
+
+def _cursor_seq(cursor: str) -> tuple[str, int]:
+    """(seqnum id, seqnum) of a journal cursor, to order entries of one journal."""
+    fields = dict(part.split("=", 1) for part in cursor.split(";") if "=" in part)
+    return fields["s"], int(fields["i"], 16)
