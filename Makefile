@@ -34,7 +34,7 @@ typecheck: venv ## mypy --strict over the package
 test: venv ## the test suite (root: it starts dockerd, boots systemd roots; needs `make frozen`)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-check: deps lint typecheck frozen test ## everything CI runs: deps, lint, types, the frozen program, the whole suite
+check: deps lint typecheck repo test ## everything CI runs: deps, lint, types, frozen program, packages, repo, the whole suite
 
 frozen: ## the frozen program in build/frozen/dm-agent/ and the tarball in dist/ (root; Debian 11 build root cached in /var/cache)
 	packaging/freeze.sh
