@@ -182,7 +182,6 @@ class Agent:
         self.events: EventWatcher | None = None
         self._stopping = False
         self.waker = Waker()
-        self.rounds = 0
         self.host = HostCollector(settings.net_exclude, timeouts(settings.timeout)["disk"])
         self.docker: DockerCollector
         self.reporter: Reporter | None = None
@@ -278,7 +277,6 @@ class Agent:
 
     def register(self) -> bool:
         """One registration; True when the master accepted it (or it was printed)."""
-        self.rounds += 1
         try:
             body = self.build_body()
         except Exception as exc:  # never crash on what a source answered

@@ -94,9 +94,6 @@ class LockedPidfile:
         os.close(self._fd)
         self._fd = None
 
-    def fileno(self) -> int | None:
-        return self._fd
-
     def __enter__(self) -> LockedPidfile:
         self.acquire()
         return self

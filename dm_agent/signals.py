@@ -41,9 +41,6 @@ class Waker:
             pass
         return True
 
-    def fds(self) -> list[int]:
-        return [self.rfd, self.wfd]
-
     def close(self) -> None:
         for fd in (self.rfd, self.wfd):
             try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import json
 import re
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -329,10 +328,3 @@ def _reason(exc: BaseException) -> str:
             return marker
     text = " ".join(text.split())
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def endpoint_path(endpoint: str) -> str | None:
-    """The socket path of a unix endpoint."""
-    if endpoint.startswith("unix://"):
-        return urllib.parse.unquote(endpoint[len("unix://"):])
-    return None
