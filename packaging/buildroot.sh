@@ -86,39 +86,9 @@ for tool in debootstrap chroot mount umount flock sha256sum curl python3; do
 done
 python3 -m pip --version >/dev/null 2>&1 || die "missing host tool: pip (apt-get install python3-pip)"
 
-# --- mounts -------------------------------------------------------------------------
-# Every mount made here is undone on exit, failure or interrupt. A directory is never
-# deleted while anything is mounted below it (rm -rf through a bind mount of /dev would
-# empty the host's /dev).
-MOUNTS=()
-umount_all() {
-  local i
-  for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
-    umount "${MOUNTS[i]}" 2>/dev/null || umount -l "${MOUNTS[i]}" || true
-  done
-  MOUNTS=()
-}
-mounts_below() { # prints mount points at or below $1, deepest first
-  local dir
-  dir=$(readlink -f "$1")
-  awk -v d="$dir" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo | sort -r
-}
-safe_rm_tree() {
-  local dir=$1 mp
-  [[ -e $dir ]] || return 0
-  while read -r mp; do
-    [[ -n $mp ]] || continue
-    log "unmounting stale $mp"
-    umount "$mp" 2>/dev/null || umount -l "$mp"
-  done < <(mounts_below "$dir")
-  [[ -z $(mounts_below "$dir") ]] || die "still mounted below $dir, not deleting it"
-  rm -rf --one-file-system "$dir"
-}
-mount_root() {
-  local r=$1
-  mount -t proc proc "$r/proc" && MOUNTS+=("$r/proc")
-  mount --bind /dev "$r/dev" && MOUNTS+=("$r/dev")
-}
+# --- mounts (packaging/mounts.sh: undone on exit, failure or interrupt) ----------------
+# shellcheck source=packaging/mounts.sh
+. "$HERE/mounts.sh"
 # Runs a bash script (stdin) inside root $1 with a clean environment; extra NAME=value
 # arguments are exported to it.
 in_root() {
@@ -143,6 +113,7 @@ fi
 log "building $ROOT (key ${KEY:0:12}; cached key: $(cat "$ROOT/.dm-buildroot-key" 2>/dev/null || echo none))"
 
 NEW=$ROOT.new
+umount_stale "$NEW"
 safe_rm_tree "$NEW"
 
 # --- sources and wheels (host side) ---------------------------------------------------
@@ -184,7 +155,7 @@ python3 -m pip download --quiet --disable-pip-version-check --no-deps --require-
   -r "$LOCK" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 step "wheelhouse downloaded ($(find "$NEW$PREFIX/wheelhouse" -name '*.whl' | wc -l) wheels)"
 
-mount_root "$NEW"
+mount_api "$NEW"
 in_root "$NEW" PKGS="${ROOT_PACKAGES[*]}" <<'EOF'
 apt-get update -qq
 # shellcheck disable=SC2086
@@ -262,6 +233,7 @@ step "venv with the locked dependencies ready"
 
 umount_all
 echo "$KEY" >"$NEW/.dm-buildroot-key"
+umount_stale "$ROOT"
 safe_rm_tree "$ROOT"
 mv "$NEW" "$ROOT"
 log "build root ready: $ROOT ($(du -sh "$ROOT" | cut -f1)) in $(($(date +%s) - T0))s"

@@ -43,27 +43,8 @@ export SOURCE_DATE_EPOCH
 "$HERE/buildroot.sh"
 
 # --- mounts (undone on any exit; nothing is deleted while mounted) ---------------------
-MOUNTS=()
-umount_all() {
-  local i
-  for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
-    umount "${MOUNTS[i]}" 2>/dev/null || umount -l "${MOUNTS[i]}" || true
-  done
-  MOUNTS=()
-}
-mounts_below() {
-  local dir
-  dir=$(readlink -f "$1")
-  awk -v d="$dir" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo | sort -r
-}
-safe_rm_tree() {
-  local dir=$1
-  [[ -e $dir ]] || return 0
-  [[ -z $(mounts_below "$dir") ]] || die "something is mounted below $dir, not deleting it"
-  rm -rf --one-file-system "$dir"
-}
-exec 9>"$ROOT.lock"
-flock 9 # one user of the root at a time (buildroot.sh takes the same lock)
+# shellcheck source=packaging/mounts.sh
+. "$HERE/mounts.sh"
 trap 'umount_all' EXIT
 trap 'exit 130' INT TERM
 
@@ -74,8 +55,7 @@ mkdir -p "$ROOT/src/packaging" "$ROOT/tmp/dm-freeze"
 tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -cf - dm_agent | tar -C "$ROOT/src" -xf -
 cp "$HERE/dm-agent.spec" "$HERE/smoke_frozen.py" "$ROOT/src/packaging/"
 
-mount -t proc proc "$ROOT/proc" && MOUNTS+=("$ROOT/proc")
-mount --bind /dev "$ROOT/dev" && MOUNTS+=("$ROOT/dev")
+mount_api "$ROOT"
 smoke=0
 [[ $MODE == smoke ]] && smoke=1
 chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin HOME=/root LANG=C.UTF-8 \

@@ -53,34 +53,20 @@ VERSION=$(sed -n 's/^__version__ = "\([^"]*\)"$/\1/p' "$REPO/dm_agent/__init__.p
 SMOKE=$REPO/build/smoke/dm-agent-smoke
 
 # --- cleanup: servers, the daemon, mounts, temp files -- on every exit -------------------
-MOUNTS=()
+# shellcheck source=packaging/mounts.sh
+. "$HERE/mounts.sh"
 PIDS=()
 TMP=$(mktemp -d /tmp/dm-smoke.XXXXXX)
 cleanup() {
-  local i pid
+  local pid
   if [[ -s $BARE/run/dm-smoke/agent.pid ]]; then
     pid=$(cat "$BARE/run/dm-smoke/agent.pid")
     if [[ $pid =~ ^[0-9]+$ ]]; then kill -KILL "$pid" 2>/dev/null || true; fi
   fi
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
-    umount "${MOUNTS[i]}" 2>/dev/null || umount -l "${MOUNTS[i]}" || true
-  done
+  umount_all
   rm -rf "$TMP"
 }
-mounts_below() {
-  local dir
-  dir=$(readlink -f "$1")
-  awk -v d="$dir" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo | sort -r
-}
-safe_rm_tree() {
-  [[ -e $1 ]] || return 0
-  [[ -z $(mounts_below "$1") ]] || die "something is mounted below $1, not deleting it"
-  rm -rf --one-file-system "$1"
-}
-mkdir -p "$(dirname "$BARE")"
-exec 9>"$BARE.lock"
-flock 9
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -103,8 +89,7 @@ in_bare() {
   chroot "$BARE" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
     HOME=/root LANG=C.UTF-8 /bin/sh -eu -c "$@"
 }
-mount -t proc proc "$BARE/proc" && MOUNTS+=("$BARE/proc")
-mount --bind /dev "$BARE/dev" && MOUNTS+=("$BARE/dev")
+mount_api "$BARE"
 
 # 1. nothing to borrow from the system
 # shellcheck disable=SC2016
