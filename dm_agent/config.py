@@ -205,7 +205,6 @@ KEYS: tuple[Key, ...] = (
     Key("jitter", parse_bool, "yes", "start the schedule at a random offset"),
     Key("docker_events", parse_bool, "yes", "register at once when a container changes"),
 )
-KEY_NAMES = tuple(k.name for k in KEYS)
 _BY_NAME = {k.name: k for k in KEYS}
 
 
