@@ -10,6 +10,7 @@ a reconnect itself counts as a change, because the Engine may have been down.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -17,9 +18,41 @@ from typing import Any
 
 log = logging.getLogger("dm_agent.events")
 
+# A stream that reconnects is a change; its backoff starts again at 1 s only after it
+# held this long, so a Docker (or proxy) that accepts and drops it at once is not
+# hammered every second.
+STABLE_AFTER = 30.0
+# Over TCP a peer that vanished silently (a NAT or firewall idle timeout) would leave
+# the stream "connected" with no event ever again: TCP keepalive probes an idle stream
+# after 30 s, every 10 s, and gives up after 3 unanswered probes, ~1 min in all.
+KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3))
+# How long stop() waits for the thread (a stop must take under 2 s). A thread still
+# connecting then finds itself stopped when its attempt returns, and leaves.
+JOIN_TIMEOUT = 1.5
+
 # What changes the container list the master sees (or a container's state in it).
 ACTIONS = frozenset({"create", "start", "die", "destroy", "rename", "update", "pause",
                      "unpause", "stop", "restart", "oom"})
+
+
+def keep_alive(client: Any) -> None:
+    """TCP keepalive on every connection ``client`` (an ``APIClient``) opens from now.
+
+    Its pooled connection (the version negotiation's) was opened without, so the pool
+    is emptied: the event stream gets a new connection with the options. A unix socket
+    needs none: its peer cannot vanish silently."""
+    base = getattr(client, "base_url", "")
+    if not isinstance(base, str) or not base.startswith(("http://", "https://")):
+        return
+    from urllib3.connection import HTTPConnection
+
+    pool = client.get_adapter(base).poolmanager
+    pool.connection_pool_kw["socket_options"] = \
+        [*HTTPConnection.default_socket_options, *KEEPALIVE]
+    pool.clear()
 
 
 def since_param(time_nano: int) -> str:
@@ -54,6 +87,8 @@ class EventWatcher:
         return self.connected and generation == self.generation
 
     def stop(self) -> None:
+        """Stop following, and wait for the thread: after a reload, no stream to the old
+        endpoint may stay connected (nor call ``on_change``)."""
         self._stop.set()
         stream = self._stream
         if stream is not None:
@@ -61,12 +96,25 @@ class EventWatcher:
                 stream.close()  # shuts the socket down: the blocked read returns
             except Exception:
                 pass
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(JOIN_TIMEOUT)
+            if thread.is_alive():  # still connecting (a DNS lookup cannot be cut short)
+                log.warning("Docker event watcher did not stop within %gs; it will "
+                            "disconnect as soon as its connection attempt returns",
+                            JOIN_TIMEOUT)
 
     def _follow(self, since: str) -> None:
         client = self._connect()
         try:
+            if self._stop.is_set():  # stopped while connecting
+                return
+            keep_alive(client)
             self._stream = client.events(since=since, filters={"type": "container"},
                                          decode=True)
+            if self._stop.is_set():  # stop() came before the stream was there to close
+                self._stream.close()
+                return
             self.connects += 1
             self.generation += 1
             self.connected = True
@@ -99,14 +147,14 @@ class EventWatcher:
         delay = 1.0
         while not self._stop.is_set():
             since = since_param(self.last_nano + 1 if self.last_nano else started)
-            before = self.connects
+            before, began = self.connects, time.monotonic()
             try:
                 self._follow(since)
             except Exception as exc:  # any failure: reconnect later, never die
                 log.debug("Docker event stream: %s", exc)
             if self._stop.is_set():
                 return
-            if self.connects > before:
-                delay = 1.0  # it worked for a while: start the backoff again
+            if self.connects > before and time.monotonic() - began >= STABLE_AFTER:
+                delay = 1.0  # it held for a while: start the backoff again
             self._stop.wait(delay)
             delay = min(self.max_backoff, delay * 2)
