@@ -34,7 +34,16 @@ class PidfileLockedError(AgentError):
 
 
 class DockerError(AgentError):
-    """Docker did not answer, or answered something unusable."""
+    """Docker did not answer, or answered something unusable.
+
+    ``kind`` groups failures for log flood control, as ReportError's does:
+    ``connection`` (refused, no socket, no permission, unknown host), ``timeout``,
+    ``tls``, ``api`` (an HTTP error status), ``answer`` (unusable data), ``endpoint``.
+    """
+
+    def __init__(self, message: str, kind: str = "answer") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class ReportError(AgentError):

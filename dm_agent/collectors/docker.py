@@ -142,7 +142,7 @@ def connect(endpoint: str, tls: DockerTLS | None = None, timeout: float | None =
                                   timeout=timeout, tls=tls_config,
                                   user_agent="dm-agent")
     except Exception as exc:
-        raise DockerError(f"bad Docker endpoint {endpoint}: {_reason(exc)}") from None
+        raise DockerError(f"bad Docker endpoint {endpoint}: {_reason(exc)}", "endpoint") from None
     # requests lets REQUESTS_CA_BUNDLE and proxies from the environment override
     # the CA configured here: the node's Docker must be reached as configured.
     client.trust_env = False
@@ -156,7 +156,8 @@ def connect(endpoint: str, tls: DockerTLS | None = None, timeout: float | None =
         raise
     except Exception as exc:
         client.close()
-        raise DockerError(f"cannot reach Docker at {endpoint}: {_reason(exc)}") from None
+        raise DockerError(f"cannot reach Docker at {endpoint}: {_reason(exc)}",
+                          failure_kind(exc)) from None
     # Speak the Engine's version, capped at the newest this SDK knows.
     client._version = api if _vkey(api) <= _vkey(MAX_API) else MAX_API
     return client
@@ -315,8 +316,25 @@ class DockerCollector:
             raise
         except Exception as exc:
             self.close()  # renegotiate next round (the Engine may have been upgraded)
-            raise DockerError(f"Docker at {self.endpoint} failed: {_reason(exc)}") from None
+            raise DockerError(f"Docker at {self.endpoint} failed: {_reason(exc)}",
+                              failure_kind(exc)) from None
         return NodeInfo(name=name, labels=labels, containers=self._containers)
+
+
+def failure_kind(exc: BaseException) -> str:
+    """The flood-control kind of what the SDK raised (see DockerError)."""
+    import requests
+    from docker.errors import APIError
+
+    if isinstance(exc, APIError):
+        return "api"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "tls"
+    if isinstance(exc, (requests.exceptions.Timeout, TimeoutError)) or "timed out" in str(exc):
+        return "timeout"
+    if isinstance(exc, (requests.exceptions.ConnectionError, OSError)):
+        return "connection"
+    return "answer"
 
 
 def _reason(exc: BaseException) -> str:
