@@ -23,6 +23,7 @@ from . import config, logs
 from .config import Settings
 from .errors import EX_FAILURE, EX_OK, AgentError
 from .pidfile import LockedPidfile
+from .reporter import redact
 
 READY_TIMEOUT = 30.0
 
@@ -58,15 +59,31 @@ def preload() -> None:
     "probe".encode("idna")
 
 
-def _report(fd: int, message: str) -> None:
-    try:
-        os.write(fd, message.encode("utf-8", "replace"))
-    except OSError:
-        pass  # the starter went away; nothing to tell
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+class _Starter:
+    """The pipe to the invoking process: told exactly once, then closed.
+
+    After that its descriptor number is free and may be reused (by a socket, the log
+    file): nothing may be written to it again."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @property
+    def waiting(self) -> bool:
+        return self.fd >= 0
+
+    def tell(self, message: str) -> None:
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            return
+        try:
+            os.write(fd, message.encode("utf-8", "replace"))
+        except OSError:
+            pass  # the starter went away; nothing to tell
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _wait_ready(rfd: int) -> tuple[int, str]:
@@ -96,6 +113,7 @@ def run(settings: Settings, warnings: list[str], reload: Callable[[], Settings],
     """Start the daemon; in the invoking process returns the exit code."""
     preload()
     pidpath = config.pidfile_path(settings)
+    starter_pid = os.getpid()  # systemd's WATCHDOG_PID names it
     rfd, wfd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -110,18 +128,23 @@ def run(settings: Settings, warnings: list[str], reload: Callable[[], Settings],
         return code
     os.close(rfd)
     code = EX_FAILURE
+    starter = _Starter(wfd)
     try:
-        code = _daemon(settings, warnings, reload, dry_run, pidpath, wfd)
-    except BaseException as exc:  # the starter is told; nothing may escape a fork
-        if wfd >= 0:
-            _report(wfd, f"ERR {EX_FAILURE} {exc}")
+        code = _daemon(settings, warnings, reload, dry_run, pidpath, starter, starter_pid)
+    except BaseException as exc:  # nothing may escape a fork
+        if starter.waiting:  # still starting: the starter prints it on its terminal
+            starter.tell(f"ERR {EX_FAILURE} {exc}")
+        else:  # running: the daemon's own log (journal, syslog or log_file) says it
+            logs.logger.critical("the daemon stops on an unexpected error: %s",
+                                 redact(f"{type(exc).__name__}: {exc}", settings.secret),
+                                 exc_info=True)
     finally:
         logging.shutdown()
         os._exit(code)
 
 
 def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settings],
-            dry_run: bool, pidpath: str, wfd: int) -> int:
+            dry_run: bool, pidpath: str, starter: _Starter, starter_pid: int) -> int:
     import daemon as pydaemon  # python-daemon
 
     keep_streams = logs.under_journal(sys.stderr)  # the journal's streams stay ours
@@ -131,7 +154,7 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
         working_directory="/",
         umask=0o022,
         pidfile=pidfile,
-        files_preserve=[wfd],
+        files_preserve=[starter.fd],
         stdout=sys.stdout if keep_streams else None,
         stderr=sys.stderr if keep_streams else None,
         signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None,
@@ -140,19 +163,21 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
     try:
         context.open()  # the first child exits in here; the daemon goes on
     except AgentError as exc:  # the pidfile is entered last, in the daemon itself
-        _report(wfd, f"ERR {exc.exit_code} {exc}")
+        starter.tell(f"ERR {exc.exit_code} {exc}")
         return exc.exit_code
     try:
         handler = logs.daemon_handler(settings.log_file)
     except OSError as exc:
         context.close()
-        _report(wfd, f"ERR {EX_FAILURE} cannot open log_file {settings.log_file}: {exc.strerror}")
+        starter.tell(f"ERR {EX_FAILURE} cannot open log_file {settings.log_file}: "
+                     f"{exc.strerror}")
         return EX_FAILURE
     logs.setup(settings.log_level, handler)
     for warning in warnings:
         logs.logger.warning("%s", warning)
 
     from .agent import Agent
+    from .notify import Watchdog
     from .signals import Signals
 
     agent = Agent(settings, dry_run=dry_run, reload_settings=reload)
@@ -163,10 +188,16 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
         logs.logger.info("started as daemon (PID %d, pidfile %s): registering every %ds "
                          "with %s", os.getpid(), pidpath, settings.timeout,
                          settings.master or "(dry run)")
-        _report(wfd, "OK")
+        starter.tell("OK")
 
+    watchdog = Watchdog.from_env({starter_pid, os.getpid()})
     try:
-        return agent.run(signals, on_first=ready)
+        return agent.run(signals, on_first=ready, watchdog=watchdog)
+    except Exception as exc:  # a bug: say it where the operator looks, then exit 1
+        logs.logger.critical("the daemon stops on an unexpected error: %s",
+                             redact(f"{type(exc).__name__}: {exc}", agent.settings.secret),
+                             exc_info=True)
+        return EX_FAILURE
     finally:
         logs.logger.info("stopped")
         context.close()  # leaves the pidfile context: unlocks and removes it
