@@ -27,7 +27,8 @@ from .collectors.events import EventWatcher
 from .collectors.host import HostCollector
 from .config import Settings, is_excluded
 from .errors import ConfigError, DockerError, ReportError
-from .reporter import Reporter
+from .notify import Watchdog
+from .reporter import Reporter, redact
 from .signals import Signals, Waker
 
 log = logging.getLogger("dm_agent")
@@ -46,12 +47,27 @@ def _clamp(value: float, low: float, high: float) -> float:
     return max(low, min(high, value))
 
 
+# The longest a round may take, in seconds, whatever the interval: the unit's
+# WatchdogSec (60 s) is twice that, so only a hung agent misses the watchdog.
+ROUND_MAX = 30.0
+# Rounds abandoned at their deadline whose threads are still blocked (in a DNS lookup
+# or on a peer that dribbles its answer): past this many no new round is started, so
+# threads never pile up on a peer that holds each one for ever.
+MAX_STUCK = 2
+
+
 def timeouts(interval: int) -> dict[str, Any]:
-    """Bounds of every network call and probe of a round, all shorter than the interval."""
+    """Bounds of every network call and probe of a round, all shorter than the interval.
+
+    ``round`` bounds the whole exchange with the master (the body it sends back
+    included); ``abandon`` bounds the whole round as the loop sees it — DNS lookups of
+    the master and of a TCP Docker, which no socket timeout covers, included."""
     return {
         "docker": _clamp(0.8 * interval, 0.5, 10.0),
-        "http": (_clamp(0.4 * interval, 0.5, 5.0), _clamp(0.8 * interval, 0.5, 15.0)),
+        "http": (_clamp(0.4 * interval, 0.4, 5.0), _clamp(0.5 * interval, 0.5, 15.0)),
         "disk": _clamp(0.25 * interval, 0.2, 1.0),
+        "round": _clamp(0.8 * interval, 0.8, ROUND_MAX - 5.0),
+        "abandon": _clamp(0.95 * interval, 0.95, ROUND_MAX),
     }
 
 
@@ -128,14 +144,19 @@ class Outage:
         self.count = 0
 
 
+def master_endpoint(master: str) -> tuple[str | None, int]:
+    """Host and port of the master's URL; without a port, the scheme's (443 for https)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(master)
+    return url.hostname, url.port or (443 if url.scheme == "https" else 80)
+
+
 def route_address(master: str | None) -> str | None:
     """IP of the interface that routes to the master (a UDP connect sends no packet)."""
     if master:
-        from urllib.parse import urlsplit
-
-        url = urlsplit(master)
         try:
-            infos = socket.getaddrinfo(url.hostname, url.port or 80, type=socket.SOCK_DGRAM)
+            infos = socket.getaddrinfo(*master_endpoint(master), type=socket.SOCK_DGRAM)
             family, _, _, _, sockaddr = infos[0]
             with socket.socket(family, socket.SOCK_DGRAM) as sock:
                 sock.connect(sockaddr)
@@ -189,22 +210,32 @@ class Agent:
         self._encoder = payload.Encoder()
         self._listed_generation = -1
         self._listed_at = 0.0
+        #: the thread of the round in progress; a round abandoned at its deadline is
+        #: no longer it, and what it does when it wakes up is neither logged nor kept
+        self._worker: threading.Thread | None = None
+        self._stuck: list[tuple[threading.Thread, str]] = []
+        #: what the round in progress is doing, for the message when its deadline passes
+        self._stage = "starting"
         self._build(settings)
 
     # -- components
     def _build(self, s: Settings) -> None:
-        t = timeouts(s.timeout)
         tls = None
         if s.docker_tls_cert and s.docker_tls_key:
             tls = DockerTLS(s.docker_tls_ca, s.docker_tls_cert, s.docker_tls_key)
-        self.docker = DockerCollector(s.docker, tls, t["docker"])
         self._tls = tls
         self.host.net_exclude = s.net_exclude
-        self.host.disks.deadline = t["disk"]
+        self.host.disks.deadline = timeouts(s.timeout)["disk"]
+        self._clients(s)
+        self._address = None
+
+    def _clients(self, s: Settings) -> None:
+        """Fresh Docker and master clients (also after a round was abandoned with them)."""
+        t = timeouts(s.timeout)
+        self.docker = DockerCollector(s.docker, self._tls, t["docker"])
         self.reporter = None
         if s.master and not self.dry_run:
             self.reporter = Reporter(s.master, s.secret, s.master_ca, t["http"])
-        self._address = None
 
     def start_events(self) -> None:
         """Follow Docker's event stream (``docker_events = yes``) in a daemon thread."""
@@ -230,6 +261,9 @@ class Agent:
             self.reporter.close()
 
     def address(self) -> str:
+        """The address announced. Only a real one is kept for the run: the host-name
+        fallback (no route and no interface address yet, e.g. started before the
+        network was up) is looked for again every round."""
         s = self.settings
         tcp = tcp_address(s.docker)
         if tcp:
@@ -237,10 +271,21 @@ class Agent:
         if s.address:
             return s.address
         if self._address is None:
-            self._address = route_address(s.master) or socket.gethostname()
+            self._address = route_address(s.master)
+            if self._address is None:
+                return socket.gethostname()
         return self._address
 
     # -- one round
+    def _live(self) -> bool:
+        """False in a round abandoned at its deadline: its outcome is no one's business."""
+        current = threading.current_thread()
+        return current is self._worker or current is threading.main_thread()
+
+    def _doing(self, stage: str) -> None:
+        if self._live():
+            self._stage = stage
+
     def _relist(self) -> tuple[bool, int]:
         """Whether this round must re-read the container list, and the event generation
         to remember: only while the event stream has been connected with no change since
@@ -254,51 +299,76 @@ class Agent:
 
     def collect_node(self) -> NodeInfo:
         relist, generation = self._relist()
+        docker = self.docker
+        self._doing(f"reading Docker at {docker.endpoint}")
         try:
-            node = self.docker.collect(relist=relist)
-            if relist:
+            node = docker.collect(relist=relist)
+            if relist and self._live():
                 self._listed_generation, self._listed_at = generation, time.monotonic()
         except DockerError as exc:
             last = self._last_node
             name = last.name if last else socket.gethostname()
-            if not self.docker_outage.active:
-                exc = DockerError(f"{exc}; reporting host figures only, as node {name!r} "
-                                  "with no containers")
-            self.docker_outage.failed("docker", str(exc))
+            if self._live():
+                message = str(exc)
+                if not self.docker_outage.active:
+                    message += (f"; reporting host figures only, as node {name!r} "
+                                "with no containers")
+                self.docker_outage.failed(exc.kind, message)
             return NodeInfo(name=name, labels=dict(last.labels) if last else {}, containers=[])
-        self.docker_outage.recovered()
-        self._last_node = node
+        if self._live():
+            self.docker_outage.recovered()
+            self._last_node = node
         return node
 
     def build_body(self) -> dict[str, Any]:
         node = self.collect_node()
+        self._doing("reading the host's figures")
         system = self.host.collect()
+        self._doing("finding the address to announce")
         return payload.build(node, self.address(), system, self.settings.time_format)
 
-    def register(self) -> bool:
-        """One registration; True when the master accepted it (or it was printed)."""
+    def register(self, deadline: float | None = None) -> bool:
+        """One registration; True when the master accepted it (or it was printed).
+
+        Never raises: whatever a collector, the encoder or the reporter raises is a
+        failed round, logged through the flood control with what was being done.
+        ``deadline`` (monotonic) bounds the master's whole answer."""
         try:
-            body = self.build_body()
-        except Exception as exc:  # never crash on what a source answered
-            log.error("cannot build the registration: %s", exc,
-                      exc_info=log.isEnabledFor(logging.DEBUG))
+            return self._register(deadline)
+        except Exception as exc:
+            if self._live():
+                reason = redact(f"{type(exc).__name__}: {exc}", self.settings.secret)
+                self.master_outage.failed(f"internal:{type(exc).__name__}",
+                                          f"registration failed while {self._stage}: "
+                                          f"{reason}")
+                log.debug("the failure's traceback:", exc_info=True)
             return False
+
+    def _register(self, deadline: float | None) -> bool:
+        self._doing("starting")
+        reporter = self.reporter
+        body = self.build_body()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))
-        if self.dry_run or self.reporter is None:
+        if self.dry_run or reporter is None:
             try:
                 self.out.write(json.dumps(body, ensure_ascii=False, indent=2) + "\n")
                 self.out.flush()
             except (BrokenPipeError, ValueError, OSError):
                 pass
             return True
+        self._doing("encoding the registration")
+        data = self._encoder.encode(body)
+        self._doing(f"sending the registration to {reporter.master}")
         try:
-            self.reporter.send(body["name"], self.settings.ttl, self._encoder.encode(body))
+            reporter.send(body["name"], self.settings.ttl, data, deadline=deadline)
         except ReportError as exc:
-            self.master_outage.failed(exc.kind, str(exc))
+            if self._live():
+                self.master_outage.failed(exc.kind, str(exc))
             return False
-        self.master_outage.recovered()
-        log.debug("registered %s with ttl=%d", body["name"], self.settings.ttl)
+        if self._live():
+            self.master_outage.recovered()
+            log.debug("registered %s with ttl=%d", body["name"], self.settings.ttl)
         return True
 
     # -- the loop
@@ -360,29 +430,64 @@ class Agent:
         return reloaded
 
     def _round(self, signals: Signals) -> bool | None:
-        """Run one registration in a worker thread; None when a stop came first."""
+        """Run one registration in a worker thread; None when a stop came first.
+
+        The round has a wall-clock deadline under the interval: past it, it is a failed
+        round (retried with backoff, logged through the flood control), its thread is
+        left to its blocked call with fresh clients taking over, and the loop goes on."""
+        self._stuck = [(t, what) for t, what in self._stuck if t.is_alive()]
+        if len(self._stuck) >= MAX_STUCK:
+            self.master_outage.failed("stuck", f"registration not attempted: {MAX_STUCK} "
+                                      "earlier rounds are still blocked, "
+                                      + "; ".join(what for _, what in self._stuck))
+            return False
+        limits = timeouts(self.settings.timeout)
+        started = time.monotonic()
+        give_up = started + limits["abandon"]
         result: list[bool] = []
         done = threading.Event()
 
         def work() -> None:
             try:
-                result.append(self.register())
+                result.append(self.register(deadline=started + limits["round"]))
             finally:
                 done.set()  # before the wake-up: the loop below must see it when it wakes
                 self.waker.wake()
 
-        threading.Thread(target=work, name="round", daemon=True).start()
+        worker = threading.Thread(target=work, name="round", daemon=True)
+        self._worker = worker
+        worker.start()
         while not done.is_set():
+            now = time.monotonic()
+            if now >= give_up:
+                what = f"{self._stage} (since {fmt_duration(now - started)})"
+                self._worker = None
+                self._stuck.append((worker, what))
+                self.master_outage.failed("deadline", f"registration abandoned: not done "
+                                          f"within {limits['abandon']:g}s, while {self._stage}")
+                self.close_clients()
+                self._clients(self.settings)
+                return False
             # Wakes for the round's end or any signal; a kick that arrives meanwhile
             # is in _kick_at and a signal in the pending list, so draining loses nothing.
-            self.waker.wait(0.5)
+            self.waker.wait(min(0.5, give_up - now))
             if signals.stop_requested():  # other signals wait until the round is over
                 self._on_signals(signals)
                 return None
+        self._worker = None
         return bool(result and result[0])
 
-    def run(self, signals: Signals, on_first: Callable[[], None] | None = None) -> int:
-        """The foreground/daemon loop; returns the exit code (0 on a requested stop)."""
+    def close_clients(self) -> None:
+        self.docker.close()
+        if self.reporter is not None:
+            self.reporter.close()
+
+    def run(self, signals: Signals, on_first: Callable[[], None] | None = None,
+            watchdog: Watchdog | None = None) -> int:
+        """The foreground/daemon loop; returns the exit code (0 on a requested stop).
+
+        With systemd's ``watchdog``, each completed iteration pings it, and no wait is
+        longer than its period: a loop that stops iterating is restarted by systemd."""
         interval = float(self.settings.timeout)
         self.host.prime()
         now = time.monotonic()
@@ -395,10 +500,14 @@ class Agent:
         if on_first is not None:
             on_first()
         while not self._stopping:
+            if watchdog is not None:
+                watchdog.ping()
             if self._on_signals(signals):
                 interval = float(self.settings.timeout)
                 now = time.monotonic()
-                due = now + interval
+                # A fleet-wide configuration push must not make every node report in
+                # the same second: the grid restarts at a new random offset.
+                due = first_tick(now, interval, self.settings.jitter)
                 failures, retry_at = 0, None
                 self.kick()
             if self._stopping:
@@ -422,6 +531,8 @@ class Agent:
             wake = retry_at if retry_at is not None else due
             if self._kick_at is not None:
                 wake = min(wake, self._kick_at)
+            if watchdog is not None:
+                wake = min(wake, now + watchdog.period)
             self.waker.wait(wake - now)
         self.close()
         return 0

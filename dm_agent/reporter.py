@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import urllib.parse
 
 import requests
@@ -16,6 +17,8 @@ from . import __version__
 from .errors import ReportError
 
 MAX_BODY_IN_LOG = 200
+# Of an answer, no more than this is read (an error page is summarised to its title).
+MAX_ANSWER = 64 * 1024
 
 # Where distributions keep the system CA store (the list Go's crypto/x509 reads, too).
 SYSTEM_CA_FILES = (
@@ -94,15 +97,19 @@ class Reporter:
     def close(self) -> None:
         self.session.close()
 
-    def send(self, name: str, ttl: int, body: bytes) -> None:
-        """POST one registration; returns on 200, raises ReportError otherwise."""
+    def send(self, name: str, ttl: int, body: bytes, deadline: float | None = None) -> None:
+        """POST one registration; returns on 200, raises ReportError otherwise.
+
+        requests' timeouts bound each socket operation, not the exchange: a master
+        that sends its answer a byte at a time would hold the round for ever. The
+        answer is therefore read as a stream and given up at ``deadline`` (monotonic)."""
         url = node_url(self.master, name, ttl)
         try:
             resp = self.session.post(url, data=body, headers=self.headers(),
                                      timeout=self.timeout, verify=self.verify,
-                                     allow_redirects=False)
+                                     allow_redirects=False, stream=True)
         except requests.exceptions.SSLError as exc:
-            raise ReportError("tls", f"TLS to {self.master} failed: {_short(exc)}") from None
+            raise ReportError("tls", f"TLS to {self.master} failed: {self._short(exc)}") from None
         except requests.exceptions.ConnectTimeout:
             raise ReportError("timeout", f"connecting to {self.master} timed out "
                               f"after {self.timeout[0]:g}s") from None
@@ -110,16 +117,18 @@ class Reporter:
             raise ReportError("timeout", f"{self.master} did not answer within "
                               f"{self.timeout[1]:g}s") from None
         except requests.exceptions.ConnectionError as exc:
-            raise ReportError("connection", f"cannot reach {self.master}: {_short(exc)}") from None
+            raise ReportError("connection", f"cannot reach {self.master}: "
+                              f"{self._short(exc)}") from None
         except requests.exceptions.RequestException as exc:
             raise ReportError("connection",
-                              f"request to {self.master} failed: {_short(exc)}") from None
+                              f"request to {self.master} failed: {self._short(exc)}") from None
         try:
-            if resp.status_code == 200:
-                return
-            detail = summarise_body(resp.text, resp.headers.get("Content-Type", ""))
+            text = self._read(resp, deadline)
         finally:
-            resp.close()
+            resp.close()  # an answer not read to its end closes the connection
+        if resp.status_code == 200:
+            return
+        detail = summarise_body(text, resp.headers.get("Content-Type", ""))
         if resp.status_code == 401:
             raise ReportError(
                 "unauthorized",
@@ -131,6 +140,48 @@ class Reporter:
             )
         raise ReportError("http", f"master {self.master} answered HTTP {resp.status_code}"
                           + (f": {detail}" if detail else ""), status=resp.status_code)
+
+
+    def _read(self, resp: requests.Response, deadline: float | None) -> str:
+        """The answer's text (at most MAX_ANSWER bytes), read before ``deadline``."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in resp.iter_content(1024):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ReportError("timeout", f"{self.master} sends its answer too "
+                                      f"slowly: HTTP {resp.status_code} and {size} bytes "
+                                      "when the round's deadline passed")
+                chunks.append(chunk)
+                size += len(chunk)
+                if size >= MAX_ANSWER:
+                    break
+        except requests.exceptions.RequestException as exc:
+            if resp.status_code == 200:
+                return ""  # accepted; how the rest of the answer went does not matter
+            raise ReportError("connection", f"{self.master} answered HTTP "
+                              f"{resp.status_code}, then: {self._short(exc)}") from None
+        data = b"".join(chunks)
+        try:
+            return data.decode(resp.encoding or "utf-8", "replace")
+        except LookupError:  # a charset Python does not know
+            return data.decode("utf-8", "replace")
+
+    def _short(self, exc: BaseException) -> str:
+        return redact(_short(exc), self._secret)
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` without the secret, in whatever spelling an exception may quote it."""
+    if not secret:
+        return text
+    spellings = {secret, repr(secret)[1:-1], ascii(secret)[1:-1],
+                 secret.encode("unicode_escape").decode("ascii"),
+                 urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
+    for spelling in sorted(spellings, key=len, reverse=True):
+        if spelling:
+            text = text.replace(spelling, "********")
+    return text
 
 
 def _short(exc: BaseException) -> str:
