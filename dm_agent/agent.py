@@ -463,7 +463,7 @@ class Agent:
                 what = f"{self._stage} (since {fmt_duration(now - started)})"
                 self._worker = None
                 self._stuck.append((worker, what))
-                self.master_outage.failed("deadline", f"registration abandoned: not done "
+                self.master_outage.failed("timeout", f"registration abandoned: not done "
                                           f"within {limits['abandon']:g}s, while {self._stage}")
                 self.close_clients()
                 self._clients(self.settings)
@@ -480,6 +480,7 @@ class Agent:
     def close_clients(self) -> None:
         self.docker.close()
         if self.reporter is not None:
+            self.reporter.abort()
             self.reporter.close()
 
     def run(self, signals: Signals, on_first: Callable[[], None] | None = None,

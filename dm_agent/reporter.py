@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 import urllib.parse
 
 import requests
+import urllib3
 
 from . import __version__
 from .errors import ReportError
@@ -87,6 +89,7 @@ class Reporter:
         # over an explicit CA) may change where and how the master is reached.
         self.session.trust_env = False
         self.user_agent = f"dm-agent/{__version__}"
+        self._reading: requests.Response | None = None
 
     def headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "User-Agent": self.user_agent}
@@ -96,6 +99,17 @@ class Reporter:
 
     def close(self) -> None:
         self.session.close()
+
+    def abort(self) -> None:
+        """From another thread: cut the answer being read, if any, so a round abandoned
+        at its deadline does not stay connected to a master that dribbles."""
+        resp = self._reading
+        sock = getattr(getattr(resp.raw, "connection", None), "sock", None) if resp else None
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+            except OSError:
+                pass
 
     def send(self, name: str, ttl: int, body: bytes, deadline: float | None = None) -> None:
         """POST one registration; returns on 200, raises ReportError otherwise.
@@ -109,7 +123,7 @@ class Reporter:
                                      timeout=self.timeout, verify=self.verify,
                                      allow_redirects=False, stream=True)
         except requests.exceptions.SSLError as exc:
-            raise ReportError("tls", f"TLS to {self.master} failed: {self._short(exc)}") from None
+            raise ReportError("tls", f"TLS to {self.master} failed: {self.redacted(exc)}") from None
         except requests.exceptions.ConnectTimeout:
             raise ReportError("timeout", f"connecting to {self.master} timed out "
                               f"after {self.timeout[0]:g}s") from None
@@ -118,13 +132,15 @@ class Reporter:
                               f"{self.timeout[1]:g}s") from None
         except requests.exceptions.ConnectionError as exc:
             raise ReportError("connection", f"cannot reach {self.master}: "
-                              f"{self._short(exc)}") from None
+                              f"{self.redacted(exc)}") from None
         except requests.exceptions.RequestException as exc:
             raise ReportError("connection",
-                              f"request to {self.master} failed: {self._short(exc)}") from None
+                              f"request to {self.master} failed: {self.redacted(exc)}") from None
+        self._reading = resp
         try:
             text = self._read(resp, deadline)
         finally:
+            self._reading = None
             resp.close()  # an answer not read to its end closes the connection
         if resp.status_code == 200:
             return
@@ -146,28 +162,33 @@ class Reporter:
         """The answer's text (at most MAX_ANSWER bytes), read before ``deadline``."""
         chunks: list[bytes] = []
         size = 0
+        raw = resp.raw
+        # read1: what the socket has (urllib3 2); read(n) would wait for all n bytes.
+        read1 = getattr(raw, "read1", None)
         try:
-            for chunk in resp.iter_content(1024):
+            while size < MAX_ANSWER:
                 if deadline is not None and time.monotonic() > deadline:
                     raise ReportError("timeout", f"{self.master} sends its answer too "
                                       f"slowly: HTTP {resp.status_code} and {size} bytes "
                                       "when the round's deadline passed")
+                chunk = read1(1024, decode_content=True) if read1 else \
+                    raw.read(1, decode_content=True)
+                if not chunk:
+                    break
                 chunks.append(chunk)
                 size += len(chunk)
-                if size >= MAX_ANSWER:
-                    break
-        except requests.exceptions.RequestException as exc:
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             if resp.status_code == 200:
                 return ""  # accepted; how the rest of the answer went does not matter
             raise ReportError("connection", f"{self.master} answered HTTP "
-                              f"{resp.status_code}, then: {self._short(exc)}") from None
+                              f"{resp.status_code}, then: {self.redacted(exc)}") from None
         data = b"".join(chunks)
         try:
             return data.decode(resp.encoding or "utf-8", "replace")
         except LookupError:  # a charset Python does not know
             return data.decode("utf-8", "replace")
 
-    def _short(self, exc: BaseException) -> str:
+    def redacted(self, exc: BaseException) -> str:
         return redact(_short(exc), self._secret)
 
 

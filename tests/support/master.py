@@ -13,6 +13,8 @@ time (``set_mode``) or scripted for the next requests (``script``):
 ``html502``       502 with a ~5 KB HTML page (what a proxy in front of a dead master says)
 ``drop``          read the request, then close the connection without a byte of answer
 ``hang``          read the request and never answer (until ``stop()``)
+``dribble``       200 with its status line and headers at once, then the body one byte
+                  every 0.5 s, until the client goes away (``RecordedRequest.ended``)
 ``refuse``        stop listening: connections are refused; ``resume()`` listens again on
                   the same port
 
@@ -27,6 +29,7 @@ import contextlib
 import json
 import math
 import re
+import select
 import socket
 import ssl
 import tempfile
@@ -55,7 +58,8 @@ __all__ = [
     "validate_time",
 ]
 
-MODES = ("ok", "unauthorized", "error500", "html502", "drop", "hang", "refuse")
+MODES = ("ok", "unauthorized", "error500", "html502", "drop", "hang", "refuse", "dribble")
+DRIBBLE_EVERY = 0.5
 TIME_FORMATS = ("local", "zoned", "any")
 
 UNAUTHORIZED_BODY = (
@@ -110,6 +114,8 @@ class RecordedRequest:
     status: int | None = None  # the status sent; None: dropped, hung or not answered
     auth_ok: bool | None = None  # None when the master has no secret configured
     client: tuple[str, int] = ("", 0)
+    #: time.monotonic() when the client closed a dribbled answer (``dribble`` mode)
+    ended: float | None = None
 
     @property
     def valid(self) -> bool:
@@ -402,6 +408,24 @@ class _Handler(BaseHTTPRequestHandler):
             return b"", [f"Content-Length: {length!r} is not a number"]
         return self.rfile.read(n), errors
 
+    def _dribble(self, rec: RecordedRequest) -> None:
+        """Headers at once, then a body byte every DRIBBLE_EVERY s until the client closes
+        (the connection turns readable with EOF), which ``rec.ended`` records."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.flush()
+        master = self.server.master
+        with contextlib.suppress(OSError):
+            while not master._stopping.is_set():
+                readable, _, _ = select.select([self.connection], [], [], DRIBBLE_EVERY)
+                if readable and not self.connection.recv(1024):
+                    break
+                self.connection.sendall(b" ")
+        rec.ended = time.monotonic()
+
     def _handle(self) -> None:
         self._in_handle = True
         master = self.server.master
@@ -419,6 +443,9 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == "hang":
             master._stopping.wait()
             status = None
+        if mode == "dribble":
+            self._dribble(rec)
+            return
         if status is None:  # drop / hang / refuse: no answer at all
             self.close_connection = True
             with contextlib.suppress(OSError):
@@ -761,7 +788,7 @@ class Master:
 
     def _answer(self, rec: RecordedRequest, mode: str) -> tuple[int | None, str, bytes]:
         text = "text/plain; charset=utf-8"
-        if mode in ("drop", "hang"):
+        if mode in ("drop", "hang", "dribble"):
             return None, "", b""
         if mode == "unauthorized":
             return 401, text, UNAUTHORIZED_BODY.encode()

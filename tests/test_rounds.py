@@ -1,0 +1,214 @@
+"""Every round is bounded and ends as a logged outcome: a master that dribbles its answer,
+a value the reporter cannot send, Docker failing in different ways, a reload (real
+master, real sockets, the real agent in the foreground or in-process)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agentproc import popen
+from support.master import Master
+
+from dm_agent import agent as agent_mod
+from dm_agent.agent import Agent, master_endpoint
+from dm_agent.config import Settings
+
+NO_DOCKER = "unix:///nonexistent/docker.sock"
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"agent did not stop: {err[-2000:]}")
+    return err
+
+
+def test_a_dribbling_master_does_not_hold_the_round(tmp_path: Path) -> None:
+    """Status line and headers at once, then a body byte every 0.5 s: every socket read
+    succeeds, so only the round's wall-clock deadline (0.8 × interval) ends it."""
+    interval = 2
+    with Master(mode="dribble") as master:
+        proc = popen(["-d", NO_DOCKER, "-m", master.url, "-t", str(interval), "-v"],
+                     tmp_path, {"DM_AGENT_JITTER": "no"})
+        try:
+            # Held for ever before: one request in 14 s, and the node dropped out.
+            master.wait_for(4, timeout=20)
+            master.set_mode("ok")
+            n = len(master.requests)
+            accepted = master.wait_for(n + 1, timeout=10)[-1]
+            assert accepted.status == 200
+        finally:
+            err = stop(proc)
+    dribbled = [r for r in master.requests if r.mode == "dribble"]
+    rounds = [r.ended - r.time for r in dribbled if r.ended is not None]
+    assert len(rounds) >= 4, err
+    longest = max(rounds)
+    print(f"longest exchange with the dribbling master at -t {interval}: {longest:.2f} s "
+          f"over {len(rounds)} rounds")
+    # The loop abandons a round 0.95 × interval after it began and cuts the connection
+    # then (the master saw the request a little after the round began); 0.5 s for a
+    # loaded machine to schedule the threads involved.
+    assert longest < interval + 0.5, rounds
+    errors = [ln for ln in err.splitlines() if " - ERROR - " in ln and "Docker" not in ln]
+    assert len(errors) == 1, err  # then flood control: repeats at DEBUG
+    assert "too slowly" in errors[0] or "registration abandoned" in errors[0], errors
+    assert "registration recovered after" in err
+
+
+def test_a_value_the_reporter_cannot_send_is_a_logged_failed_round(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Defence in depth: should a secret that cannot travel in a header reach the
+    reporter (configuration refuses it), requests raises UnicodeEncodeError inside the
+    round. It is a failed round, logged once at ERROR with what was attempted, repeats
+    at DEBUG; nothing reaches the thread's excepthook."""
+    secret = "sëcret✓"
+    escaped: list[threading.ExceptHookArgs] = []
+    old_hook = threading.excepthook
+    threading.excepthook = escaped.append
+    caplog.set_level(logging.DEBUG, logger="dm_agent")
+    with Master() as master:
+        settings = Settings(docker=NO_DOCKER, master=master.url, timeout=1, secret=secret,
+                            jitter=False, docker_events=False)
+        agent = Agent(settings)
+        try:
+            assert agent.register() is False
+            assert agent.register() is False
+            # and through the loop's round thread
+            from dm_agent.signals import Signals
+
+            signals = Signals(agent.waker)
+            assert agent._round(signals) is False
+        finally:
+            agent.close()
+            threading.excepthook = old_hook
+    assert not escaped
+    mine = [r for r in caplog.records if r.name == "dm_agent"
+            and "registration" in r.getMessage()]
+    errors = [r for r in mine if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in mine]
+    assert "registration failed while sending the registration to" in errors[0].getMessage()
+    assert "UnicodeEncodeError" in errors[0].getMessage()
+    assert [r.levelno for r in mine[1:] if "failed again" in r.getMessage()] \
+        == [logging.DEBUG, logging.DEBUG]
+    assert all(secret not in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def silent_docker(tmp_path: Path) -> Iterator[str]:
+    """A unix socket that accepts and never answers: what a hung dockerd looks like."""
+    path = tmp_path / "hung-docker.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stopping = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stopping.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"unix://{path}"
+    stopping.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_docker_failure_kinds_make_still_failing_fire(
+        tmp_path: Path, silent_docker: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Refused first (no socket), then timing out (a socket that never answers): one
+    ERROR, then the flood control's WARNING that the failure changed kind."""
+    caplog.set_level(logging.DEBUG, logger="dm_agent")
+    missing = Agent(Settings(docker=NO_DOCKER, timeout=1, docker_events=False), dry_run=True)
+    hung = Agent(Settings(docker=silent_docker, timeout=1, docker_events=False),
+                 dry_run=True)
+    hung.docker_outage = missing.docker_outage  # one source, failing two ways in turn
+    try:
+        missing.collect_node()
+        hung.collect_node()
+    finally:
+        missing.close()
+        hung.close()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "Docker" in r.getMessage()]
+    assert [lvl for lvl, _ in lines] == [logging.ERROR, logging.WARNING], lines
+    assert "No such file or directory" in lines[0][1]
+    assert lines[1][1].startswith("Docker still failing, now: ") and "timed out" in lines[1][1]
+
+
+def test_https_master_without_a_port_is_port_443() -> None:
+    assert master_endpoint("https://master.example") == ("master.example", 443)
+    assert master_endpoint("http://master.example") == ("master.example", 80)
+    assert master_endpoint("https://master.example:8443/api") == ("master.example", 8443)
+
+
+def test_the_host_name_fallback_is_looked_for_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started before the network was up: no route, no interface address. The host name
+    is announced meanwhile, and the real address as soon as there is one. (The missing
+    network is simulated: it cannot be taken away from the test machine.)"""
+    found: list[str | None] = [None]
+    monkeypatch.setattr(agent_mod, "route_address", lambda master: found[0])
+    a = Agent(Settings(docker=NO_DOCKER, master="http://127.0.0.1:9", docker_events=False),
+              dry_run=True)
+    try:
+        assert a.address() == socket.gethostname()
+        found[0] = "192.0.2.7"
+        assert a.address() == "192.0.2.7"
+        found[0] = "198.51.100.1"
+        assert a.address() == "192.0.2.7"  # a real address is kept for the run
+    finally:
+        a.close()
+
+
+def test_a_reload_keeps_a_random_offset(tmp_path: Path) -> None:
+    """A fleet-wide configuration push must not make every node report in the same
+    second: after SIGHUP the periodic schedule starts at a random offset again. Six
+    agents reloaded together: without the offset each next round comes one interval
+    (5 s) after the reload's immediate one."""
+    interval, agents = 5, 6
+    masters = [Master().start() for _ in range(agents)]
+    procs = []
+    try:
+        for i, master in enumerate(masters):
+            conf = tmp_path / f"{i}.ini"
+            conf.write_text(f"[main]\nmaster = {master.url}\ndocker = {NO_DOCKER}\n"
+                            f"timeout = {interval}\njitter = yes\ndocker_events = no\n")
+            procs.append(popen(["-f", str(conf)], tmp_path))
+        for master in masters:
+            master.wait_for(1, timeout=15)
+        sent = time.monotonic()
+        for proc in procs:
+            proc.send_signal(signal.SIGHUP)
+        offsets = []
+        for master in masters:
+            deadline = time.monotonic() + 3 * interval
+            while len(after := [r for r in master.requests if r.time > sent]) < 2:
+                assert time.monotonic() < deadline, "no periodic round after the reload"
+                time.sleep(0.05)
+            offsets.append(after[1].time - after[0].time)
+    finally:
+        for proc in procs:
+            stop(proc)
+        for master in masters:
+            master.stop()
+    assert all(0 <= o < interval + 1 for o in offsets), offsets
+    # Uniform in [0, 5): six of them within 0.5 s of 5 s has a chance of 1e-6.
+    assert not all(abs(o - interval) < 0.5 for o in offsets), offsets
