@@ -86,6 +86,17 @@ class _Starter:
             pass
 
 
+def _fatal(starter: _Starter, exc: BaseException, settings: Settings) -> None:
+    """Say why the daemon stops: on the starter's terminal while it is still starting,
+    else in the daemon's own log (journal, syslog or log_file), with the traceback."""
+    reason = redact(f"{type(exc).__name__}: {exc}", settings.secret)
+    if starter.waiting:
+        starter.tell(f"ERR {EX_FAILURE} {reason}")
+    else:
+        logs.logger.critical("the daemon stops on an unexpected error: %s", reason,
+                             exc_info=True)
+
+
 def _wait_ready(rfd: int) -> tuple[int, str]:
     """In the invoking process: read the daemon's verdict (code, message)."""
     import select
@@ -132,12 +143,7 @@ def run(settings: Settings, warnings: list[str], reload: Callable[[], Settings],
     try:
         code = _daemon(settings, warnings, reload, dry_run, pidpath, starter, starter_pid)
     except BaseException as exc:  # nothing may escape a fork
-        if starter.waiting:  # still starting: the starter prints it on its terminal
-            starter.tell(f"ERR {EX_FAILURE} {exc}")
-        else:  # running: the daemon's own log (journal, syslog or log_file) says it
-            logs.logger.critical("the daemon stops on an unexpected error: %s",
-                                 redact(f"{type(exc).__name__}: {exc}", settings.secret),
-                                 exc_info=True)
+        _fatal(starter, exc, settings)
     finally:
         logging.shutdown()
         os._exit(code)
@@ -194,9 +200,7 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
     try:
         return agent.run(signals, on_first=ready, watchdog=watchdog)
     except Exception as exc:  # a bug: say it where the operator looks, then exit 1
-        logs.logger.critical("the daemon stops on an unexpected error: %s",
-                             redact(f"{type(exc).__name__}: {exc}", agent.settings.secret),
-                             exc_info=True)
+        _fatal(starter, exc, agent.settings)
         return EX_FAILURE
     finally:
         logs.logger.info("stopped")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from agentproc import BIN, clean_env, run
 from support.master import Master
+from support.scripted_docker import ScriptedDocker
 
 from dm_agent.pidfile import read_pid
 
@@ -219,3 +220,87 @@ def test_daemon_without_journal_logs_to_log_file_or_syslog(daemon: Daemon, maste
     else:
         text = log_file.read_text()
         assert " - INFO - started as daemon" in text and SECRET not in text
+
+
+# A bug that ends the loop cannot be produced on purpose, so one is injected: the real
+# daemon (real forks, real pipe, real journal stream) runs with Agent.run replaced by a
+# function that reports readiness, lets the readiness pipe's descriptor number be
+# reused by a file, and raises.
+DIES_AFTER_READINESS = """
+import os, sys
+from dm_agent import agent
+REUSED = sys.argv.pop()
+
+def pipes(a):
+    own = {0, 1, 2, a.waker.rfd, a.waker.wfd}
+    found = set()
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if fd not in own and os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:"):
+                found.add(fd)
+        except OSError:  # the directory listing's own descriptor
+            pass
+    return found
+
+def run(self, signals, on_first=None, **kw):
+    before = pipes(self)
+    on_first()
+    (fd,) = before - pipes(self)  # the readiness pipe, closed now
+    os.dup2(os.open(REUSED, os.O_WRONLY | os.O_CREAT, 0o600), fd)
+    raise RuntimeError("injected bug after readiness")
+
+agent.Agent.run = run
+from dm_agent.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_daemon_dying_after_readiness_logs_critical_and_spares_the_reused_fd(
+        daemon: Daemon, master: Master) -> None:
+    import sys
+
+    reused = daemon.home / "reused-descriptor"
+    rfd, wfd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DIES_AFTER_READINESS, "--daemon", "-f", str(daemon.conf),
+         "--pidfile", str(daemon.pidfile), str(reused)],
+        stdin=subprocess.DEVNULL, stdout=wfd, stderr=wfd, cwd=daemon.home,
+        env=clean_env(daemon.home, journal_pipe_env(wfd)))
+    os.close(wfd)
+    assert proc.wait(timeout=20) == 0  # it was ready
+    with os.fdopen(rfd, "rb") as reader:
+        data = reader.read().decode()  # EOF: every writer (the daemon too) has exited
+    lines = data.splitlines()
+    critical = [ln for ln in lines if ln.startswith("<2>")]
+    assert critical and "the daemon stops on an unexpected error: RuntimeError: injected " \
+        "bug after readiness" in critical[0], data
+    assert any("Traceback" in ln for ln in critical) and \
+        any('File "<string>"' in ln for ln in critical), data
+    assert reused.read_bytes() == b""  # nothing written to what the pipe's number now is
+    assert not daemon.pidfile.exists()
+
+
+# The old watcher must not stay on the old endpoint after a reload, even when the
+# reload comes while it is reconnecting (its /version answer takes 3 s).
+def test_sighup_leaves_no_event_stream_on_the_old_endpoint(daemon: Daemon, master: Master,
+                                                           tmp_path: Path) -> None:
+    with ScriptedDocker(tmp_path / "old.sock", drop_events=True, version_delay=3.0) as old, \
+            ScriptedDocker(tmp_path / "new.sock") as new:
+        conf = daemon.conf.read_text().replace(NO_DOCKER, old.url)
+        daemon.conf.write_text(conf + "docker_events = yes\n")
+        assert daemon.start().returncode == 0
+        deadline = time.monotonic() + 10
+        while old.count("/version") < 3:  # the round's, the stream's, its reconnect's
+            assert time.monotonic() < deadline, old.paths
+            time.sleep(0.05)
+        old.drop_events = False  # were it to reconnect, the old endpoint would hold it
+        daemon.conf.write_text(conf.replace(old.url, new.url) + "docker_events = yes\n")
+        os.kill(daemon.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while new.open_streams < 1:
+            assert time.monotonic() < deadline, new.paths
+            time.sleep(0.05)
+        time.sleep(4)  # the old watcher's /version has answered by now
+        assert old.count("/events") == 1 and old.open_streams == 0, old.paths
+        os.kill(daemon.pid, signal.SIGTERM)
+        wait_gone(daemon.pid, 5)

@@ -4,6 +4,7 @@ coalesce, and the event stream resumes after dockerd restarts (real dockerd)."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,8 +15,10 @@ import pytest
 from agentproc import popen
 from support.dockerd import Dockerd, create_containers
 from support.master import Master
+from support.scripted_docker import ScriptedDocker, own_tcp_sockets_to
 
-from dm_agent.collectors.events import since_param
+from dm_agent.collectors.docker import connect
+from dm_agent.collectors.events import EventWatcher, since_param
 
 pytestmark = pytest.mark.docker
 
@@ -107,3 +110,46 @@ def test_events_can_be_turned_off(tmp_path: Path, events_dockerd: Dockerd,
     finally:
         proc.terminate()
         proc.communicate(timeout=5)
+
+
+# --- liveness and backoff, against a scripted Docker (tests/support/scripted_docker.py) --
+
+
+def test_a_stream_dropped_at_once_backs_off(tmp_path: Path) -> None:
+    """A Docker (or a proxy) that accepts the event stream and drops it at once: the
+    reconnect backoff grows (1, 2, 4 s …), it is not reset by a stream that never held."""
+    with ScriptedDocker(tmp_path / "d.sock", drop_events=True) as docker:
+        watcher = EventWatcher(lambda: connect(docker.url, None, 5.0), lambda action: None)
+        watcher.start()
+        time.sleep(8)
+        watcher.stop()
+        streams = docker.count("/events")
+    # t = 0, 1, 3, 7 s with the backoff; one a second (8 or 9) when it is reset each time
+    assert 3 <= streams <= 5, streams
+
+
+def test_the_event_stream_over_tcp_has_keepalive() -> None:
+    """Over TCP a silently dead peer (a NAT's idle timeout) is noticed by keepalive
+    probes (after 30 s idle, every 10 s, 3 of them), so the stream is not trusted for
+    ever. The option is read back from the stream's real socket."""
+    with ScriptedDocker() as docker:
+        watcher = EventWatcher(lambda: connect(docker.url, None, 5.0), lambda action: None)
+        watcher.start()
+        try:
+            deadline = time.monotonic() + 10
+            while docker.open_streams < 1:
+                assert time.monotonic() < deadline, "the stream never connected"
+                time.sleep(0.05)
+            socks = own_tcp_sockets_to(docker.address[1])
+            try:
+                options = {(s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                            s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                            s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                            s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+                           for s in socks}
+            finally:
+                for s in socks:
+                    s.close()
+        finally:
+            watcher.stop()
+    assert options == {(1, 30, 10, 3)}, options
