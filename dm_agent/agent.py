@@ -465,7 +465,7 @@ class Agent:
                 self._stuck.append((worker, what))
                 self.master_outage.failed("timeout", f"registration abandoned: not done "
                                           f"within {limits['abandon']:g}s, while {self._stage}")
-                self.close_clients()
+                self._close_clients()
                 self._clients(self.settings)
                 return False
             # Wakes for the round's end or any signal; a kick that arrives meanwhile
@@ -477,7 +477,7 @@ class Agent:
         self._worker = None
         return bool(result and result[0])
 
-    def close_clients(self) -> None:
+    def _close_clients(self) -> None:
         self.docker.close()
         if self.reporter is not None:
             self.reporter.abort()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import popen
+from agentproc import BIN, clean_env, popen
 from support.master import Master
 
 from dm_agent import agent as agent_mod
@@ -212,3 +212,37 @@ def test_a_reload_keeps_a_random_offset(tmp_path: Path) -> None:
     assert all(0 <= o < interval + 1 for o in offsets), offsets
     # Uniform in [0, 5): six of them within 0.5 s of 5 s has a chance of 1e-6.
     assert not all(abs(o - interval) < 0.5 for o in offsets), offsets
+
+
+@pytest.fixture
+def silent_resolver(tmp_path: Path) -> Iterator[Path]:
+    """A name server on 127.0.0.53:53 that receives queries and never answers, and a
+    resolv.conf naming it (to bind over /etc/resolv.conf in a private mount namespace:
+    the machine's own resolver stays as it is)."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.53", 53))
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.53\noptions timeout:30 attempts:1\n")
+    yield conf
+    server.close()
+
+
+def test_a_master_name_that_does_not_resolve_in_time_abandons_the_round(
+        tmp_path: Path, silent_resolver: Path) -> None:
+    """No socket timeout covers getaddrinfo: the loop's deadline (0.95 × interval) does.
+    The round is abandoned, the loop stays responsive, and stuck lookups do not pile up."""
+    script = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+         str(silent_resolver), BIN, "-d", NO_DOCKER, "-m", "http://master.invalid-tld:8080",
+         "-t", "2", "-v"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=clean_env(tmp_path, {"DM_AGENT_JITTER": "no"}))
+    time.sleep(10)
+    t0 = time.monotonic()
+    err = stop(proc)
+    assert time.monotonic() - t0 < 2.5, "a stop must not wait for a stuck lookup"
+    errors = [ln for ln in err.splitlines() if " - ERROR - " in ln and "Docker" not in ln]
+    assert len(errors) == 1, err
+    assert "registration abandoned: not done within 1.9s, while" in errors[0], errors
+    assert "registration not attempted: 2 earlier rounds are still blocked" in err, err

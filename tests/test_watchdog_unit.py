@@ -75,15 +75,17 @@ def node(dockerd: Dockerd) -> Iterator[Node]:
 def test_the_shipped_unit_has_a_watchdog(node: Node) -> None:
     shipped = node.run(["cat", f"/usr/lib/systemd/system/{UNIT}"]).stdout
     assert "\nWatchdogSec=60\n" in shipped and "\nNotifyAccess=main\n" in shipped
-    state = node.show("WatchdogUSec", "NotifyAccess", "Type")
-    assert state == {"WatchdogUSec": f"{WATCHDOG_SEC}s", "NotifyAccess": "main",
-                     "Type": "forking"}
+    state = node.show("NotifyAccess", "Type", "DropInPaths")
+    assert state == {"NotifyAccess": "main", "Type": "forking",
+                     "DropInPaths": f"/etc/systemd/system/{UNIT}.d/watchdog-test.conf"}
 
 
 def test_a_healthy_agent_is_never_killed(node: Node) -> None:
     mark = node.cursor()
     node.run(["systemctl", "start", UNIT])
     pid = node.main_pid()
+    # (systemd shows the watchdog of a running unit only)
+    assert node.show("WatchdogUSec") == {"WatchdogUSec": f"{WATCHDOG_SEC}s"}
     node.wait_registration(time.monotonic() - 5, timeout=30)
     started = time.monotonic()
     time.sleep(HEALTHY_FOR)
@@ -104,8 +106,11 @@ def test_a_stopped_agent_is_killed_and_restarted(node: Node) -> None:
     stopped = time.monotonic()
     node.run(["sh", "-c", 'kill -STOP "$1"', "sh", str(pid)])
     deadline = stopped + 4 * (WATCHDOG_SEC + RESTART_SEC)
+    killed = None
     while True:
         state = node.show("ActiveState", "MainPID")
+        if killed is None and state["MainPID"] != str(pid):
+            killed = time.monotonic() - stopped
         if state["ActiveState"] == "active" and state["MainPID"] not in ("0", str(pid)):
             break
         assert time.monotonic() < deadline, f"not restarted: {state}\n" + \
@@ -120,9 +125,11 @@ def test_a_stopped_agent_is_killed_and_restarted(node: Node) -> None:
     path = os.environ.get("DM_WATCHDOG_NOTES")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"restart_seconds": round(restarted, 2),
+            f.write(json.dumps({"killed_seconds": round(killed or 0, 2),
+                                "restart_seconds": round(restarted, 2),
                                 "registered_again_seconds": round(registered, 2)}) + "\n")
-    print(f"SIGSTOP -> new MainPID active in {restarted:.2f} s, registered again after "
+    print(f"SIGSTOP -> killed after {killed or 0:.2f} s, new MainPID active after "
+          f"{restarted:.2f} s, registered again after "
           f"{registered:.2f} s (WatchdogSec={WATCHDOG_SEC}, RestartSec={RESTART_SEC})")
     # The watchdog expires at most WatchdogSec after the last ping (which was before the
     # stop), then RestartSec, then the start: the documented bound, with 2x margin.
