@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,11 @@ def test_timeouts_are_shorter_than_the_interval() -> None:
         assert t["docker"] < interval or t["docker"] <= 0.8 * interval + 1e-9
         assert t["http"][0] < interval and t["http"][1] < interval
         assert t["disk"] < interval
+        assert t["round"] < t["abandon"] < interval  # the whole round, DNS included
+        assert t["abandon"] <= agent.ROUND_MAX
+    # the unit's WatchdogSec is twice the longest round
+    unit = (Path(__file__).parents[1] / "systemd/dm-agent.service").read_text()
+    assert f"\nWatchdogSec={2 * agent.ROUND_MAX:g}\n" in unit
 
 
 def test_thousand_agents_started_together_spread_evenly() -> None:
