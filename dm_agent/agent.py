@@ -189,6 +189,8 @@ class Agent:
         self._encoder = payload.Encoder()
         self._listed_generation = -1
         self._listed_at = 0.0
+        self._info_connects = -1
+        self._info_at = 0.0
         self._refused_name: str | None = None
         #: the master generation, for the state file: None, as the default body is read
         #: by both generations, so the agent never needs to find out (README, *Masters*)
@@ -261,12 +263,27 @@ class Agent:
         stale = time.monotonic() - self._listed_at >= max(RELIST_EVERY, self.settings.timeout)
         return stale or not events.current(self._listed_generation), generation
 
+    def _reinfo(self) -> tuple[bool, int]:
+        """Whether this round must re-read ``/info`` (name, labels), and the stream's
+        connect count to remember: always, but for a round within half an interval of
+        the last read while the event stream stayed connected (so an event-triggered
+        round skips it, and every periodic round still reads it)."""
+        events = self.events
+        if events is None or not events.connected:
+            return True, -1
+        connects = events.connects
+        recent = time.monotonic() - self._info_at < self.settings.timeout / 2
+        return not (recent and connects == self._info_connects), connects
+
     def collect_node(self) -> NodeInfo:
         relist, generation = self._relist()
+        reinfo, connects = self._reinfo()
         try:
-            node = self.docker.collect(relist=relist)
+            node = self.docker.collect(relist=relist, reinfo=reinfo)
             if relist:
                 self._listed_generation, self._listed_at = generation, time.monotonic()
+            if reinfo:
+                self._info_connects, self._info_at = connects, time.monotonic()
         except DockerError as exc:
             last = self._last_node
             name = last.name if last else socket.gethostname()

@@ -27,7 +27,7 @@ def test_no_common_version_names_both_ranges() -> None:
     with pytest.raises(DockerError) as err:
         negotiate("1.46", "1.52", "1.24", "1.45")  # a future Engine, an old SDK
     assert "1.46-1.52" in str(err.value) and "1.24-1.45" in str(err.value)
-    with pytest.raises(DockerError, match="1.12-1.20"):
+    with pytest.raises(DockerError, match=r"1\.12-1\.20"):
         negotiate("1.12", "1.20", "1.24", "1.45")  # an Engine older than the SDK knows
 
 

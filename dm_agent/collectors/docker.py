@@ -316,6 +316,9 @@ class DockerCollector:
 
     ``collect(relist=False)`` keeps the container list of the previous round: the agent
     asks for that only while Docker's event stream says nothing has changed.
+    ``reinfo=False`` keeps the name and labels of the previous ``/info`` likewise: it is
+    the slowest call on Podman 4 (0.9 s, against 10 ms on Docker), which would otherwise
+    delay every registration a container event triggers.
     """
 
     def __init__(self, endpoint: str, tls: DockerTLS | None = None, timeout: float = 10.0) -> None:
@@ -324,9 +327,11 @@ class DockerCollector:
         self.timeout = timeout
         self._client: Any = None
         self._containers: list[dict[str, Any]] | None = None
+        self._info: tuple[str, dict[str, str]] | None = None
 
     def close(self) -> None:
         self._containers = None
+        self._info = None
         client, self._client = self._client, None
         if client is not None:
             try:
@@ -334,7 +339,7 @@ class DockerCollector:
             except Exception:  # closing a broken client must not matter
                 pass
 
-    def collect(self, relist: bool = True) -> NodeInfo:
+    def collect(self, relist: bool = True, reinfo: bool = True) -> NodeInfo:
         """One round: node name, daemon labels, every container. Raises DockerError.
 
         The returned ``containers`` list is the same object as long as it was not
@@ -342,8 +347,10 @@ class DockerCollector:
         if self._client is None:
             self._client = connect(self.endpoint, self.tls, self.timeout)
         try:
-            info = self._client.info()
-            name, labels = parse_info(info)
+            if reinfo or self._info is None:
+                self._info = None
+                self._info = parse_info(self._client.info())
+            name, labels = self._info
             if relist or self._containers is None:
                 self._containers = None
                 self._containers = parse_containers(list_containers(self._client, name), name)
