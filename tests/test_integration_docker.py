@@ -194,6 +194,8 @@ class GarbageDocker:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.case = 1
+        self.version = b'{"ApiVersion": "1.41", "Version": "20.10"}'
+        self.paths: list[str] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -202,8 +204,9 @@ class GarbageDocker:
 
             def do_GET(self) -> None:
                 name, info, containers = outer.ANSWERS[outer.case]
+                outer.paths.append(self.path)
                 if self.path.endswith("/version") or self.path.endswith("/_ping"):
-                    body, status = b'{"ApiVersion": "1.41", "Version": "20.10"}', 200
+                    body, status = outer.version, 200
                 elif "/info" in self.path:
                     body, status = info, 500 if name == "html-500" else 200
                 else:
@@ -258,6 +261,28 @@ def test_garbage_from_docker_never_crashes(tmp_path: Path, garbage_docker: Garba
     else:
         assert "ERROR" in proc.stderr and req.json["containers"] == []
         assert len(max(proc.stderr.splitlines(), key=len)) < 600
+
+
+def test_api_version_within_both_ranges_and_none_said_once(
+        tmp_path: Path, garbage_docker: GarbageDocker, master: Master) -> None:
+    """Docker 29's range (1.44-1.52) and one above the SDK's: no Engine in Debian has
+    them, so the stand-in answers its /version so."""
+    garbage_docker.case = 4  # a valid /info and list
+    garbage_docker.version = b'{"ApiVersion": "1.52", "MinAPIVersion": "1.44"}'
+    proc = run(["--once", "-d", f"unix://{garbage_docker.path}", "-m", master.url], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "/v1.45/info" in garbage_docker.paths  # the SDK's newest, above 1.44
+    garbage_docker.version = b'{"ApiVersion": "1.52", "MinAPIVersion": "1.46"}'
+    agent = popen(["-d", f"unix://{garbage_docker.path}", "-m", master.url, "-t", "1"],
+                  tmp_path)
+    try:
+        master.wait_for(4, timeout=15)  # the host's figures still go out
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=10)
+    lines = [line for line in err.splitlines() if "no common version" in line]
+    assert len(lines) == 1 and " - ERROR - " in lines[0], err
+    assert "1.46-1.52" in lines[0] and "1.24-1.45" in lines[0]
 
 
 def test_unix_socket_permission_denied_is_reported(tmp_path: Path, dockerd: Dockerd,
