@@ -23,14 +23,15 @@ log = logging.getLogger("dm_agent.events")
 # ``remove``, ``init``, ``cleanup``; ``prune``) refreshes the list instead of being
 # missed until the periodic relist. Docker's ``exec_create: sh`` and
 # ``health_status: healthy`` carry a detail after the colon.
-NOISE = frozenset({"exec", "exec_create", "exec_start", "exec_die", "exec_died",
-                   "exec_detach", "health_status", "attach", "detach", "top", "resize",
-                   "copy", "archive-path", "extract-to-dir", "export", "commit", "sync"})
+# Besides these, every ``exec_*`` action (Docker's ``exec_create`` … ``exec_die``).
+NOISE = frozenset({"exec", "health_status", "attach", "detach", "top", "resize", "copy",
+                   "archive-path", "extract-to-dir", "export", "commit", "sync"})
 
 
 def is_change(action: str) -> bool:
     """True for an event action that may change the container list."""
-    return bool(action) and action.split(":", 1)[0].strip() not in NOISE
+    base = action.split(":", 1)[0].strip()
+    return bool(base) and base not in NOISE and not base.startswith("exec_")
 
 
 def since_param(time_nano: int) -> str:
