@@ -120,3 +120,11 @@ def test_package_scripts_mention_migrate_when_an_old_unit_is_found(
     (units / "other.service").write_text("[Service]\nExecStart=/usr/local/bin/node-agent.py\n")
     said = _postinst_says(script, tmp_path)
     assert said.count(MENTION) == 1, said  # node-agent.service only, not other.service
+
+
+def test_old_settings_dm_agent_cannot_take_are_refused_naming_where(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        migrate._validate("[main]\nmaster = 10.0.0.1:8762\ntimeout = soon\n", "/etc/dm-agent.ini")
+    assert str(exc.value).startswith("the old settings are not valid for dm-agent, nothing was "
+                                     "changed: /etc/dm-agent.ini [main] timeout: invalid "
+                                     "timeout = 'soon'"), exc.value
