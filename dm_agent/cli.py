@@ -34,6 +34,7 @@ Commands (see dm-agent COMMAND --help):
                              into /etc/dm-agent.ini, then stop and disable it
 """
 
+
 def _status(argv: list[str]) -> int:
     from . import status
 
