@@ -30,6 +30,7 @@ from .errors import ConfigError, DockerError, ReportError
 from .notify import Watchdog
 from .reporter import Reporter, redact
 from .signals import Signals, Waker
+from .state import StateWriter
 
 log = logging.getLogger("dm_agent")
 
@@ -107,6 +108,7 @@ class Outage:
         self.what = what
         self.clock = clock
         self.kind: str | None = None
+        self.message = ""
         self.count = 0
         self.since = 0.0
         self._summary_at = 0.0
@@ -118,6 +120,7 @@ class Outage:
 
     def failed(self, kind: str, message: str) -> None:
         now = self.clock()
+        self.message = message
         if self.kind is None:
             log.error("%s", message)
             self.kind, self.count, self.since, self._summary_at = kind, 1, now, now
@@ -216,6 +219,12 @@ class Agent:
         self._stuck: list[tuple[threading.Thread, str]] = []
         #: what the round in progress is doing, for the message when its deadline passes
         self._stage = "starting"
+        #: what the state file reports: the last round's failure (kind, message), the
+        #: node name and the number of containers of the last registration built
+        self.last_error: tuple[str, str] | None = None
+        self.node_name: str | None = None
+        self.containers_reported = 0
+        self.state: StateWriter | None = None
         self._info_connects = -1
         self._info_at = 0.0
         self._refused_name: str | None = None
@@ -364,9 +373,9 @@ class Agent:
         except Exception as exc:
             if self._live():
                 reason = redact(f"{type(exc).__name__}: {exc}", self.settings.secret)
-                self.master_outage.failed(f"internal:{type(exc).__name__}",
-                                          f"registration failed while {self._stage}: "
-                                          f"{reason}")
+                message = f"registration failed while {self._stage}: {reason}"
+                self.master_outage.failed(f"internal:{type(exc).__name__}", message)
+                self.last_error = ("internal", message)
                 log.debug("the failure's traceback:", exc_info=True)
             return False
 
@@ -374,6 +383,8 @@ class Agent:
         self._doing("starting")
         reporter = self.reporter
         body = self.build_body()
+        if self._live():
+            self.node_name, self.containers_reported = body["name"], len(body["containers"])
         self._check_name(body["name"])
         if log.isEnabledFor(logging.DEBUG):
             log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))
@@ -392,6 +403,7 @@ class Agent:
         except ReportError as exc:
             if self._live():
                 self.master_outage.failed(exc.kind, str(exc))
+                self.last_error = (exc.kind, str(exc))
             return False
         if self._live():
             self.master_outage.recovered()
@@ -475,9 +487,9 @@ class Agent:
         left to its blocked call with fresh clients taking over, and the loop goes on."""
         self._stuck = [(t, what) for t, what in self._stuck if t.is_alive()]
         if len(self._stuck) >= MAX_STUCK:
-            self.master_outage.failed("stuck", f"registration not attempted: {MAX_STUCK} "
-                                      "earlier rounds are still blocked, "
-                                      + "; ".join(what for _, what in self._stuck))
+            self._round_failed("stuck", f"registration not attempted: {MAX_STUCK} earlier "
+                               "rounds are still blocked, "
+                               + "; ".join(what for _, what in self._stuck))
             return False
         limits = timeouts(self.settings.timeout)
         started = time.monotonic()
@@ -501,8 +513,8 @@ class Agent:
                 what = f"{self._stage} (since {fmt_duration(now - started)})"
                 self._worker = None
                 self._stuck.append((worker, what))
-                self.master_outage.failed("timeout", f"registration abandoned: not done "
-                                          f"within {limits['abandon']:g}s, while {self._stage}")
+                self._round_failed("timeout", f"registration abandoned: not done within "
+                                   f"{limits['abandon']:g}s, while {self._stage}")
                 self._close_clients()
                 self._clients(self.settings)
                 return False
@@ -514,6 +526,10 @@ class Agent:
                 return None
         self._worker = None
         return bool(result and result[0])
+
+    def _round_failed(self, kind: str, message: str) -> None:
+        self.master_outage.failed(kind, message)
+        self.last_error = (kind, message)
 
     def _close_clients(self) -> None:
         self.docker.close()
@@ -555,10 +571,13 @@ class Agent:
             kicked = self._take_kick(now)
             if kicked or (retry_at is not None and now >= retry_at) or \
                     (retry_at is None and now >= due):
+                began = time.monotonic()
                 ok = self._round(signals)
                 if ok is None:
                     break
                 now = time.monotonic()
+                if self.state is not None:
+                    self.state.round_done(self, ok, now - began)
                 if ok:
                     failures, retry_at = 0, None
                 else:
