@@ -213,8 +213,9 @@ def test_daemon_without_journal_logs_to_log_file_or_syslog(daemon: Daemon, maste
     daemon.conf.write_text(daemon.conf.read_text() + f"log_file = {log_file}\n")
     assert daemon.start().returncode == 0
     master.wait_for(1)
-    os.kill(daemon.pid, signal.SIGTERM)
-    wait_gone(daemon.pid, 3)
+    pid = daemon.pid  # read once: the pidfile goes as soon as the daemon stops
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(pid, 3)
     if os.path.exists("/dev/log"):
         assert not log_file.exists() or "started as daemon" not in log_file.read_text()
     else:
@@ -302,5 +303,6 @@ def test_sighup_leaves_no_event_stream_on_the_old_endpoint(daemon: Daemon, maste
             time.sleep(0.05)
         time.sleep(4)  # the old watcher's /version has answered by now
         assert old.count("/events") == 1 and old.open_streams == 0, old.paths
-        os.kill(daemon.pid, signal.SIGTERM)
-        wait_gone(daemon.pid, 5)
+        pid = daemon.pid
+        os.kill(pid, signal.SIGTERM)
+        wait_gone(pid, 5)
