@@ -29,7 +29,11 @@ Commands (see dm-agent COMMAND --help):
   dm-agent status [--json]   is the daemon registered? exit 0 registered within its
                              ttl, 1 running but stale, failing or hung, 3 not running,
                              4 unknown (no state readable, e.g. permissions)
+  dm-agent migrate [--dry-run] [--name NAME]
+                             take over from the original agent's unit: its settings
+                             into /etc/dm-agent.ini, then stop and disable it
 """
+
 
 def _status(argv: list[str]) -> int:
     from . import status
@@ -37,8 +41,14 @@ def _status(argv: list[str]) -> int:
     return status.main(argv)
 
 
+def _migrate(argv: list[str]) -> int:
+    from . import migrate
+
+    return migrate.main(argv)
+
+
 # Subcommands, each with its own parser and exit codes; the agent itself takes none.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"status": _status}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"status": _status, "migrate": _migrate}
 
 # Set while re-executing with the -s value moved out of the command line (see _hide_secret).
 _SECRET_ENV = "DM_AGENT__CLI_SECRET"

@@ -262,3 +262,30 @@ def test_group_members_read_it_others_get_exit_4_saying_what_they_lack(
     assert "run it as root" in other.stdout.lower() and "usermod -aG dm-agent" in other.stdout
     js = json.loads(node.status("--json", user=(NOBODY, NOBODY)).stdout)
     assert js["status"] == "unknown" and js["exit_code"] == 4 and js["state"] is None
+
+
+def test_help_documents_the_subcommand_and_its_exit_codes(tmp_path: Path) -> None:
+    main = run(["--help"], tmp_path)
+    assert main.returncode == 0 and "dm-agent status [--json]" in main.stdout
+    sub = run(["status", "--help"], tmp_path)
+    assert sub.returncode == 0, sub.stderr
+    for line in ("0  running and registered within its ttl", "3  not running (no lock held",
+                 "4  unknown: no state readable"):
+        assert line in sub.stdout, sub.stdout
+    bad = run(["status", "--bogus"], tmp_path)
+    assert bad.returncode == 64 and "usage: dm-agent status" in bad.stderr, bad.stderr
+
+
+def test_the_pidfile_is_found_through_the_config_file(node: Node, master: Master) -> None:
+    node.configure(extra=f"pidfile = {node.pidfile}\n")
+    pid = node.start()
+    master.wait_for(1)
+    deadline = time.monotonic() + 20
+    while True:
+        proc = run(["status", "--json", "-f", str(node.conf)], node.home)
+        if proc.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert proc.returncode == 0, proc.stdout
+    js = json.loads(proc.stdout)
+    assert js["pidfile"] == str(node.pidfile) and js["pid"] == pid
