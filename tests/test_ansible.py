@@ -14,12 +14,16 @@ In order, each step needing the ones before:
 
 1. ``--check`` on nodes without dm-agent: succeeds and installs nothing;
 2. the rollout: both nodes register with the master (secret accepted), the file is
-   0640 root:dm-agent, and no secret appears in the play's output (``-v --diff``);
+   0640 root:dm-agent, and no secret appears in the play's output (``-v --diff``); on
+   the Debian 11 node, laid out as the original agent's ``install`` leaves one
+   (``dm_agent_migrate: true``), the old unit is stopped and disabled, its files left;
 3. the second run reports ``changed=0`` on both;
 4. ``--check --diff`` with a new timeout predicts the change and makes none;
 5. a new ``timeout`` for one host reloads that host only (same process) and the master
    sees its new ttl; the other host's stays;
-6. a wrong secret for one host fails the play on that host with ``dm-agent status``'s
+6. a new pinned version, published in the same signed repository: both hosts upgrade
+   and the agent is restarted on it, registered; the run after is ``changed=0``;
+7. a wrong secret for one host fails the play on that host with ``dm-agent status``'s
    message; the other host is untouched.
 
 Needs root, systemd-container, debootstrap (cold roots), docker.io, openssh-client,
@@ -31,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -49,17 +54,22 @@ pytestmark = pytest.mark.system
 
 RELEASES = ("bullseye", "trixie")
 TIMEOUT = 1  # the interval of the rollout: ttl 2
+OLD = "node-agent"  # the original agent's unit on the first node
+OLD_FILES = (f"/etc/systemd/system/{OLD}.service", f"/usr/local/bin/{OLD}.py", f"/etc/{OLD}.ini")
 
 
 class Fleet:
     """The two nodes, the master, the controller, and which steps passed."""
 
     def __init__(self, nodes: list[ManagedNode], master: Master, controller: Controller,
-                 secret: str) -> None:
+                 secret: str, pkgs: lifecycle.Packages, published: Path) -> None:
         self.nodes = nodes
         self.master = master
         self.controller = controller
         self.secret = secret
+        self.pkgs = pkgs
+        #: the directory served as the repository: apt/ is a symlink to what is published
+        self.published = published
         self.passed: set[str] = set()
 
     def needs(self, *steps: str) -> None:
@@ -86,7 +96,11 @@ def fleet_() -> Iterator[Fleet]:
     with contextlib.ExitStack() as stack:
         stack.callback(master.stop)
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dm-ansible.")))
-        repo_url = stack.enter_context(fleet.serve(pkgs.repo))
+        published = work / "published"
+        published.mkdir()
+        (published / "apt").symlink_to(pkgs.repo / "apt")
+        shutil.copy(pkgs.keyring_asc, published / "dm-agent-archive-keyring.asc")
+        repo_url = stack.enter_context(fleet.serve(published))
         nodes = []
         for release in RELEASES:
             dockerd = Dockerd(hostname=f"dm-ansible-{release}")
@@ -105,11 +119,13 @@ def fleet_() -> Iterator[Fleet]:
             "dm_agent_timeout": TIMEOUT,
             "dm_agent_settings": {"log_level": 1, "jitter": False},
             "dm_agent_verify_delay": 1,
+            "dm_agent_migrate": True,
         })
         for node in nodes:
             node.give_docker_socket()
             node.start_sshd(controller.public_key)
-        yield Fleet(nodes, master, controller, secret)
+        lay_out_original_agent(nodes[0], master)
+        yield Fleet(nodes, master, controller, secret, pkgs, published)
     master.assert_valid()
 
 
@@ -136,6 +152,15 @@ def test_rollout_registers_both(fleet_: Fleet) -> None:
         print(fleet.recap_line(result, node.name))
     assert result.returncode == 0, result.output[-8000:]
     assert fleet_.secret not in result.output
+    old = fleet_.nodes[0]
+    assert f"stopped and disabled {OLD}.service" in result.output, result.output[-8000:]
+    assert old.run(["systemctl", "is-active", f"{OLD}.service"], check=False
+                   ).stdout.strip() == "inactive"
+    assert old.run(["systemctl", "is-enabled", f"{OLD}.service"], check=False
+                   ).stdout.strip() == "disabled"
+    for path in OLD_FILES:
+        assert old.run(["test", "-f", path], check=False).returncode == 0, f"{path} is gone"
+    assert OLD_SECRET not in result.output
     for node in fleet_.nodes:
         assert result.recap[node.name]["failed"] == 0
         regs = [r for r in fleet_.registrations(node, since) if r.status == 200]
@@ -214,8 +239,38 @@ def test_timeout_change_reloads_only_that_host(fleet_: Fleet) -> None:
     fleet_.passed.add("timeout")
 
 
+def test_pinned_upgrade_restarts(fleet_: Fleet) -> None:
+    """6. A new version pinned and published: both upgrade, the agent restarts on it."""
+    fleet_.needs("idempotent")
+    pids = {n.name: main_pid(n) for n in fleet_.nodes}
+    ini = {n.name: n.run(["sha256sum", INI]).stdout for n in fleet_.nodes}
+    next_version = f"{fleet_.pkgs.version}+next1"
+    with lifecycle.publish_next_version(fleet_.pkgs, next_version) as apt_dir:
+        shutil.copytree(apt_dir, fleet_.published / "apt-next")
+    (fleet_.published / "apt.new").symlink_to(fleet_.published / "apt-next")
+    (fleet_.published / "apt.new").replace(fleet_.published / "apt")
+    fleet_.controller.group_vars["dm_agent_version"] = next_version
+    since = time.monotonic()
+    result = fleet_.controller.play()
+    print(f"\nupgrade to {next_version}: {result.seconds:.1f} s")
+    assert result.returncode == 0, result.output[-6000:]
+    assert re.search(r"RUNNING HANDLER \[dm_agent : Restart dm-agent after an upgrade\]"
+                     r".*\n(changed: \[\w+\]\n){2}", result.output), result.output[-6000:]
+    for node in fleet_.nodes:
+        assert result.recap[node.name]["changed"] == 2, result.output[-6000:]  # package, restart
+        assert node.run(["dpkg-query", "-W", "-f", "${Version}", "dm-agent"]).stdout == \
+            next_version
+        assert main_pid(node) != pids[node.name]
+        assert node.run(["sha256sum", INI]).stdout == ini[node.name]
+        assert [r for r in fleet_.registrations(node, since) if r.status == 200]
+    again = fleet_.controller.play()
+    for node in fleet_.nodes:
+        assert again.recap[node.name]["changed"] == 0, again.output[-6000:]
+    fleet_.passed.add("upgrade")
+
+
 def test_wrong_secret_fails_that_host(fleet_: Fleet) -> None:
-    """6. A wrong secret for one host: the play fails on that host, with the status
+    """7. A wrong secret for one host: the play fails on that host, with the status
     message (the master refused the secret); the other host stays as it was."""
     fleet_.needs("idempotent")
     good, bad = fleet_.nodes
@@ -238,6 +293,32 @@ def test_wrong_secret_fails_that_host(fleet_: Fleet) -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+OLD_SECRET = "old-s3cr3t-" + secrets.token_hex(8)
+
+
+def lay_out_original_agent(node: ManagedNode, master: Master) -> None:
+    """The node as the original agent's ``install`` leaves it: its unit (Type=simple,
+    ExecStart=<script> -v), /etc/<name>.ini with every line but [main] commented out, and
+    the script with the master's ``default_value`` dict at its top. The script is a
+    stand-in written here, which only sleeps: what matters to the role is that the unit
+    runs until ``dm-agent migrate`` stops it."""
+    default_value = {"docker": "unix:///var/run/docker.sock", "master": master.address,
+                     "timeout": 10, "secret": OLD_SECRET}
+    node.box.write(OLD_FILES[1], (
+        "#!/usr/bin/python3\n"
+        f'"""Stand-in for the original agent (tests/test_ansible.py): it only sleeps."""\n'
+        f"default_value = {default_value!r}\n"
+        "import time\n\nwhile True:\n    time.sleep(60)\n"), mode=0o755)
+    node.box.write(OLD_FILES[2], "[main]\n#master = 127.0.0.1:8761\n#timeout = 10\n#secret =\n",
+                   mode=0o644)
+    node.box.write(OLD_FILES[0], (
+        "[Unit]\nDescription=the original node agent\n\n[Service]\nType=simple\n"
+        f"ExecStart={OLD_FILES[1]} -v\n\n[Install]\nWantedBy=multi-user.target\n"))
+    node.run(["systemctl", "daemon-reload"])
+    node.run(["systemctl", "enable", "--now", f"{OLD}.service"])
+    assert node.run(["systemctl", "is-active", f"{OLD}.service"]).stdout.strip() == "active"
+
 
 
 def main_pid(node: ManagedNode) -> int:
