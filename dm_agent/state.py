@@ -131,8 +131,8 @@ class StateWriter:
             "docker": {"reachable": docker_error is None, "error": docker_error},
             "events": events,
             "stuck_mounts": agent.host.disks.stuck,
-            "time_format": s.time_format,
-            "master_generation": None,
+            "time_format": agent.time_format,
+            "master_generation": agent.master_generation,
         }
 
     def write(self, agent: Agent, now: float | None = None) -> None:

@@ -1,8 +1,8 @@
 """The Ansible role (deploy/ansible/roles/dm_agent) rolled out by real ``ansible-playbook``
 to two booted nodes at once, Debian 11 and Debian 13.
 
-Each node is a throwaway overlay of the ``ansible`` flavour of the cached roots
-(tests/support/roots.py: python3 for Ansible's modules, an ssh server, sudo; the agent
+Each node is a throwaway overlay of the ``<release>-ansible`` flavour of the cached
+roots (tests/support/roots.py: python3 for Ansible's modules, an ssh server, sudo; the agent
 itself needs no Python) booted under systemd-nspawn, with a dockerd of its own bound at
 /var/run/docker.sock. The controller reaches them over ssh, as an unprivileged user who
 becomes root with sudo, with the nodes' host keys checked: what operators run. The
@@ -107,8 +107,7 @@ def fleet_() -> Iterator[Fleet]:
             stack.callback(dockerd.close)
             dockerd.start()
             box = stack.enter_context(nspawn.boot(
-                release, flavour="ansible",
-                binds=[(dockerd.socket_path, "/var/run/docker.sock")]))
+                f"{release}-ansible", binds=[(dockerd.socket_path, "/var/run/docker.sock")]))
             nodes.append(ManagedNode(name=release, box=box, dockerd=dockerd))
         controller = Controller(work, nodes, {
             "dm_agent_repo_url": repo_url,

@@ -22,6 +22,7 @@ import pytest
 from agentproc import BIN, clean_env, run
 from support.master import Master
 
+from dm_agent.config import Settings
 from dm_agent.pidfile import read_pid
 from dm_agent.state import state_path
 
@@ -139,7 +140,8 @@ def test_registered_exit_0_with_summary_and_a_state_file_without_secrets(
     assert state["pid"] == pid and state["ttl"] == 120 and state["interval"] == 60
     assert state["master"] == masked and state["consecutive_failures"] == 0
     assert state["last_success"]["ttl"] == 120 and state["last_success"]["duration"] > 0
-    assert state["config_file"] == str(node.conf) and state["time_format"] == "local"
+    assert state["config_file"] == str(node.conf)
+    assert state["time_format"] == Settings().time_format  # the default, none configured
     assert state["events"]["state"] == "down" and state["master_generation"] is None
     assert state["docker"]["reachable"] is False and state["stuck_mounts"] == []
     assert not list(node.state.parent.glob("*.tmp"))  # written by rename, nothing left over

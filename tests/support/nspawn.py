@@ -414,13 +414,10 @@ def boot(
     machine: str | None = None,
     boot_timeout: float = 90.0,
     copy: bool = False,
-    flavour: str | None = None,
 ) -> Iterator[BootedRoot]:
-    """Boot a throwaway overlay (or with *copy*, a copy) of the cached *release* root (of
-    *flavour*, see ``roots.FLAVOURS``); all of it is gone afterwards."""
-    with roots.use(release, flavour) as cached, roots.throwaway(
-        cached, copy=copy
-    ) as tree, BootedRoot(
+    """Boot a throwaway overlay (or with *copy*, a copy) of the cached *release* root;
+    all of it is gone afterwards."""
+    with roots.use(release) as cached, roots.throwaway(cached, copy=copy) as tree, BootedRoot(
         tree,
         binds=binds,
         read_only_binds=read_only_binds,

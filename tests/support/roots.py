@@ -6,11 +6,6 @@ rebuilt when the key is absent or its recipe differs from the current one, and i
 booted itself: each test boots a throwaway overlay (``throwaway()``) so the cache stays
 pristine. The roots have no Python on purpose: the frozen agent must run without one.
 
-A *flavour* (``FLAVOURS``) is the same root with more packages, cached on its own as
-``<release>-<flavour>/`` with its own key, so that the plain roots, which other tests
-boot and assert to be without Python, are never rebuilt for it: ``ansible`` is a managed
-node of a configuration-management engine (Python for its modules, an ssh server).
-
 The roots carry no apt source: a test that installs a package does so from a file or a
 local repository, and nothing inside a booted root can reach the network's mirrors.
 """
@@ -30,18 +25,25 @@ from pathlib import Path
 
 RELEASES = ("bullseye", "bookworm", "trixie")
 
+#: Roots with more packages than the booted ones, each cached under its own name (its own
+#: key and lock), so the shared release roots keep their recipe: flavour -> (release,
+#: extra packages). ``trixie-engines`` holds Docker Engine 26 and Podman 5, run through
+#: ``chroot`` (never booted) by ``tests/support/engines.py``. ``<release>-ansible`` is a
+#: node managed by Ansible (tests/test_ansible.py): its modules run with the node's python3
+#: (the apt module with python3-apt), reached over ssh as a user who becomes root with
+#: sudo, as a server is; the agent itself still uses no Python.
+_ANSIBLE_NODE = ("python3", "python3-apt", "openssh-server", "sudo")
+FLAVOURS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "trixie-engines": ("trixie", ("docker.io", "containerd", "runc", "podman", "conmon",
+                                  "iptables", "util-linux")),
+    "bullseye-ansible": ("bullseye", _ANSIBLE_NODE),
+    "trixie-ansible": ("trixie", _ANSIBLE_NODE),
+}
+
 #: Packages on top of debootstrap's minbase: a booting systemd with D-Bus (systemctl,
 #: journalctl, systemd-analyze, systemd-sysusers all come with ``systemd``), and what an
 #: apt/yum-style repository test needs to verify signatures and TLS.
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "ca-certificates", "gnupg")
-
-#: Extra packages of each flavour (see the module's docstring), on top of PACKAGES.
-FLAVOURS: dict[str, tuple[str, ...]] = {
-    # Ansible's modules run on the managed node with its python3 (its apt module needs
-    # python3-apt); the controller reaches the node over ssh as an unprivileged user who
-    # becomes root with sudo, as it reaches a server.
-    "ansible": ("python3", "python3-apt", "openssh-server", "sudo"),
-}
 
 #: Bump when the recipe changes in a way the fields below do not show (the post-build steps).
 RECIPE_FORMAT = 3
@@ -65,12 +67,15 @@ def _host_arch() -> str:
     ).stdout.strip()
 
 
-def recipe(release: str, flavour: str | None = None) -> dict[str, object]:
-    """What a root for *release* (and *flavour*) is built from; a cached root whose key
-    differs is rebuilt."""
+def recipe(release: str) -> dict[str, object]:
+    """What a root for *release* is built from; a cached root whose key differs is rebuilt."""
+    if release in FLAVOURS:
+        base, extra = FLAVOURS[release]
+        return {**recipe(base), "flavour": release, "packages": sorted({*PACKAGES, *extra})}
     if release not in RELEASES:
-        raise RootError(f"unknown release {release!r}: expected one of {', '.join(RELEASES)}")
-    wanted: dict[str, object] = {
+        names = ", ".join((*RELEASES, *FLAVOURS))
+        raise RootError(f"unknown release {release!r}: expected one of {names}")
+    return {
         "format": RECIPE_FORMAT,
         "release": release,
         "arch": _host_arch(),
@@ -78,83 +83,67 @@ def recipe(release: str, flavour: str | None = None) -> dict[str, object]:
         "variant": "minbase",
         "packages": sorted(PACKAGES),
     }
-    if flavour is not None:
-        if flavour not in FLAVOURS:
-            raise RootError(f"unknown flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
-        wanted["flavour"] = flavour
-        wanted["packages"] = sorted((*PACKAGES, *FLAVOURS[flavour]))
-    return wanted
 
 
-def _name(release: str, flavour: str | None) -> str:
-    """The cache entry's name: the release, or ``<release>-<flavour>``."""
-    return release if flavour is None else f"{release}-{flavour}"
+def _key_path(release: str) -> Path:
+    return cache_dir() / f"{release}.key.json"
 
 
-def _key_path(name: str) -> Path:
-    return cache_dir() / f"{name}.key.json"
-
-
-def _read_key(name: str) -> dict[str, object] | None:
+def _read_key(release: str) -> dict[str, object] | None:
     try:
-        data = json.loads(_key_path(name).read_text())
+        data = json.loads(_key_path(release).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def is_current(release: str, flavour: str | None = None) -> bool:
-    """True when the cached root for *release* (and *flavour*) exists and was built by the
-    current recipe."""
-    name = _name(release, flavour)
-    key = _read_key(name)
+def is_current(release: str) -> bool:
+    """True when the cached root for *release* exists and was built by the current recipe."""
+    key = _read_key(release)
     return (
         key is not None
-        and key.get("recipe") == recipe(release, flavour)
-        and (cache_dir() / name / "usr/lib/os-release").exists()
+        and key.get("recipe") == recipe(release)
+        and (cache_dir() / release / "usr/lib/os-release").exists()
     )
 
 
 @contextlib.contextmanager
-def _lock(name: str, mode: int) -> Iterator[None]:
+def _lock(release: str, mode: int) -> Iterator[None]:
     """The release's lock: builders hold it exclusively, boots (``use``) shared, so a
     rebuild never pulls a root from under a running container (parallel runs share the
     cache)."""
     cache_dir().mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / f".{name}.lock", "a") as handle:
+    with open(cache_dir() / f".{release}.lock", "a") as handle:
         fcntl.flock(handle, mode)
         yield
 
 
-def ensure_root(release: str = "bookworm", *, flavour: str | None = None,
-                log: bool = True) -> Path:
-    """Return the cached root for *release* (and *flavour*), building it first when absent
-    or stale.
+def ensure_root(release: str = "bookworm", *, log: bool = True) -> Path:
+    """Return the cached root for *release*, building it first when absent or stale.
 
     A cold build runs debootstrap against the Debian mirror (about a minute); reuse
     costs one key comparison. A rebuild waits for the boots using the old root.
     """
-    name = _name(release, flavour)
-    root = cache_dir() / name
-    if is_current(release, flavour):
+    root = cache_dir() / release
+    if is_current(release):
         return root
-    wanted = recipe(release, flavour)
-    with _lock(name, fcntl.LOCK_EX):
-        if is_current(release, flavour):
+    wanted = recipe(release)
+    with _lock(release, fcntl.LOCK_EX):
+        if is_current(release):
             return root
         started = time.monotonic()
         if log:
-            print(f"roots: building {name} root in {root} (debootstrap, a few minutes)")
-        _key_path(name).unlink(missing_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir()))
+            print(f"roots: building {release} root in {root} (debootstrap, a few minutes)")
+        _key_path(release).unlink(missing_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{release}.", dir=cache_dir()))
         try:
             staging.chmod(0o755)  # it becomes the container's /; mkdtemp made it 0700
             _debootstrap(wanted, staging)
             _finish(staging)
-            if flavour is None:
+            if release not in FLAVOURS:  # booted roots run the frozen agent: no Python
                 _assert_no_python(staging)
-            else:
-                _finish_flavour(staging)
+            if "openssh-server" in FLAVOURS.get(release, ("", ()))[1]:
+                _no_sshd_at_boot(staging)
             if root.exists():
                 shutil.rmtree(root)
             staging.rename(root)
@@ -164,25 +153,24 @@ def ensure_root(release: str = "bookworm", *, flavour: str | None = None,
         seconds = round(time.monotonic() - started, 1)
         key = {"recipe": wanted, "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "seconds": seconds, "debootstrap": _debootstrap_version()}
-        tmp_key = _key_path(name).with_suffix(".tmp")
+        tmp_key = _key_path(release).with_suffix(".tmp")
         tmp_key.write_text(json.dumps(key, indent=2) + "\n")
-        tmp_key.rename(_key_path(name))
+        tmp_key.rename(_key_path(release))
         if log:
-            print(f"roots: built {name} in {seconds} s")
+            print(f"roots: built {release} in {seconds} s")
         return root
 
 
 @contextlib.contextmanager
-def use(release: str = "bookworm", flavour: str | None = None) -> Iterator[Path]:
-    """The current root for *release* (and *flavour*; built if needed), kept from rebuilds
-    while in use."""
+def use(release: str = "bookworm") -> Iterator[Path]:
+    """The current root for *release* (built if needed), kept from rebuilds while in use."""
     for _ in range(3):
-        root = ensure_root(release, flavour=flavour)
-        with _lock(_name(release, flavour), fcntl.LOCK_SH):
-            if is_current(release, flavour):
+        root = ensure_root(release)
+        with _lock(release, fcntl.LOCK_SH):
+            if is_current(release):
                 yield root
                 return
-    raise RootError(f"the {_name(release, flavour)} root keeps being rebuilt by another recipe")
+    raise RootError(f"the {release} root keeps being rebuilt by another recipe")
 
 
 def _debootstrap_version() -> str:
@@ -232,15 +220,14 @@ def _finish(root: Path) -> None:
         link.symlink_to("/dev/null")
 
 
-def _finish_flavour(root: Path) -> None:
-    """The ssh server of the ``ansible`` flavour does not start at boot: the container
-    shares the host's network, where port 22 is the host's. A test gives it a port of its
-    own and starts it (``systemctl start ssh``)."""
+def _no_sshd_at_boot(root: Path) -> None:
+    """Mask the ssh server: the container shares the host's network, where port 22 is
+    the host's. A test gives it a port of its own, unmasks it and starts it."""
     subprocess.run(["chroot", str(root), "systemctl", "disable", "ssh.service"],
                    check=True, capture_output=True)
     for unit in ("ssh.service", "ssh.socket"):
         link = root / "etc/systemd/system" / unit
-        if not link.is_symlink():  # masked until a test unmasks it: nothing starts it
+        if not link.is_symlink():
             link.symlink_to("/dev/null")
 
 
@@ -293,15 +280,13 @@ def _unmount(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tests.support.roots [RELEASE[-FLAVOUR]...]``: build (or check) the
-    cached roots."""
+    """``python -m tests.support.roots [RELEASE...]``: build (or check) the cached roots."""
     import sys
 
-    for name in (argv if argv is not None else sys.argv[1:]) or ["bookworm"]:
-        release, _, flavour = name.partition("-")
+    for release in (argv if argv is not None else sys.argv[1:]) or ["bookworm"]:
         started = time.monotonic()
-        path = ensure_root(release, flavour=flavour or None)
-        print(f"{name}: {path} ready in {time.monotonic() - started:.1f} s")
+        path = ensure_root(release)
+        print(f"{release}: {path} ready in {time.monotonic() - started:.1f} s")
     return 0
 
 
