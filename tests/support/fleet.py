@@ -3,7 +3,7 @@ repository served over HTTP, and ``ansible-playbook`` runs with their recap.
 
 - ``serve(directory)``: a loopback HTTP server for dist/repo/ (what a node's apt reads
   from ``https://packages.example.com/dm-agent`` in production).
-- ``ManagedNode``: a booted root of the ``ansible`` flavour (tests/support/roots.py:
+- ``ManagedNode``: a booted root of a ``<release>-ansible`` flavour (tests/support/roots.py:
   python3, python3-apt, openssh-server, sudo) with its own dockerd, whose sshd listens on
   a port of its own on 127.0.0.1 (the container shares the host's network) and lets
   the user ``ops`` in with the test's key; ``ops`` becomes root with sudo, as an operator
