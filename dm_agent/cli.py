@@ -139,6 +139,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _warn_not_reloaded(running: config.Settings, new: config.Settings) -> None:
+    """A daemon keeps its pidfile (systemd's PIDFile= names it) and its log file for its
+    whole life; a reload that changes them says so rather than ignoring them silently."""
+    for key, was, now in (
+        ("pidfile", config.pidfile_path(running), config.pidfile_path(new)),
+        ("log_file", running.log_file, new.log_file),
+    ):
+        if was != now:
+            logs.logger.warning("%s changed to %s: not applied by a reload, restart the agent "
+                                "to use it (still %s)", key, now or "(none)", was or "(none)")
+
+
 def _run(args: argparse.Namespace) -> int:
     if sum(bool(x) for x in (args.daemon, args.once, args.check_config)) > 1:
         raise UsageError("dm-agent: --daemon, --once and --check-config exclude each other")
@@ -159,6 +171,8 @@ def _run(args: argparse.Namespace) -> int:
         new, new_warnings = _load(args)
         for warning in new_warnings:
             logs.logger.warning("%s", warning)
+        if args.daemon:
+            _warn_not_reloaded(settings, new)
         return new
 
     if args.daemon:
