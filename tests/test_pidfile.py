@@ -76,7 +76,7 @@ def test_temporary_file_is_created_exclusively_without_following_links(
 def test_pidfile_that_is_a_symlink_is_refused(rundir: Path, victim: Path) -> None:
     path = rundir / "dm-agent.pid"
     path.symlink_to(victim)
-    with pytest.raises(AgentError, match="cannot open pidfile .*: it is a symbolic link"):
+    with pytest.raises(AgentError, match=r"cannot open pidfile .*: it is a symbolic link"):
         LockedPidfile(str(path)).acquire()
     assert victim.read_text() == VICTIM and path.is_symlink()
 
