@@ -22,7 +22,8 @@ Steps (the issue's numbering):
 4. journald: ``-p info`` shows the start, ``-p err`` one line per master outage and
    nothing while all is well, and the agent keeps logging after journald restarts;
 5. reload: a new interval reaches the master as ttl = 2 × timeout; a broken edit is
-   refused with an error and the running configuration kept;
+   refused with an error and the running configuration kept; the secret as a systemd
+   credential (``LoadCredential=``) wins over the file's and shows nowhere;
 6. stop within 3 s, SIGKILL restarted after RestartSec, a broken config skipped (no loop);
 9. ``systemd-analyze security`` ≤ 2.0 and ``verify`` clean in the booted root; the
    reported disks are df's;
@@ -384,6 +385,59 @@ def test_reload(node: Node) -> None:
         node.run(["systemctl", "reload", UNIT])
         node.wait_registration(since, ttl=2)
         assert node.main_pid() == pid
+
+
+CREDENTIAL_FILE = "/etc/dm-agent/secret"
+CREDENTIAL_DROPIN = f"/etc/systemd/system/{UNIT}.d/credential.conf"
+
+
+def test_credentials(node: Node) -> None:
+    """5b. The secret as a systemd credential (``LoadCredential=``, the README's advice):
+    it beats ``secret`` in the file, registrations carry it, and neither ``systemctl
+    show``, the journal nor ``ps`` holds it."""
+    with node.step("credentials", needs=["configured"]):
+        node.run(["sh", "-c", 'umask 077; mkdir -p "${1%/*}"; cat > "$1"', "sh",
+                  CREDENTIAL_FILE], input=node.secret + "\n")
+        assert node.stat(CREDENTIAL_FILE) == "600 root:root"
+        # the file keeps a wrong secret: the credential must win over it
+        node.edit_ini(node.run(["cat", "/usr/share/doc/dm-agent/dm-agent.ini"]).stdout
+                      + node.settings_block(timeout=1).replace(
+                          f"secret = {node.secret}", "secret = not-the-node-secret"))
+        node.run(["sh", "-c", 'mkdir -p "${1%/*}"; cat > "$1"', "sh", CREDENTIAL_DROPIN],
+                 input=f"[Service]\nLoadCredential=secret:{CREDENTIAL_FILE}\n")
+        try:
+            node.run(["systemctl", "daemon-reload"])
+            mark = node.cursor()
+            since = time.monotonic()
+            node.run(["systemctl", "restart", UNIT])
+            regs = node.wait_registration(since, count=2)
+            assert all(r.auth_ok for r in node.registrations_since(since)), \
+                [(r.status, r.auth_ok) for r in node.registrations_since(since)]
+            assert all(r.auth_ok for r in regs)
+            pid = node.main_pid()
+            creds = node.run(["cat", f"/proc/{pid}/environ"]).stdout.split("\0")
+            assert any(v.startswith("CREDENTIALS_DIRECTORY=") for v in creds), creds
+            # what an operator sees: the source, not the value
+            check = node.run(["setpriv", "--reuid=dm-agent", "--regid=dm-agent",
+                              "--init-groups", "env", *[v for v in creds if "=" in v],
+                              "dm-agent", "--check-config", "-f", INI])
+            assert re.search(r"^secret = \*+  ; systemd credential "
+                             r"/run/credentials/dm-agent\.service/secret$",
+                             check.stdout, re.M), check.stdout
+            shown = node.run(["systemctl", "show", UNIT]).stdout
+            assert "LoadCredential" in shown and node.secret not in shown
+            journal = node.run(["journalctl", "--no-pager", "-o", "export"]).stdout
+            assert node.secret not in journal
+            assert node.secret not in host(["ps", "-e", "-ww", "-o", "pid=,args="])
+            assert node.agent_lines(mark, priority="err") == []
+            node.notes["credential_source"] = check.stdout.splitlines()[
+                [ln.startswith("secret =") for ln in check.stdout.splitlines()].index(True)]
+        finally:
+            node.run(["rm", "-f", CREDENTIAL_DROPIN, CREDENTIAL_FILE])
+            node.run(["systemctl", "daemon-reload"])
+            node.configure(timeout=1)
+            node.run(["systemctl", "restart", UNIT])
+        node.wait_registration(time.monotonic())
 
 
 def restart_sec(node: Node) -> float:
