@@ -175,3 +175,20 @@ def test_master_url_credentials_are_refused_and_never_printed(tmp_path: Path) ->
         assert "must not carry credentials" in proc.stderr
         assert "http://********@127.0.0.1:9" in proc.stderr
         assert "pa55-w0rd" not in proc.stdout + proc.stderr and "admin" not in proc.stderr
+
+
+def test_reexec_command_line_keeps_every_flag_but_the_secret() -> None:
+    """without_secret() rebuilds the command line from the parsed flags: a flag added to
+    the parser and forgotten there would be dropped silently by the re-exec."""
+    from dm_agent import cli
+
+    full = ["-d", "unix:///d.sock", "-m", "m:1", "-t", "5", "-vv", "-f", "a b.ini",
+            "-s", SECRET, "--pidfile", "=p", "--daemon", "--once", "--dry-run",
+            "--check-config"]
+    args = cli._parse(full)
+    every = set(vars(cli._parse([])))
+    assert {k for k, v in vars(args).items() if v not in (None, False, 0)} == every, \
+        "a new flag: give it a value in this test and a place in cli.without_secret()"
+    again = cli._parse(cli.without_secret(args))
+    assert again.secret is None
+    assert {**vars(again), "secret": SECRET} == vars(args)
