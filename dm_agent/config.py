@@ -12,6 +12,7 @@ import configparser
 import fnmatch
 import os
 import re
+import stat
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -173,8 +174,17 @@ def parse_existing_file(text: str) -> str | None:
     value = text.strip()
     if not value:
         return None
-    if not os.path.isfile(value):
-        raise ValueError(f"expected an existing file, {value!r} does not exist")
+    try:
+        is_file = stat.S_ISREG(os.stat(value).st_mode)
+    except FileNotFoundError:
+        raise ValueError(f"expected an existing file, {value!r} does not exist") from None
+    except PermissionError:
+        raise ValueError(f"expected a readable file, {value!r} cannot be reached: permission "
+                         "denied on a directory above it") from None
+    except OSError as exc:
+        raise ValueError(f"expected an existing file, {value!r}: {exc.strerror}") from None
+    if not is_file:
+        raise ValueError(f"expected a file, {value!r} is not a regular file")
     if not os.access(value, os.R_OK):
         raise ValueError(f"expected a readable file, {value!r} cannot be read")
     return value

@@ -364,3 +364,31 @@ def test_relative_paths_in_the_file_are_relative_to_its_directory(tmp_path: Path
     assert settings.config_file == path
     assert settings.pidfile == f"{start}/cli.pid"
     assert settings.log_file == f"{start}/x.log"
+
+
+def test_file_setting_behind_an_unreadable_directory_says_so() -> None:
+    """Not "does not exist": the dm-agent user meets a 0700 directory above the file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dm-config-") as tmp:  # reachable by nobody
+        os.chmod(tmp, 0o755)
+        secret_file_behind_private_directory(Path(tmp))
+
+
+def secret_file_behind_private_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "private").mkdir(mode=0o700)
+    write(tmp_path / "private" / "node.secret", "s\n")
+    path = write(tmp_path / "d.ini", f"[main]\nsecret_file = {tmp_path}/private/node.secret\n")
+    os.chmod(path, 0o644)
+    code = ("import sys; from dm_agent import config\n"
+            "try: config.load({}, sys.argv[1], {})\n"
+            "except config.ConfigError as e: print(e); sys.exit(78)\n")
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+         "-c", code, path], capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.dirname(config.__file__)))
+    assert proc.returncode == 78, proc.stderr
+    assert "cannot be reached: permission denied on a directory above it" in proc.stdout
