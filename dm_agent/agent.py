@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import psutil
 
-from . import logs, payload
+from . import logs, nodename, payload
 from .collectors.docker import DockerCollector, DockerTLS, NodeInfo, connect, tcp_address
 from .collectors.events import EventWatcher
 from .collectors.host import HostCollector
@@ -29,6 +29,7 @@ from .config import Settings, is_excluded
 from .errors import ConfigError, DockerError, ReportError
 from .reporter import Reporter
 from .signals import Signals, Waker
+from .state import StateWriter
 
 log = logging.getLogger("dm_agent")
 
@@ -91,6 +92,7 @@ class Outage:
         self.what = what
         self.clock = clock
         self.kind: str | None = None
+        self.message = ""
         self.count = 0
         self.since = 0.0
         self._summary_at = 0.0
@@ -102,6 +104,7 @@ class Outage:
 
     def failed(self, kind: str, message: str) -> None:
         now = self.clock()
+        self.message = message
         if self.kind is None:
             log.error("%s", message)
             self.kind, self.count, self.since, self._summary_at = kind, 1, now, now
@@ -189,7 +192,24 @@ class Agent:
         self._encoder = payload.Encoder()
         self._listed_generation = -1
         self._listed_at = 0.0
+        #: what the state file reports: the last round's failure (kind, message), the
+        #: node name and the number of containers of the last registration built
+        self.last_error: tuple[str, str] | None = None
+        self.node_name: str | None = None
+        self.containers_reported = 0
+        self.state: StateWriter | None = None
+        self._info_connects = -1
+        self._info_at = 0.0
+        self._refused_name: str | None = None
+        #: the master generation, for the state file: None, as the default body is read
+        #: by both generations, so the agent never needs to find out (README, *Masters*)
+        self.master_generation: str | None = None
         self._build(settings)
+
+    @property
+    def time_format(self) -> str:
+        """The ``time`` format in use (``utc`` or ``local``), for the state file."""
+        return self.settings.time_format
 
     # -- components
     def _build(self, s: Settings) -> None:
@@ -252,12 +272,27 @@ class Agent:
         stale = time.monotonic() - self._listed_at >= max(RELIST_EVERY, self.settings.timeout)
         return stale or not events.current(self._listed_generation), generation
 
+    def _reinfo(self) -> tuple[bool, int]:
+        """Whether this round must re-read ``/info`` (name, labels), and the stream's
+        connect count to remember: always, but for a round within half an interval of
+        the last read while the event stream stayed connected (so an event-triggered
+        round skips it, and every periodic round still reads it)."""
+        events = self.events
+        if events is None or not events.connected:
+            return True, -1
+        connects = events.connects
+        recent = time.monotonic() - self._info_at < self.settings.timeout / 2
+        return not (recent and connects == self._info_connects), connects
+
     def collect_node(self) -> NodeInfo:
         relist, generation = self._relist()
+        reinfo, connects = self._reinfo()
         try:
-            node = self.docker.collect(relist=relist)
+            node = self.docker.collect(relist=relist, reinfo=reinfo)
             if relist:
                 self._listed_generation, self._listed_at = generation, time.monotonic()
+            if reinfo:
+                self._info_connects, self._info_at = connects, time.monotonic()
         except DockerError as exc:
             last = self._last_node
             name = last.name if last else socket.gethostname()
@@ -282,7 +317,10 @@ class Agent:
         except Exception as exc:  # never crash on what a source answered
             log.error("cannot build the registration: %s", exc,
                       exc_info=log.isEnabledFor(logging.DEBUG))
+            self.last_error = ("internal", f"cannot build the registration: {exc}")
             return False
+        self.node_name, self.containers_reported = body["name"], len(body["containers"])
+        self._check_name(body["name"])
         if log.isEnabledFor(logging.DEBUG):
             log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))
         if self.dry_run or self.reporter is None:
@@ -296,10 +334,22 @@ class Agent:
             self.reporter.send(body["name"], self.settings.ttl, self._encoder.encode(body))
         except ReportError as exc:
             self.master_outage.failed(exc.kind, str(exc))
+            self.last_error = (exc.kind, str(exc))
             return False
         self.master_outage.recovered()
         log.debug("registered %s with ttl=%d", body["name"], self.settings.ttl)
         return True
+
+    def _check_name(self, name: str) -> None:
+        """Say once, at ERROR, that the master will refuse this node name, and why."""
+        if name == self._refused_name:
+            return
+        why = nodename.problem(name)
+        self._refused_name = name if why else None
+        if why:
+            log.error("node name %r (Docker's Name, the Engine host's hostname) will be "
+                      "refused by the master: %s; give the host a valid DNS name "
+                      "(hostnamectl set-hostname) and restart the Engine", name, why)
 
     # -- the loop
     def kick(self, delay: float = 0.0, from_event: bool = False) -> None:
@@ -407,10 +457,13 @@ class Agent:
             kicked = self._take_kick(now)
             if kicked or (retry_at is not None and now >= retry_at) or \
                     (retry_at is None and now >= due):
+                began = time.monotonic()
                 ok = self._round(signals)
                 if ok is None:
                     break
                 now = time.monotonic()
+                if self.state is not None:
+                    self.state.round_done(self, ok, now - began)
                 if ok:
                     failures, retry_at = 0, None
                 else:

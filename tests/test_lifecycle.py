@@ -65,7 +65,7 @@ from tests.support.master import Master
 pytestmark = pytest.mark.system
 
 #: Docker's Name of the test dockerd: a space and a non-ASCII letter, percent-encoded
-NODE_NAME = "dm-lifecycle node ü"
+NODE_NAME = "dm-lifecycle-node-ü"  # a domain name to the master (non-ASCII passes Guava)
 DOCKER_LABELS = {"zone": "lifecycle", "dm.query": "a=b=c"}
 RPM_NODE = "bookworm-rpm"
 #: every node: the three releases from the apt repository, then bookworm from the .rpm
@@ -162,7 +162,8 @@ def test_install(node: Node, pkgs: lifecycle.Packages) -> None:
         assert node.run(["dm-agent", "--version"]).stdout.strip() == f"dm-agent {pkgs.version}"
 
 
-def install_deb(node: Node, pkgs: lifecycle.Packages) -> None:
+def install_deb(node: Node, pkgs: lifecycle.Packages) -> str:
+    """Install from the signed repository as operators do; apt-get install's output."""
     node.box.copy_in(pkgs.repo, REPO_IN_ROOT)
     node.box.copy_in(pkgs.keyring, KEYRING_IN_ROOT, mode=0o644)
     # The source line build-repo.sh ships (dm-agent.list), its URL pointed at the copy.
@@ -184,6 +185,7 @@ def install_deb(node: Node, pkgs: lifecycle.Packages) -> None:
     assert status == f"install ok installed {pkgs.version}"
     policy = node.run(["apt-cache", "policy", "dm-agent"]).stdout
     assert f"file:{REPO_IN_ROOT}/apt stable/main amd64 Packages" in policy, policy
+    return out
 
 
 def install_rpm(node: Node, pkgs: lifecycle.Packages) -> None:

@@ -17,9 +17,28 @@ from typing import Any
 
 log = logging.getLogger("dm_agent.events")
 
-# What changes the container list the master sees (or a container's state in it).
-ACTIONS = frozenset({"create", "start", "die", "destroy", "rename", "update", "pause",
-                     "unpause", "stop", "restart", "oom"})
+# Actions that leave the container list as the master sees it (id, name, image, labels,
+# and whether the container exists): frequent on busy nodes, so they trigger nothing.
+# Every other action does, so one an engine adds or names differently (Podman's
+# ``remove``, ``init``, ``cleanup``; ``prune``) refreshes the list instead of being
+# missed until the periodic relist. Docker's ``exec_create: sh`` and
+# ``health_status: healthy`` carry a detail after the colon.
+# Besides these, every ``exec_*`` action (Docker's ``exec_create`` … ``exec_die``).
+NOISE = frozenset({"exec", "health_status", "attach", "detach", "top", "resize", "copy",
+                   "archive-path", "extract-to-dir", "export", "commit", "sync"})
+
+
+def is_change(action: str) -> bool:
+    """True for an event action that may change the container list."""
+    base = action.split(":", 1)[0].strip()
+    return bool(base) and base not in NOISE and not base.startswith("exec_")
+
+
+def _container_name(event: dict[str, Any]) -> str | None:
+    actor = event.get("Actor")
+    attributes = actor.get("Attributes") if isinstance(actor, dict) else None
+    name = attributes.get("name") if isinstance(attributes, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def since_param(time_nano: int) -> str:
@@ -44,6 +63,10 @@ class EventWatcher:
         #: the same, with the stream connected all along, is still current
         self.generation = 0
         self.connected = False
+        #: for the state file: when the stream last connected or dropped (Unix time,
+        #: the watcher's start until the first connect), and the last change seen
+        self.changed_at = time.time()
+        self.last_event: dict[str, Any] | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
@@ -69,7 +92,7 @@ class EventWatcher:
                                          decode=True)
             self.connects += 1
             self.generation += 1
-            self.connected = True
+            self.connected, self.changed_at = True, time.time()
             if self.connects > 1:
                 log.info("Docker event stream resumed since %s", since)
                 self.on_change("reconnect")
@@ -82,11 +105,14 @@ class EventWatcher:
                 if isinstance(nano, int) and nano > 0:
                     self.last_nano = nano
                 action = event.get("Action") or event.get("status")
-                if isinstance(action, str) and action.split(":", 1)[0] in ACTIONS:
+                if isinstance(action, str) and is_change(action):
                     self.generation += 1
+                    self.last_event = {"action": action, "time": time.time(),
+                                       "container": _container_name(event)}
                     self.on_change(action)
         finally:
-            self.connected = False
+            if self.connected:
+                self.connected, self.changed_at = False, time.time()
             self.generation += 1
             self._stream = None
             try:
