@@ -330,11 +330,11 @@ def test_secret_that_cannot_travel_in_a_header_is_refused(tmp_path: Path, bad: s
     assert settings.secret == "sécret"
 
 
-@pytest.mark.parametrize("master", ["http://user:pa55-w0rd@127.0.0.1:9",
+@pytest.mark.parametrize("url", ["http://user:pa55-w0rd@127.0.0.1:9",
                                     "https://user:pa55-w0rd@m.example/prefix",
                                     "user:pa55-w0rd@127.0.0.1:9", "http://pa55-w0rd@m:1"])
-def test_master_url_with_credentials_is_refused_and_masked(tmp_path: Path, master: str) -> None:
-    path = write(tmp_path / "u.ini", f"[main]\nmaster = {master}\n")
+def test_master_url_with_credentials_is_refused_and_masked(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path / "u.ini", f"[main]\nmaster = {url}\n")
     with pytest.raises(ConfigError) as err:
         config.load({}, path, {})
     msg = str(err.value)
