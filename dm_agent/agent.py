@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import psutil
 
-from . import logs, payload
+from . import logs, nodename, payload
 from .collectors.docker import DockerCollector, DockerTLS, NodeInfo, connect, tcp_address
 from .collectors.events import EventWatcher
 from .collectors.host import HostCollector
@@ -189,7 +189,18 @@ class Agent:
         self._encoder = payload.Encoder()
         self._listed_generation = -1
         self._listed_at = 0.0
+        self._info_connects = -1
+        self._info_at = 0.0
+        self._refused_name: str | None = None
+        #: the master generation, for the state file: None, as the default body is read
+        #: by both generations, so the agent never needs to find out (README, *Masters*)
+        self.master_generation: str | None = None
         self._build(settings)
+
+    @property
+    def time_format(self) -> str:
+        """The ``time`` format in use (``utc`` or ``local``), for the state file."""
+        return self.settings.time_format
 
     # -- components
     def _build(self, s: Settings) -> None:
@@ -252,12 +263,27 @@ class Agent:
         stale = time.monotonic() - self._listed_at >= max(RELIST_EVERY, self.settings.timeout)
         return stale or not events.current(self._listed_generation), generation
 
+    def _reinfo(self) -> tuple[bool, int]:
+        """Whether this round must re-read ``/info`` (name, labels), and the stream's
+        connect count to remember: always, but for a round within half an interval of
+        the last read while the event stream stayed connected (so an event-triggered
+        round skips it, and every periodic round still reads it)."""
+        events = self.events
+        if events is None or not events.connected:
+            return True, -1
+        connects = events.connects
+        recent = time.monotonic() - self._info_at < self.settings.timeout / 2
+        return not (recent and connects == self._info_connects), connects
+
     def collect_node(self) -> NodeInfo:
         relist, generation = self._relist()
+        reinfo, connects = self._reinfo()
         try:
-            node = self.docker.collect(relist=relist)
+            node = self.docker.collect(relist=relist, reinfo=reinfo)
             if relist:
                 self._listed_generation, self._listed_at = generation, time.monotonic()
+            if reinfo:
+                self._info_connects, self._info_at = connects, time.monotonic()
         except DockerError as exc:
             last = self._last_node
             name = last.name if last else socket.gethostname()
@@ -283,6 +309,7 @@ class Agent:
             log.error("cannot build the registration: %s", exc,
                       exc_info=log.isEnabledFor(logging.DEBUG))
             return False
+        self._check_name(body["name"])
         if log.isEnabledFor(logging.DEBUG):
             log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))
         if self.dry_run or self.reporter is None:
@@ -300,6 +327,17 @@ class Agent:
         self.master_outage.recovered()
         log.debug("registered %s with ttl=%d", body["name"], self.settings.ttl)
         return True
+
+    def _check_name(self, name: str) -> None:
+        """Say once, at ERROR, that the master will refuse this node name, and why."""
+        if name == self._refused_name:
+            return
+        why = nodename.problem(name)
+        self._refused_name = name if why else None
+        if why:
+            log.error("node name %r (Docker's Name, the Engine host's hostname) will be "
+                      "refused by the master: %s; give the host a valid DNS name "
+                      "(hostnamectl set-hostname) and restart the Engine", name, why)
 
     # -- the loop
     def kick(self, delay: float = 0.0, from_event: bool = False) -> None:

@@ -162,7 +162,7 @@ def parse_address(text: str) -> str | None:
 def parse_time_format(text: str) -> str:
     value = text.strip().lower()
     if value not in ("local", "utc"):
-        raise ValueError(f"expected 'local' (no offset) or 'utc' (with Z), got {text!r}")
+        raise ValueError(f"expected 'utc' (with Z) or 'local' (no offset), got {text!r}")
     return value
 
 
@@ -200,7 +200,7 @@ KEYS: tuple[Key, ...] = (
     Key("docker_tls_cert", parse_existing_file, "", "client certificate for Docker"),
     Key("docker_tls_key", parse_existing_file, "", "client key for Docker"),
     Key("master_ca", parse_existing_file, "", "CA file for an https master"),
-    Key("time_format", parse_time_format, "local", "'local' or 'utc'"),
+    Key("time_format", parse_time_format, "utc", "'utc' or 'local'"),
     Key("net_exclude", parse_patterns, "lo, veth*", "interfaces left out of system.net"),
     Key("jitter", parse_bool, "yes", "start the schedule at a random offset"),
     Key("docker_events", parse_bool, "yes", "register at once when a container changes"),
@@ -223,7 +223,7 @@ class Settings(NamedTuple):
     docker_tls_cert: str | None = None
     docker_tls_key: str | None = None
     master_ca: str | None = None
-    time_format: str = "local"
+    time_format: str = "utc"
     net_exclude: tuple[str, ...] = ("lo", "veth*")
     jitter: bool = True
     docker_events: bool = True

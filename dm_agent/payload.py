@@ -9,8 +9,10 @@ from typing import Any
 from .collectors.docker import NodeInfo
 
 
-def timestamp(fmt: str = "local", now: _dt.datetime | None = None) -> str:
-    """``local``: ISO-8601 without offset (LocalDateTime); ``utc``: with a ``Z`` suffix."""
+def timestamp(fmt: str = "utc", now: _dt.datetime | None = None) -> str:
+    """``utc``: ISO-8601 with a ``Z`` suffix, which a ``ZonedDateTime`` reads and a
+    ``LocalDateTime`` reads with the ``Z`` dropped; ``local``: without offset (only a
+    ``LocalDateTime`` reads it)."""
     if fmt == "utc":
         now = now or _dt.datetime.now(_dt.timezone.utc)
         now = now.astimezone(_dt.timezone.utc).replace(tzinfo=None)
@@ -20,7 +22,7 @@ def timestamp(fmt: str = "local", now: _dt.datetime | None = None) -> str:
 
 
 def build(node: NodeInfo, address: str, system: dict[str, Any],
-          time_format: str = "local", now: _dt.datetime | None = None) -> dict[str, Any]:
+          time_format: str = "utc", now: _dt.datetime | None = None) -> dict[str, Any]:
     return {
         "time": timestamp(time_format, now),
         "id": node.name,

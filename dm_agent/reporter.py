@@ -6,38 +6,16 @@ Retry and backoff live in the loop, not here. Every failure becomes a
 
 from __future__ import annotations
 
-import os
 import re
 import urllib.parse
 
 import requests
 
 from . import __version__
+from .cabundle import system_ca_bundle
 from .errors import ReportError
 
 MAX_BODY_IN_LOG = 200
-
-# Where distributions keep the system CA store (the list Go's crypto/x509 reads, too).
-SYSTEM_CA_FILES = (
-    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu
-    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
-    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # RHEL 7+
-    "/etc/ssl/ca-bundle.pem",  # SUSE
-    "/etc/ssl/cert.pem",  # Alpine
-)
-
-
-def system_ca_bundle() -> str | bool:
-    """The system CA store as a file; True (the bundled certifi store) if none is found.
-
-    requests would otherwise use its bundled store, and a frozen program's OpenSSL has
-    its own build-time default paths, neither of which is what the node's admin manages.
-    """
-    for path in SYSTEM_CA_FILES:
-        if os.path.isfile(path):
-            return path
-    return True
-
 
 def node_url(master: str, name: str, ttl: int) -> str:
     """``{master}/discovery/nodes/{name}?ttl={ttl}``, the name one encoded path segment."""

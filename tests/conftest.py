@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # so that `tests.support` imports under plain `py
 import pytest  # noqa: E402
 
 from tests.support.dockerd import Dockerd, FixtureSet, populate  # noqa: E402
-from tests.support.master import Master  # noqa: E402
+from tests.support.master import GENERATIONS, Master  # noqa: E402
 
 # pytest also puts tests/ itself on sys.path, so `support.master` would load a second,
 # separate copy of each module (its own classes, its own registry of running dockerds):
@@ -48,7 +48,7 @@ SESSION_LABELS: dict[str, str] = {
 }
 #: Docker's Name of the session dockerd (a space and a non-ASCII letter: it must be
 #: percent-encoded in the registration path)
-SESSION_NODE_NAME = "dm-test node ü"
+SESSION_NODE_NAME = "dm-test-node-ü"  # a domain name to the master (Guava lets non-ASCII pass)
 
 _session: list[Dockerd] = []
 
@@ -138,9 +138,19 @@ def _finish(m: Master) -> None:
         m.assert_valid()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test with the ``master`` fixture runs against both master generations
+    (``master-v1``, ``master-v2``), but those that boot a systemd root (``system``):
+    their subject is the service, and a boot costs seconds."""
+    if "master" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("system") is None
+        metafunc.parametrize("master", GENERATIONS if both else ("v1",), indirect=True,
+                             ids=lambda g: f"master-{g}")
+
+
 @pytest.fixture
-def master() -> Iterator[Master]:
-    m = Master(expected_version=agent_version()).start()
+def master(request: pytest.FixtureRequest) -> Iterator[Master]:
+    m = Master(expected_version=agent_version(), generation=request.param).start()
     yield m
     _finish(m)
 

@@ -99,3 +99,31 @@ def test_fmt_duration() -> None:
     assert agent.fmt_duration(5) == "5s"
     assert agent.fmt_duration(125) == "2m05s"
     assert agent.fmt_duration(7322) == "2h02m"
+
+
+def test_info_is_reused_only_between_periodic_rounds_of_a_connected_stream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event-triggered round within half an interval of the last /info read keeps its
+    name and labels; a periodic round (an interval later), a reconnect of the event
+    stream, or a stream that is down read /info again."""
+    from dm_agent.collectors.events import EventWatcher
+    from dm_agent.config import Settings
+
+    a = agent.Agent(Settings(timeout=60), dry_run=True)
+    clock = [1000.0]
+    monkeypatch.setattr(agent.time, "monotonic", lambda: clock[0])
+    assert a._reinfo() == (True, -1)  # no stream
+    events = EventWatcher(lambda: None, lambda action: None)  # never started
+    a.events = events
+    events.connected, events.connects = True, 1
+    assert a._reinfo() == (True, 1)  # never read with this connection
+    a._info_connects, a._info_at = 1, clock[0]
+    clock[0] += 29
+    assert a._reinfo()[0] is False  # an event round, 29 s after the read
+    clock[0] += 31
+    assert a._reinfo()[0] is True  # the next periodic round
+    clock[0] -= 31
+    events.connects = 2
+    assert a._reinfo() == (True, 2)  # reconnected: the Engine may have restarted
+    events.connected = False
+    assert a._reinfo() == (True, -1)

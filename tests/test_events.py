@@ -15,9 +15,19 @@ from agentproc import popen
 from support.dockerd import Dockerd, create_containers
 from support.master import Master
 
-from dm_agent.collectors.events import since_param
+from dm_agent.collectors.events import is_change, since_param
 
 pytestmark = pytest.mark.docker
+
+
+def test_noise_is_denied_and_any_other_action_is_a_change() -> None:
+    for action in ("create", "start", "die", "destroy", "remove", "init", "cleanup", "prune",
+                   "rename", "kill", "health_status_new_in_a_later_engine"):
+        assert is_change(action), action
+    for action in ("exec_create: sh -c true", "exec_start: sh", "exec_die", "exec_died",
+                   "health_status: healthy", "attach", "top", "resize", "copy",
+                   "archive-path", "export", ""):
+        assert not is_change(action), action
 
 
 def test_since_param() -> None:

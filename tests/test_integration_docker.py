@@ -55,8 +55,8 @@ def test_once_over_unix_socket(tmp_path: Path, dockerd: Dockerd, master: Master,
     assert proc.returncode == 0, proc.stderr
     (req,) = master.requests
     assert req.valid, req.errors
-    assert req.node_name == "dm-test node ü"
-    assert "%20" in req.raw_path and "%C3%BC" in req.raw_path  # one encoded path segment
+    assert req.node_name == "dm-test-node-ü"
+    assert "/dm-test-node-%C3%BC?" in req.raw_path  # one encoded path segment
     assert req.query == {"ttl": ["10"]}
     assert req.header("X-Auth-Node") is None
     check_against_docker(req.json, dockerd)
@@ -112,13 +112,41 @@ def test_dry_run_with_docker_prints_what_would_be_sent(tmp_path: Path, dockerd: 
     check_against_docker(json.loads(proc.stdout), dockerd)
 
 
-def test_utc_time_format_for_zoned_masters(tmp_path: Path, dockerd: Dockerd,
-                                           master_factory: Any) -> None:
-    master = master_factory(time_format="zoned")
-    proc = run(["--once", "-d", dockerd.unix_url, "-m", master.url], tmp_path,
-               {"DM_AGENT_TIME_FORMAT": "utc"})
-    assert proc.returncode == 0, proc.stderr
-    assert master.requests[0].json["time"].endswith("Z")
+@pytest.mark.parametrize(("time_format", "accepted_by"), [
+    ("", {"v1", "v2"}), ("utc", {"v1", "v2"}), ("local", {"v1"})])
+def test_time_format_and_the_master_generations(
+        tmp_path: Path, dockerd: Dockerd, master_factory: Any, time_format: str,
+        accepted_by: set[str]) -> None:
+    """The default (UTC with Z) is accepted by both generations; a pinned ``local``
+    only by the first, and the second answers it 500 as the real one does."""
+    env = {"DM_AGENT_TIME_FORMAT": time_format} if time_format else {}
+    for generation in ("v1", "v2"):
+        master = master_factory(generation=generation)
+        master.allow_invalid = generation not in accepted_by
+        proc = run(["--once", "-d", dockerd.unix_url, "-m", master.url], tmp_path, env)
+        (req,) = master.requests
+        assert (proc.returncode == 0) is (generation in accepted_by), proc.stderr
+        assert req.status == (200 if generation in accepted_by else 500)
+        assert req.json["time"].endswith("Z") is (time_format != "local")
+        if generation not in accepted_by:
+            assert "HTTP 500" in proc.stderr
+
+
+def test_a_name_the_master_refuses_is_logged_once_at_error(
+        tmp_path: Path, dockerd_factory: Any, master_factory: Any) -> None:
+    d = dockerd_factory(hostname="node_")  # a valid host name to Linux, not to Guava
+    master = master_factory()
+    master.allow_invalid = True
+    proc = popen(["-d", d.unix_url, "-m", master.url, "-t", "1"], tmp_path)
+    try:
+        master.wait_for(3, timeout=15)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert all(r.status == 500 for r in master.requests)
+    lines = [line for line in err.splitlines() if "node name 'node_' (Docker's Name" in line]
+    assert len(lines) == 1 and " - ERROR - " in lines[0], err
+    assert "starts or ends with '-' or '_'" in lines[0] and "hostname" in lines[0]
 
 
 def test_docker_stopped_and_started_agent_keeps_reporting(
@@ -166,6 +194,8 @@ class GarbageDocker:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.case = 1
+        self.version = b'{"ApiVersion": "1.41", "Version": "20.10"}'
+        self.paths: list[str] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -174,8 +204,9 @@ class GarbageDocker:
 
             def do_GET(self) -> None:
                 name, info, containers = outer.ANSWERS[outer.case]
+                outer.paths.append(self.path)
                 if self.path.endswith("/version") or self.path.endswith("/_ping"):
-                    body, status = b'{"ApiVersion": "1.41", "Version": "20.10"}', 200
+                    body, status = outer.version, 200
                 elif "/info" in self.path:
                     body, status = info, 500 if name == "html-500" else 200
                 else:
@@ -230,6 +261,28 @@ def test_garbage_from_docker_never_crashes(tmp_path: Path, garbage_docker: Garba
     else:
         assert "ERROR" in proc.stderr and req.json["containers"] == []
         assert len(max(proc.stderr.splitlines(), key=len)) < 600
+
+
+def test_api_version_within_both_ranges_and_none_said_once(
+        tmp_path: Path, garbage_docker: GarbageDocker, master: Master) -> None:
+    """Docker 29's range (1.44-1.52) and one above the SDK's: no Engine in Debian has
+    them, so the stand-in answers its /version so."""
+    garbage_docker.case = 4  # a valid /info and list
+    garbage_docker.version = b'{"ApiVersion": "1.52", "MinAPIVersion": "1.44"}'
+    proc = run(["--once", "-d", f"unix://{garbage_docker.path}", "-m", master.url], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "/v1.45/info" in garbage_docker.paths  # the SDK's newest, above 1.44
+    garbage_docker.version = b'{"ApiVersion": "1.52", "MinAPIVersion": "1.46"}'
+    agent = popen(["-d", f"unix://{garbage_docker.path}", "-m", master.url, "-t", "1"],
+                  tmp_path)
+    try:
+        master.wait_for(4, timeout=15)  # the host's figures still go out
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=10)
+    lines = [line for line in err.splitlines() if "no common version" in line]
+    assert len(lines) == 1 and " - ERROR - " in lines[0], err
+    assert "1.46-1.52" in lines[0] and "1.24-1.45" in lines[0]
 
 
 def test_unix_socket_permission_denied_is_reported(tmp_path: Path, dockerd: Dockerd,

@@ -63,7 +63,7 @@ from tests.support.master import Master
 pytestmark = pytest.mark.system
 
 #: Docker's Name of the test dockerd: a space and a non-ASCII letter, percent-encoded
-NODE_NAME = "dm-lifecycle node ü"
+NODE_NAME = "dm-lifecycle-node-ü"  # a domain name to the master (non-ASCII passes Guava)
 DOCKER_LABELS = {"zone": "lifecycle", "dm.query": "a=b=c"}
 RPM_NODE = "bookworm-rpm"
 #: every node: the three releases from the apt repository, then bookworm from the .rpm

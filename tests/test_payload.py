@@ -16,9 +16,10 @@ def test_local_time_has_no_offset_and_parses_as_local_datetime() -> None:
     assert dt.datetime.fromisoformat(text).tzinfo is None
 
 
-def test_utc_time_has_z() -> None:
+def test_utc_time_has_z_and_is_the_default() -> None:
     now = dt.datetime(2016, 8, 10, 17, 3, 5, 559807, tzinfo=dt.timezone(dt.timedelta(hours=2)))
     assert payload.timestamp("utc", now) == "2016-08-10T15:03:05.559807Z"
+    assert payload.timestamp(now=now) == "2016-08-10T15:03:05.559807Z"
 
 
 def test_body_fields_and_encoding() -> None:

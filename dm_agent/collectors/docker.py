@@ -1,8 +1,8 @@
 """Docker collector: the node's name and labels and every container, two requests a round.
 
-The low-level ``docker.APIClient`` is created lazily on the first round (construct,
-then connect): ``version="auto"`` negotiates the API version with the daemon, so an
-old or new Engine both work. Whatever Docker answers, the parsing below either
+The low-level ``docker.APIClient`` is created lazily on the first round, speaking the
+newest API version both the Engine and the SDK know (``negotiate``), so an old or new
+Engine, Docker or Podman, both work. Whatever Docker answers, the parsing below either
 returns plain JSON-able data or raises :class:`DockerError` — never anything else.
 """
 
@@ -121,13 +121,31 @@ def parse_info(raw: Any) -> tuple[str, dict[str, str]]:
     return name, parse_daemon_labels(raw.get("Labels"))
 
 
-def connect(endpoint: str, tls: DockerTLS | None = None, timeout: float | None = 10.0) -> Any:
-    """A low-level ``APIClient`` speaking the Engine's own API version. Raises DockerError."""
-    import docker
-    from docker.constants import DEFAULT_DOCKER_API_VERSION as MAX_API
-    from docker.constants import MINIMUM_DOCKER_API_VERSION as MIN_API
+def negotiate(server_min: str | None, server_max: str, sdk_min: str, sdk_max: str) -> str:
+    """The API version to speak: the newest both sides know, never below the server's
+    minimum (Docker 29 refuses anything below 1.44) nor above the SDK's maximum.
+    Raises DockerError, naming both ranges, when they do not overlap."""
+    low = max(_vkey(sdk_min), _vkey(server_min)) if server_min else _vkey(sdk_min)
+    high = min(_vkey(sdk_max), _vkey(server_max))
+    if low > high:
+        server = f"{server_min or '?'}-{server_max}"
+        raise DockerError(
+            f"Docker speaks API {server} and this agent's Docker SDK {sdk_min}-{sdk_max}: "
+            "no common version; upgrade dm-agent (newer Engine) or the Engine (older one)")
+    return ".".join(str(p) for p in high)
 
-    from ..reporter import system_ca_bundle
+
+def connect(endpoint: str, tls: DockerTLS | None = None, timeout: float | None = 10.0) -> Any:
+    """A low-level ``APIClient`` speaking the version ``negotiate`` picks. Raises DockerError.
+
+    The SDK's own ``version="auto"`` takes the server's newest version as it is, even
+    one above what the SDK knows, and ignores the server's minimum; so the versions are
+    read with an unversioned ``GET /version`` and the client is made again, pinned."""
+    import docker
+    from docker.constants import DEFAULT_DOCKER_API_VERSION as SDK_MAX
+    from docker.constants import MINIMUM_DOCKER_API_VERSION as SDK_MIN
+
+    from ..cabundle import system_ca_bundle
 
     tls_config: Any = False
     if tls is not None:
@@ -136,30 +154,49 @@ def connect(endpoint: str, tls: DockerTLS | None = None, timeout: float | None =
             ca_cert=tls.ca,
             verify=tls.ca or system_ca_bundle(),
         )
+
+    def client_at(version: str) -> Any:
+        # A fixed version constructs without connecting.
+        client = docker.APIClient(base_url=endpoint, version=version, timeout=timeout,
+                                  tls=tls_config, user_agent="dm-agent")
+        # requests lets REQUESTS_CA_BUNDLE and proxies from the environment override
+        # the CA configured here: the node's Docker must be reached as configured.
+        client.trust_env = False
+        return client
+
     try:
-        # A fixed version constructs without connecting; negotiated just below.
-        client = docker.APIClient(base_url=endpoint, version=MIN_API,
-                                  timeout=timeout, tls=tls_config,
-                                  user_agent="dm-agent")
+        probe = client_at(SDK_MIN)
     except Exception as exc:
         raise DockerError(f"bad Docker endpoint {endpoint}: {_reason(exc)}") from None
-    # requests lets REQUESTS_CA_BUNDLE and proxies from the environment override
-    # the CA configured here: the node's Docker must be reached as configured.
-    client.trust_env = False
     try:
-        server = client.version(api_version=False)
-        api = server.get("ApiVersion") if isinstance(server, Mapping) else None
-        if not isinstance(api, str) or not _API_RE.match(api):
-            raise DockerError(f"Docker at {endpoint} sent no usable ApiVersion")
-    except DockerError:
-        client.close()
-        raise
+        server = probe.version(api_version=False)
     except Exception as exc:
-        client.close()
         raise DockerError(f"cannot reach Docker at {endpoint}: {_reason(exc)}") from None
-    # Speak the Engine's version, capped at the newest this SDK knows.
-    client._version = api if _vkey(api) <= _vkey(MAX_API) else MAX_API
-    return client
+    finally:
+        probe.close()
+    api = server.get("ApiVersion") if isinstance(server, Mapping) else None
+    if not isinstance(api, str) or not _API_RE.match(api):
+        raise DockerError(f"Docker at {endpoint} sent no usable ApiVersion")
+    low = server.get("MinAPIVersion")
+    version = negotiate(low if isinstance(low, str) and _API_RE.match(low) else None,
+                        api, SDK_MIN, SDK_MAX)
+    return client_at(version)
+
+
+def api_get(client: Any, path: str, params: Mapping[str, Any]) -> Any:
+    """A streamed ``GET`` of a versioned API path, answered as a ``requests.Response``
+    whose HTTP errors are raised. The SDK has no public call for a raw streamed request,
+    so this is built from what it does make public: the client is a ``requests.Session``
+    with ``base_url``, ``api_version`` and ``timeout`` (``tests/test_docker_sdk.py`` fails
+    if an SDK release changes them)."""
+    response = client.get(f"{client.base_url}/v{client.api_version}{path}", params=params,
+                          stream=True, timeout=client.timeout)
+    try:
+        response.raise_for_status()
+    except Exception:
+        response.close()
+        raise
+    return response
 
 
 class _Entry(dict):  # type: ignore[type-arg]
@@ -199,9 +236,8 @@ def decode_containers(chunks: Iterable[bytes], node: str) -> Any:
 def list_containers(client: Any, node: str) -> Any:
     """``GET /containers/json?all=1``, decoded lean. Raises on HTTP errors."""
     # The SDK's containers() makes the same request but decodes every field.
-    response = client._get(client._url("/containers/json"), params={"all": 1}, stream=True)
+    response = api_get(client, "/containers/json", {"all": 1})
     try:
-        client._raise_for_status(response)
         return decode_containers(response.iter_content(CHUNK), node)
     finally:
         response.close()
@@ -280,6 +316,9 @@ class DockerCollector:
 
     ``collect(relist=False)`` keeps the container list of the previous round: the agent
     asks for that only while Docker's event stream says nothing has changed.
+    ``reinfo=False`` keeps the name and labels of the previous ``/info`` likewise: it is
+    the slowest call on Podman 4 (0.9 s, against 10 ms on Docker), which would otherwise
+    delay every registration a container event triggers.
     """
 
     def __init__(self, endpoint: str, tls: DockerTLS | None = None, timeout: float = 10.0) -> None:
@@ -288,9 +327,11 @@ class DockerCollector:
         self.timeout = timeout
         self._client: Any = None
         self._containers: list[dict[str, Any]] | None = None
+        self._info: tuple[str, dict[str, str]] | None = None
 
     def close(self) -> None:
         self._containers = None
+        self._info = None
         client, self._client = self._client, None
         if client is not None:
             try:
@@ -298,7 +339,7 @@ class DockerCollector:
             except Exception:  # closing a broken client must not matter
                 pass
 
-    def collect(self, relist: bool = True) -> NodeInfo:
+    def collect(self, relist: bool = True, reinfo: bool = True) -> NodeInfo:
         """One round: node name, daemon labels, every container. Raises DockerError.
 
         The returned ``containers`` list is the same object as long as it was not
@@ -306,8 +347,10 @@ class DockerCollector:
         if self._client is None:
             self._client = connect(self.endpoint, self.tls, self.timeout)
         try:
-            info = self._client.info()
-            name, labels = parse_info(info)
+            if reinfo or self._info is None:
+                self._info = None
+                self._info = parse_info(self._client.info())
+            name, labels = self._info
             if relist or self._containers is None:
                 self._containers = None
                 self._containers = parse_containers(list_containers(self._client, name), name)

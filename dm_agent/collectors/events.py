@@ -17,9 +17,21 @@ from typing import Any
 
 log = logging.getLogger("dm_agent.events")
 
-# What changes the container list the master sees (or a container's state in it).
-ACTIONS = frozenset({"create", "start", "die", "destroy", "rename", "update", "pause",
-                     "unpause", "stop", "restart", "oom"})
+# Actions that leave the container list as the master sees it (id, name, image, labels,
+# and whether the container exists): frequent on busy nodes, so they trigger nothing.
+# Every other action does, so one an engine adds or names differently (Podman's
+# ``remove``, ``init``, ``cleanup``; ``prune``) refreshes the list instead of being
+# missed until the periodic relist. Docker's ``exec_create: sh`` and
+# ``health_status: healthy`` carry a detail after the colon.
+# Besides these, every ``exec_*`` action (Docker's ``exec_create`` … ``exec_die``).
+NOISE = frozenset({"exec", "health_status", "attach", "detach", "top", "resize", "copy",
+                   "archive-path", "extract-to-dir", "export", "commit", "sync"})
+
+
+def is_change(action: str) -> bool:
+    """True for an event action that may change the container list."""
+    base = action.split(":", 1)[0].strip()
+    return bool(base) and base not in NOISE and not base.startswith("exec_")
 
 
 def since_param(time_nano: int) -> str:
@@ -82,7 +94,7 @@ class EventWatcher:
                 if isinstance(nano, int) and nano > 0:
                     self.last_nano = nano
                 action = event.get("Action") or event.get("status")
-                if isinstance(action, str) and action.split(":", 1)[0] in ACTIONS:
+                if isinstance(action, str) and is_change(action):
                     self.generation += 1
                     self.on_change(action)
         finally:

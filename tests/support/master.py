@@ -7,7 +7,9 @@ time (``set_mode``) or scripted for the next requests (``script``):
 
 ``ok``            200 — or, like the real master, 401 when a secret is configured and
                   ``X-Auth-Node`` is missing or wrong; 404/405 for a wrong path/method;
-                  400 listing the problems when the request is invalid (``reject_invalid``)
+                  500 when the body or the node name is refused (the master's catch-all
+                  error handler answers a parse error so), 400 for the rest of what the
+                  contract forbids (query, headers), listing the problems (``reject_invalid``)
 ``unauthorized``  401 with a text body saying the node secret is wrong
 ``error500``      500 with a short text body
 ``html502``       502 with a ~5 KB HTML page (what a proxy in front of a dead master says)
@@ -15,6 +17,12 @@ time (``set_mode``) or scripted for the next requests (``script``):
 ``hang``          read the request and never answer (until ``stop()``)
 ``refuse``        stop listening: connections are refused; ``resume()`` listens again on
                   the same port
+
+``generation`` is the master's: ``v1`` reads the body into ``NodeAgentData`` (``time`` a
+``LocalDateTime``: no offset, or a ``Z`` that is dropped; ``+hh:mm`` refused), ``v2`` into
+``NotifierData`` (``time`` a ``ZonedDateTime``: an offset or an epoch number; ``id``,
+``labels`` and ``containers`` unknown and ignored; a null ``address`` or ``system.net``
+entry fails). Both read the node name with Guava's ``InternetDomainName`` (``name_problem``).
 
 Validation problems go to ``RecordedRequest.errors``; things a lenient Jackson accepts but
 that are not what the contract says (an integer ``cpuLoad``...) go to ``notes``.
@@ -44,11 +52,13 @@ from types import TracebackType
 from typing import Any
 
 __all__ = [
+    "GENERATIONS",
     "MODES",
     "UNAUTHORIZED_BODY",
     "Master",
     "MasterTimeout",
     "RecordedRequest",
+    "name_problem",
     "parse_json_strict",
     "summarize",
     "validate_payload",
@@ -56,7 +66,7 @@ __all__ = [
 ]
 
 MODES = ("ok", "unauthorized", "error500", "html502", "drop", "hang", "refuse")
-TIME_FORMATS = ("local", "zoned", "any")
+GENERATIONS = ("v1", "v2")
 
 UNAUTHORIZED_BODY = (
     "Unauthorized: the node secret is wrong or missing "
@@ -66,6 +76,7 @@ _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 _LOCAL_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"
 )  # java.time ISO_LOCAL_DATE_TIME
+_OFFSET_RE = re.compile(r"(.*?)(Z|[+-]\d{2}:\d{2}(?::\d{2})?)")
 _UA_RE = re.compile(r"dm-agent/([0-9A-Za-z][0-9A-Za-z.+_~-]*)")
 # RFC 3986 pchar minus '/': unreserved, pct-encoded, sub-delims, ':' and '@'
 _SEGMENT_RE = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})+")
@@ -109,6 +120,7 @@ class RecordedRequest:
     mode: str = "ok"  # the mode it was answered in
     status: int | None = None  # the status sent; None: dropped, hung or not answered
     auth_ok: bool | None = None  # None when the master has no secret configured
+    refused: bool = False  # the master itself would fail on it (body, node name): 500
     client: tuple[str, int] = ("", 0)
 
     @property
@@ -147,26 +159,60 @@ def parse_json_strict(data: bytes | str) -> Any:
     return json.loads(data, parse_constant=_no_constants, object_pairs_hook=_pairs)
 
 
-def validate_time(value: Any, time_format: str = "local") -> list[str]:
-    """Errors for ``time``: java.time ISO_LOCAL_DATE_TIME, or with ``Z`` when zoned."""
-    if time_format not in TIME_FORMATS:
-        raise ValueError(f"time_format must be one of {TIME_FORMATS}")
+def validate_time(value: Any, generation: str = "v1") -> list[str]:
+    """Errors for ``time`` as the generation's Jackson reads it (JSR-310 module).
+
+    v1, ``LocalDateTime``: ISO_LOCAL_DATE_TIME, or the same with a trailing ``Z``, which
+    it drops (the time is then read as the master's local time); an offset is refused.
+    v2, ``ZonedDateTime``: ISO date-time with ``Z`` or ``±hh:mm``, or epoch seconds.
+    """
+    if generation not in GENERATIONS:
+        raise ValueError(f"generation must be one of {GENERATIONS}")
+    if generation == "v2" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [] if math.isfinite(value) else [f"time: {value!r} is not a finite number"]
     if not isinstance(value, str):
         return [f"time: expected a string, got {type(value).__name__} {value!r}"]
-    text, zoned = (value[:-1], True) if value.endswith("Z") else (value, False)
+    m_off = _OFFSET_RE.fullmatch(value)
+    text, offset = (m_off.group(1), m_off.group(2)) if m_off else (value, "")
     m = _LOCAL_RE.fullmatch(text)
     if not m:
         return [f"time: {value!r} is not an ISO-8601 date-time (yyyy-MM-ddTHH:mm[:ss[.f]])"]
-    y, mo, d, h, mi, s = (int(g) if g else 0 for g in m.groups()[:6])
+    y, mo, d, h, mi, sec = (int(g) if g else 0 for g in m.groups()[:6])
     try:
-        datetime(y, mo, d, h, mi, s)
+        datetime(y, mo, d, h, mi, sec)
     except ValueError as e:
         return [f"time: {value!r} is out of range: {e}"]
-    if time_format == "local" and zoned:
-        return [f"time: {value!r} has a zone; this master parses a LocalDateTime (no offset)"]
-    if time_format == "zoned" and not zoned:
-        return [f"time: {value!r} has no 'Z'; this master parses a ZonedDateTime in UTC"]
+    if generation == "v1" and offset not in ("", "Z"):
+        return [f"time: {value!r} has an offset; a v1 master reads a LocalDateTime "
+                "(no offset, or a Z it drops)"]
+    if generation == "v2" and not offset:
+        return [f"time: {value!r} has no offset; a v2 master reads a ZonedDateTime "
+                "(Z or +hh:mm)"]
     return []
+
+
+def name_problem(name: str) -> str | None:
+    """Why Guava's ``InternetDomainName.from`` refuses ``name`` (both generations read
+    the node name with it), or None: letters, digits, ``-`` and ``_`` (non-ASCII passes
+    unchecked), no ``-``/``_`` at either end of a label, labels of 1-63 characters, at
+    most 127 labels and 253 characters, a trailing dot allowed, and a last label that
+    does not start with a digit (so an IPv4 address is not a domain name)."""
+    text = re.sub("[\u3002\uff0e\uff61]", ".", name)
+    text = text[:-1] if text.endswith(".") else text
+    parts = text.split(".")
+    if len(text) > 253 or len(parts) > 127:
+        return "too long"
+    for i, part in enumerate(parts):
+        ascii_ = "".join(c for c in part if ord(c) < 128)
+        if not 1 <= len(part) <= 63:
+            return f"label {part!r} is not 1-63 characters"
+        if not re.fullmatch(r"[A-Za-z0-9_-]*", ascii_):
+            return f"label {part!r} has a character other than letters, digits, - and _"
+        if part[0] in "-_" or part[-1] in "-_":
+            return f"label {part!r} starts or ends with - or _"
+        if i == len(parts) - 1 and "0" <= part[0] <= "9":
+            return f"last label {part!r} starts with a digit"
+    return None
 
 
 def _typename(v: Any) -> str:
@@ -202,8 +248,11 @@ def _need(obj: dict[str, Any], key: str, where: str, errors: list[str]) -> bool:
     return True
 
 
-def validate_payload(payload: Any, *, time_format: str = "local") -> tuple[list[str], list[str]]:
-    """Check a registration body against NodeAgentData; return (errors, notes)."""
+def validate_payload(payload: Any, *, generation: str = "v1") -> tuple[list[str], list[str]]:
+    """Check a registration body against the generation's DTO; return (errors, notes).
+
+    Stricter than Jackson where the contract is: ``long`` fields must be JSON integers
+    (Jackson truncates a float silently) and every field the agent sends must be there."""
     errors: list[str] = []
     notes: list[str] = []
     if not isinstance(payload, dict):
@@ -215,7 +264,18 @@ def validate_payload(payload: Any, *, time_format: str = "local") -> tuple[list[
         notes.append(f"body: extra fields (ignored by the master): {extra}")
 
     if _need(payload, "time", "", errors):
-        errors += validate_time(payload["time"], time_format)
+        errors += validate_time(payload["time"], generation)
+    if generation == "v2":  # NotifierData has no id, labels or containers: ignored
+        for key in ("name", "address"):
+            if _need(payload, key, "", errors) and not isinstance(payload[key], str):
+                errors.append(f"{key}: expected a string, got {_typename(payload[key])} "
+                              "(a v2 master fails on a null address)")
+        if _need(payload, "system", "", errors):
+            if isinstance(payload["system"], dict):
+                _validate_system(payload["system"], errors, notes)
+            else:
+                errors.append(f"system: expected an object, got {_typename(payload['system'])}")
+        return errors, notes
     for key in ("id", "name", "address"):
         if _need(payload, key, "", errors):
             v = payload[key]
@@ -437,7 +497,7 @@ class Master:
 
     ``secret``: the node secret; ``X-Auth-Node`` must equal it (else 401), and must be
     absent when None.  ``prefix``: a path prefix before ``/discovery/nodes/``.
-    ``time_format``: ``local`` (no offset), ``zoned`` (``Z``) or ``any``.
+    ``generation``: ``v1`` (NodeAgentData) or ``v2`` (NotifierData), see the module doc.
     ``expected_version`` / ``expected_name`` / ``expected_ttl``: checked when given.
     ``reject_invalid``: answer 400 to an invalid request in ``ok`` mode (default).
     ``tls``: serve https with a throwaway CA (``ca_file``); ``port``: 0 for a free one.
@@ -448,7 +508,7 @@ class Master:
         *,
         secret: str | None = None,
         prefix: str = "",
-        time_format: str = "local",
+        generation: str = "v1",
         expected_version: str | None = None,
         expected_name: str | None = None,
         expected_ttl: int | None = None,
@@ -458,13 +518,13 @@ class Master:
         tls: bool = False,
         port: int = 0,
     ) -> None:
-        if time_format not in TIME_FORMATS:
-            raise ValueError(f"time_format must be one of {TIME_FORMATS}")
+        if generation not in GENERATIONS:
+            raise ValueError(f"generation must be one of {GENERATIONS}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.secret = secret
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
-        self.time_format = time_format
+        self.generation = generation
         self.expected_version = expected_version
         self.expected_name = expected_name
         self.expected_ttl = expected_ttl
@@ -698,6 +758,11 @@ class Master:
             else:
                 with contextlib.suppress(UnicodeDecodeError):
                     rec.node_name = urllib.parse.unquote(segment, errors="strict")
+                why = name_problem(rec.node_name) if rec.node_name is not None else None
+                if why:
+                    rec.refused = True
+                    errors.append(f"path: node name {rec.node_name!r} is not a domain name "
+                                  f"(InternetDomainName): {why}")
             if self.expected_name is not None and rec.node_name != self.expected_name:
                 errors.append(f"path: node {rec.node_name!r}, expected {self.expected_name!r}")
         if "#" in raw:
@@ -749,9 +814,11 @@ class Master:
             try:
                 rec.json = parse_json_strict(body)
             except ValueError as e:
+                rec.refused = True
                 errors.append(f"body: not strict UTF-8 JSON: {e}")
             else:
-                perrs, pnotes = validate_payload(rec.json, time_format=self.time_format)
+                perrs, pnotes = validate_payload(rec.json, generation=self.generation)
+                rec.refused = rec.refused or bool(perrs)
                 errors += perrs
                 notes += pnotes
                 name = rec.json.get("name") if isinstance(rec.json, dict) else None
@@ -778,6 +845,11 @@ class Master:
             return 404, text, b"Not Found\n"
         if rec.auth_ok is False:
             return 401, text, UNAUTHORIZED_BODY.encode()
+        if rec.refused and self.reject_invalid:
+            return 500, "application/json", json.dumps({
+                "timestamp": datetime.now().isoformat(), "status": 500,
+                "error": "Internal Server Error", "message": "; ".join(rec.errors),
+                "path": rec.path}).encode()
         if rec.errors and self.reject_invalid:
             return 400, text, ("Bad Request:\n" + "\n".join(rec.errors) + "\n").encode()
         return 200, "application/json", b"{}"

@@ -25,6 +25,15 @@ from pathlib import Path
 
 RELEASES = ("bullseye", "bookworm", "trixie")
 
+#: Roots with more packages than the booted ones, each cached under its own name (its own
+#: key and lock), so the shared release roots keep their recipe: flavour -> (release,
+#: extra packages). ``trixie-engines`` holds Docker Engine 26 and Podman 5, run through
+#: ``chroot`` (never booted) by ``tests/support/engines.py``.
+FLAVOURS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "trixie-engines": ("trixie", ("docker.io", "containerd", "runc", "podman", "conmon",
+                                  "iptables", "util-linux")),
+}
+
 #: Packages on top of debootstrap's minbase: a booting systemd with D-Bus (systemctl,
 #: journalctl, systemd-analyze, systemd-sysusers all come with ``systemd``), and what an
 #: apt/yum-style repository test needs to verify signatures and TLS.
@@ -54,8 +63,12 @@ def _host_arch() -> str:
 
 def recipe(release: str) -> dict[str, object]:
     """What a root for *release* is built from; a cached root whose key differs is rebuilt."""
+    if release in FLAVOURS:
+        base, extra = FLAVOURS[release]
+        return {**recipe(base), "flavour": release, "packages": sorted({*PACKAGES, *extra})}
     if release not in RELEASES:
-        raise RootError(f"unknown release {release!r}: expected one of {', '.join(RELEASES)}")
+        names = ", ".join((*RELEASES, *FLAVOURS))
+        raise RootError(f"unknown release {release!r}: expected one of {names}")
     return {
         "format": RECIPE_FORMAT,
         "release": release,
@@ -121,7 +134,8 @@ def ensure_root(release: str = "bookworm", *, log: bool = True) -> Path:
             staging.chmod(0o755)  # it becomes the container's /; mkdtemp made it 0700
             _debootstrap(wanted, staging)
             _finish(staging)
-            _assert_no_python(staging)
+            if release not in FLAVOURS:  # booted roots run the frozen agent: no Python
+                _assert_no_python(staging)
             if root.exists():
                 shutil.rmtree(root)
             staging.rename(root)
