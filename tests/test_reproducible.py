@@ -52,13 +52,12 @@ def sh(script: str, *, cwd: Path, umask: str = "0022", env: dict[str, str] | Non
     return p
 
 
-def clone(dest: Path, umask: str) -> Path:
-    """A clean clone of this tree's HEAD with its uncommitted changes applied, made under
-    `umask` as a developer's checkout would be (0002: group-writable files)."""
+def clone(dest: Path, umask: str, commit: str, diff: bytes) -> Path:
+    """A clean clone of this tree at `commit` with `diff` (its uncommitted changes) applied,
+    made under `umask` as a developer's checkout would be (0002: group-writable files)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    sh(f"git clone --quiet --no-hardlinks {REPO} {dest}", cwd=dest.parent, umask=umask)
-    diff = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD", "--binary"],
-                          capture_output=True, check=True).stdout
+    sh(f"git clone --quiet --no-hardlinks --no-checkout {REPO} {dest} && "
+       f"git -C {dest} checkout --quiet --detach {commit}", cwd=dest.parent, umask=umask)
     if diff:
         subprocess.run(["bash", "-c", f"umask {umask} && git apply --whitespace=nowarn"],
                        cwd=dest, input=diff, check=True, capture_output=True)
@@ -87,10 +86,15 @@ def build(tree: Path, umask: str, tz: str) -> Build:
 def builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Build, Build]]:
     if os.geteuid() != 0:
         pytest.fail("freeze.sh needs root: run the tests as root", pytrace=False)
+    # one commit and one diff for both clones, whatever is committed meanwhile
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    diff = subprocess.run(["git", "-C", str(REPO), "diff", commit, "--binary"],
+                          capture_output=True, check=True).stdout
     a_dir = tmp_path_factory.mktemp("repro-a")
     b_dir = tmp_path_factory.mktemp("repro-b") / "a/deeper/path"
-    a = build(clone(a_dir / "dm-agent", "0002"), "0002", "Pacific/Kiritimati")
-    b = build(clone(b_dir / "checkout", "0022"), "0022", "America/Los_Angeles")
+    a = build(clone(a_dir / "dm-agent", "0002", commit, diff), "0002", "Pacific/Kiritimati")
+    b = build(clone(b_dir / "checkout", "0022", commit, diff), "0022", "America/Los_Angeles")
     yield a, b
 
 
