@@ -24,9 +24,10 @@ run: venv ## print one real registration from the local Docker and host (no mast
 deps: ## install the Debian packages the tests use (as root: docker.io, debootstrap, rpm, ...)
 	bash .ci/deps
 
-lint: venv ## ruff over the code, tests and benchmarks; shellcheck over the scripts
+lint: venv ## ruff over the code, tests and benchmarks; shellcheck over the scripts; ansible-lint over the role
 	$(BIN)/ruff check dm_agent tests bench
 	shellcheck -x .ci/run .ci/deps packaging/*.sh
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-lint --offline --strict deploy/ansible
 
 typecheck: venv ## mypy --strict over the package
 	$(BIN)/mypy

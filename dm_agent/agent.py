@@ -29,6 +29,7 @@ from .config import Settings, is_excluded
 from .errors import ConfigError, DockerError, ReportError
 from .reporter import Reporter
 from .signals import Signals, Waker
+from .state import StateWriter
 
 log = logging.getLogger("dm_agent")
 
@@ -91,6 +92,7 @@ class Outage:
         self.what = what
         self.clock = clock
         self.kind: str | None = None
+        self.message = ""
         self.count = 0
         self.since = 0.0
         self._summary_at = 0.0
@@ -102,6 +104,7 @@ class Outage:
 
     def failed(self, kind: str, message: str) -> None:
         now = self.clock()
+        self.message = message
         if self.kind is None:
             log.error("%s", message)
             self.kind, self.count, self.since, self._summary_at = kind, 1, now, now
@@ -189,6 +192,12 @@ class Agent:
         self._encoder = payload.Encoder()
         self._listed_generation = -1
         self._listed_at = 0.0
+        #: what the state file reports: the last round's failure (kind, message), the
+        #: node name and the number of containers of the last registration built
+        self.last_error: tuple[str, str] | None = None
+        self.node_name: str | None = None
+        self.containers_reported = 0
+        self.state: StateWriter | None = None
         self._info_connects = -1
         self._info_at = 0.0
         self._refused_name: str | None = None
@@ -308,7 +317,9 @@ class Agent:
         except Exception as exc:  # never crash on what a source answered
             log.error("cannot build the registration: %s", exc,
                       exc_info=log.isEnabledFor(logging.DEBUG))
+            self.last_error = ("internal", f"cannot build the registration: {exc}")
             return False
+        self.node_name, self.containers_reported = body["name"], len(body["containers"])
         self._check_name(body["name"])
         if log.isEnabledFor(logging.DEBUG):
             log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))
@@ -323,6 +334,7 @@ class Agent:
             self.reporter.send(body["name"], self.settings.ttl, self._encoder.encode(body))
         except ReportError as exc:
             self.master_outage.failed(exc.kind, str(exc))
+            self.last_error = (exc.kind, str(exc))
             return False
         self.master_outage.recovered()
         log.debug("registered %s with ttl=%d", body["name"], self.settings.ttl)
@@ -445,10 +457,13 @@ class Agent:
             kicked = self._take_kick(now)
             if kicked or (retry_at is not None and now >= retry_at) or \
                     (retry_at is None and now >= due):
+                began = time.monotonic()
                 ok = self._round(signals)
                 if ok is None:
                     break
                 now = time.monotonic()
+                if self.state is not None:
+                    self.state.round_done(self, ok, now - began)
                 if ok:
                     failures, retry_at = 0, None
                 else:

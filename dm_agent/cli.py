@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__, config, logs
@@ -25,7 +25,30 @@ By default find config in:
         $HOME/.config/dm-agent.ini
         /etc/dm-agent.ini
 Exit codes: 0 success, 1 failure, 64 usage, 75 pidfile locked, 78 configuration.
+Commands (see dm-agent COMMAND --help):
+  dm-agent status [--json]   is the daemon registered? exit 0 registered within its
+                             ttl, 1 running but stale, failing or hung, 3 not running,
+                             4 unknown (no state readable, e.g. permissions)
+  dm-agent migrate [--dry-run] [--name NAME]
+                             take over from the original agent's unit: its settings
+                             into /etc/dm-agent.ini, then stop and disable it
 """
+
+
+def _status(argv: list[str]) -> int:
+    from . import status
+
+    return status.main(argv)
+
+
+def _migrate(argv: list[str]) -> int:
+    from . import migrate
+
+    return migrate.main(argv)
+
+
+# Subcommands, each with its own parser and exit codes; the agent itself takes none.
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"status": _status, "migrate": _migrate}
 
 # Set while re-executing with the -s value moved out of the command line (see _hide_secret).
 _SECRET_ENV = "DM_AGENT__CLI_SECRET"
@@ -108,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dm-agent`` command; returns the exit code."""
     real_argv = argv is None
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in COMMANDS:
+        return COMMANDS[args_list[0]](args_list[1:])
     if real_argv and _SECRET_ENV not in os.environ:
         hidden = _hide_secret(args_list)
         if hidden is not None:

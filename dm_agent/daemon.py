@@ -23,6 +23,7 @@ from . import config, logs
 from .config import Settings
 from .errors import EX_FAILURE, EX_OK, AgentError
 from .pidfile import LockedPidfile
+from .state import StateWriter, state_path
 
 READY_TIMEOUT = 30.0
 
@@ -156,10 +157,12 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
     from .signals import Signals
 
     agent = Agent(settings, dry_run=dry_run, reload_settings=reload)
+    agent.state = writer = StateWriter(state_path(pidpath))
     signals = Signals(agent.waker)
     signals.install()
 
     def ready() -> None:
+        writer.write(agent)  # running, not registered yet
         logs.logger.info("started as daemon (PID %d, pidfile %s): registering every %ds "
                          "with %s", os.getpid(), pidpath, settings.timeout,
                          settings.master or "(dry run)")
@@ -168,5 +171,6 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
     try:
         return agent.run(signals, on_first=ready)
     finally:
+        writer.remove()
         logs.logger.info("stopped")
         context.close()  # leaves the pidfile context: unlocks and removes it

@@ -34,6 +34,13 @@ def is_change(action: str) -> bool:
     return bool(base) and base not in NOISE and not base.startswith("exec_")
 
 
+def _container_name(event: dict[str, Any]) -> str | None:
+    actor = event.get("Actor")
+    attributes = actor.get("Attributes") if isinstance(actor, dict) else None
+    name = attributes.get("name") if isinstance(attributes, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def since_param(time_nano: int) -> str:
     """Docker's ``since`` for an event time in nanoseconds: ``seconds.nanoseconds``."""
     return f"{time_nano // 1_000_000_000}.{time_nano % 1_000_000_000:09d}"
@@ -56,6 +63,10 @@ class EventWatcher:
         #: the same, with the stream connected all along, is still current
         self.generation = 0
         self.connected = False
+        #: for the state file: when the stream last connected or dropped (Unix time,
+        #: the watcher's start until the first connect), and the last change seen
+        self.changed_at = time.time()
+        self.last_event: dict[str, Any] | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
@@ -81,7 +92,7 @@ class EventWatcher:
                                          decode=True)
             self.connects += 1
             self.generation += 1
-            self.connected = True
+            self.connected, self.changed_at = True, time.time()
             if self.connects > 1:
                 log.info("Docker event stream resumed since %s", since)
                 self.on_change("reconnect")
@@ -96,9 +107,12 @@ class EventWatcher:
                 action = event.get("Action") or event.get("status")
                 if isinstance(action, str) and is_change(action):
                     self.generation += 1
+                    self.last_event = {"action": action, "time": time.time(),
+                                       "container": _container_name(event)}
                     self.on_change(action)
         finally:
-            self.connected = False
+            if self.connected:
+                self.connected, self.changed_at = False, time.time()
             self.generation += 1
             self._stream = None
             try:

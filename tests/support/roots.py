@@ -28,10 +28,16 @@ RELEASES = ("bullseye", "bookworm", "trixie")
 #: Roots with more packages than the booted ones, each cached under its own name (its own
 #: key and lock), so the shared release roots keep their recipe: flavour -> (release,
 #: extra packages). ``trixie-engines`` holds Docker Engine 26 and Podman 5, run through
-#: ``chroot`` (never booted) by ``tests/support/engines.py``.
+#: ``chroot`` (never booted) by ``tests/support/engines.py``. ``<release>-ansible`` is a
+#: node managed by Ansible (tests/test_ansible.py): its modules run with the node's python3
+#: (the apt module with python3-apt), reached over ssh as a user who becomes root with
+#: sudo, as a server is; the agent itself still uses no Python.
+_ANSIBLE_NODE = ("python3", "python3-apt", "openssh-server", "sudo")
 FLAVOURS: dict[str, tuple[str, tuple[str, ...]]] = {
     "trixie-engines": ("trixie", ("docker.io", "containerd", "runc", "podman", "conmon",
                                   "iptables", "util-linux")),
+    "bullseye-ansible": ("bullseye", _ANSIBLE_NODE),
+    "trixie-ansible": ("trixie", _ANSIBLE_NODE),
 }
 
 #: Packages on top of debootstrap's minbase: a booting systemd with D-Bus (systemctl,
@@ -136,6 +142,8 @@ def ensure_root(release: str = "bookworm", *, log: bool = True) -> Path:
             _finish(staging)
             if release not in FLAVOURS:  # booted roots run the frozen agent: no Python
                 _assert_no_python(staging)
+            if "openssh-server" in FLAVOURS.get(release, ("", ()))[1]:
+                _no_sshd_at_boot(staging)
             if root.exists():
                 shutil.rmtree(root)
             staging.rename(root)
@@ -210,6 +218,17 @@ def _finish(root: Path) -> None:
         link = root / "etc/systemd/system" / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
+
+
+def _no_sshd_at_boot(root: Path) -> None:
+    """Mask the ssh server: the container shares the host's network, where port 22 is
+    the host's. A test gives it a port of its own, unmasks it and starts it."""
+    subprocess.run(["chroot", str(root), "systemctl", "disable", "ssh.service"],
+                   check=True, capture_output=True)
+    for unit in ("ssh.service", "ssh.socket"):
+        link = root / "etc/systemd/system" / unit
+        if not link.is_symlink():
+            link.symlink_to("/dev/null")
 
 
 def _assert_no_python(root: Path) -> None:

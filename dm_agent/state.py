@@ -1,0 +1,171 @@
+"""The state file: what the running daemon last did, for ``dm-agent status`` to read.
+
+The daemon rewrites it after every round (a temporary name, then a rename, so a reader
+never sees half a file) next to its pidfile: ``/run/dm-agent/dm-agent.state.json``
+under the unit. It is 0640, group ``dm-agent`` when that group exists and the agent
+runs as root (the unit runs it as that group already), and it holds no secret: the
+master's URL is written with any password masked. ``status`` reads it without asking
+the agent anything, so a hung agent is judged by the file's age.
+
+Times are Unix times (float seconds, UTC); the schema is in the README (*Status*).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .config import SECRET_MASK
+
+if TYPE_CHECKING:  # the agent imports this module, not the other way round
+    from .agent import Agent
+
+log = logging.getLogger("dm_agent")
+
+SCHEMA = 1
+GROUP = "dm-agent"
+MODE = 0o640
+
+
+def state_path(pidfile: str) -> str:
+    """The state file of the daemon whose pidfile is ``pidfile``: same directory, same stem."""
+    stem = pidfile[:-4] if pidfile.endswith(".pid") else pidfile
+    return stem + ".state.json"
+
+
+def mask_url(url: str | None) -> str | None:
+    """``url`` with the password of its user part, if any, replaced by the mask."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username or ''}:{SECRET_MASK}@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def scrub(text: str, master: str | None, secret: str | None) -> str:
+    """``text`` (an error message) without the master's password or the secret."""
+    if master:
+        text = text.replace(master, mask_url(master) or "")
+        password = urllib.parse.urlsplit(master).password
+        if password:
+            text = text.replace(password, SECRET_MASK)
+    if secret:
+        text = text.replace(secret, SECRET_MASK)
+    return text
+
+
+def _group_id() -> int:
+    """The dm-agent group for a root agent (so its members can read), else -1 (keep)."""
+    if os.geteuid() != 0:
+        return -1
+    import grp
+
+    try:
+        return grp.getgrnam(GROUP).gr_gid
+    except KeyError:
+        return -1
+
+
+class StateWriter:
+    """Writes the state file; ``round_done`` once per round. It never raises: a state
+    that cannot be written is logged once (and again when it works again), and the
+    agent goes on registering."""
+
+    def __init__(self, path: str, started: float | None = None) -> None:
+        self.path = path
+        self.started = time.time() if started is None else started
+        self.last_success: dict[str, Any] | None = None
+        self.last_failure: dict[str, Any] | None = None
+        self.failures = 0
+        self._gid = _group_id()
+        self._broken = False
+
+    def round_done(self, agent: Agent, ok: bool, duration: float) -> None:
+        """Record the outcome of a round that took ``duration`` seconds, then write."""
+        now = time.time()
+        if ok:
+            self.failures = 0
+            self.last_success = {"time": now, "duration": round(duration, 3),
+                                 "ttl": agent.settings.ttl}
+        else:
+            self.failures += 1
+            kind, message = agent.last_error or ("unknown", "the round failed")
+            message = scrub(message, agent.settings.master, agent.settings.secret)
+            self.last_failure = {"kind": kind, "message": message, "time": now}
+        self.write(agent, now)
+
+    def snapshot(self, agent: Agent, now: float) -> dict[str, Any]:
+        s = agent.settings
+        events: dict[str, Any] = {"state": "disabled", "since": None, "last_event": None}
+        watcher = agent.events
+        if watcher is not None:
+            events = {"state": "connected" if watcher.connected else "down",
+                      "since": watcher.changed_at,
+                      "last_event": watcher.last_event}
+        docker_error = None
+        if agent.docker_outage.active:
+            docker_error = scrub(agent.docker_outage.message, s.master, s.secret)
+        return {
+            "schema": SCHEMA,
+            "pid": os.getpid(),
+            "version": __version__,
+            "started": self.started,
+            "written": now,
+            "config_file": s.config_file,
+            "master": mask_url(s.master),
+            "interval": s.timeout,
+            "ttl": s.ttl,
+            "node": agent.node_name,
+            "last_success": self.last_success,
+            "last_failure": self.last_failure,
+            "consecutive_failures": self.failures,
+            "containers": agent.containers_reported,
+            "docker": {"reachable": docker_error is None, "error": docker_error},
+            "events": events,
+            "stuck_mounts": agent.host.disks.stuck,
+            "time_format": agent.time_format,
+            "master_generation": agent.master_generation,
+        }
+
+    def write(self, agent: Agent, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            data = json.dumps(self.snapshot(agent, now), ensure_ascii=False, indent=1) + "\n"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, MODE)
+            try:
+                os.fchmod(fd, MODE)  # whatever the umask (the unit's is 0077)
+                if self._gid >= 0:
+                    os.fchown(fd, -1, self._gid)
+                os.write(fd, data.encode("utf-8"))
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path)
+        except Exception as exc:  # the state is for status; registering matters more
+            _unlink(tmp)
+            if not self._broken:
+                self._broken = True
+                log.error("cannot write the state file %s: %s", self.path, exc)
+            return
+        if self._broken:
+            self._broken = False
+            log.info("state file %s written again", self.path)
+
+    def remove(self) -> None:
+        """On a clean exit: nothing is left that describes a process that is gone."""
+        _unlink(self.path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
