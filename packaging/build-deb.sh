@@ -43,6 +43,11 @@ dm-agent ($VERSION) unstable; urgency=medium
  -- DockMaster developers <dev@dm-agent.invalid>  $(date -R -u -d "@$SOURCE_DATE_EPOCH")
 EOF
 
+# Every staged file gets the same mtime: dh_builddeb only clamps mtimes newer than
+# SOURCE_DATE_EPOCH, so a checkout's older files (cp -a keeps their times) would reach
+# the .deb as they are, and two checkouts of one commit would differ.
+find "$SRC" "$WORK/payload" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+
 # --- build -----------------------------------------------------------------------------
 log "dpkg-buildpackage: dm-agent $VERSION"
 # -b: binary only; -us -uc: unsigned (the repository's signature covers it, build-repo.sh).

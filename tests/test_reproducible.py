@@ -2,7 +2,8 @@
 time zone and wall-clock time of the build.
 
 Two clean clones of this tree (its uncommitted changes applied), in different
-directories, under umask 0002 and 0022 and different time zones, each run
+directories, under umask 0002 and 0022 and different time zones, one with its files'
+times older than the commit, each run
 ``freeze.sh``, ``build-deb.sh`` and ``build-rpm.sh`` one after the other (so at
 different times), in the cached build root: the .deb, the .rpm, the tarball and the
 bill of materials must have the same sha256. The umask-0002 build's packages must ship
@@ -94,7 +95,12 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Build, Bu
     a_dir = tmp_path_factory.mktemp("repro-a")
     b_dir = tmp_path_factory.mktemp("repro-b") / "a/deeper/path"
     a = build(clone(a_dir / "dm-agent", "0002", commit, diff), "0002", "Pacific/Kiritimati")
-    b = build(clone(b_dir / "checkout", "0022", commit, diff), "0022", "America/Los_Angeles")
+    b_tree = clone(b_dir / "checkout", "0022", commit, diff)
+    # a checkout older than its last commit (one updated by a pull keeps its unchanged
+    # files' times): every file a day older than the commit
+    sh("t=$(( $(git log -1 --format=%ct) - 86400 )) && "
+       "find . -path ./.git -prune -o -exec touch -h -d @$t {} +", cwd=b_tree)
+    b = build(b_tree, "0022", "America/Los_Angeles")
     yield a, b
 
 
