@@ -50,7 +50,7 @@ def _migrate(argv: list[str]) -> int:
 # Subcommands, each with its own parser and exit codes; the agent itself takes none.
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"status": _status, "migrate": _migrate}
 
-# Set while re-executing with the -s value moved out of the command line (see _hide_secret).
+# Set while re-executing with the -s value moved out of the command line (see without_secret).
 _SECRET_ENV = "DM_AGENT__CLI_SECRET"
 
 
@@ -60,8 +60,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: the seed's flags are whole words, and an abbreviation that
+    # works today would change meaning when a flag is added.
     p = _Parser(prog="dm-agent", description="DockMaster node agent.", epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("-d", "--docker", help="Docker endpoint: host:port, tcp://host:port, "
                    "unix:///path or https://host:port (default unix:///var/run/docker.sock)")
     p.add_argument("-m", "--master", help="IP and port (or URL) of dockmaster service")
@@ -84,32 +86,37 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _hide_secret(argv: list[str]) -> list[str] | None:
-    """argv without -s/--secret, its value moved to the environment; None when absent.
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """parse_args(), but an unknown argument is named without its value: ``--sec S``
+    (an abbreviation, refused) would otherwise print the secret in the error."""
+    args, extra = parser().parse_known_args(argv)
+    if extra:
+        shown = " ".join(a.partition("=")[0] if a.startswith("-") else "…" for a in extra)
+        raise UsageError(f"dm-agent: error: unrecognized arguments: {shown} "
+                         "(values not shown; flags are whole words)")
+    return args
+
+
+def without_secret(args: argparse.Namespace) -> list[str]:
+    """A command line that parses to *args* except the secret.
 
     /proc/PID/cmdline is readable by every user, /proc/PID/environ only by the owner,
-    so the agent re-executes itself with the secret taken off its command line.
+    so the agent re-executes itself with the secret moved to its environment. The new
+    command line is rebuilt from what argparse parsed rather than edited token by
+    token, so no spelling of -s (``-s S``, ``-sS``, ``--secret=S``, ``-vs S``, ``-vsS``)
+    can survive in it.
     """
     out: list[str] = []
-    secret: str | None = None
-    it = iter(range(len(argv)))
-    for i in it:
-        arg = argv[i]
-        if arg in ("-s", "--secret") and i + 1 < len(argv):
-            secret = argv[i + 1]
-            next(it, None)
-        elif arg.startswith("--secret="):
-            secret = arg.split("=", 1)[1]
-        elif arg.startswith("-s") and len(arg) > 2 and not arg.startswith("--"):
-            secret = arg[2:]
-        elif arg == "--":
-            out.extend(argv[i:])
-            break
-        else:
-            out.append(arg)
-    if secret is None:
-        return None
-    os.environ[_SECRET_ENV] = secret
+    for flag, value in (("--docker", args.docker), ("--master", args.master),
+                        ("--timeout", args.timeout), ("--config", args.config),
+                        ("--pidfile", args.pidfile)):
+        if value is not None:
+            out.append(f"{flag}={value}")
+    out += ["--verbose"] * args.verbose
+    for flag, on in (("--daemon", args.daemon), ("--once", args.once),
+                     ("--dry-run", args.dry_run), ("--check-config", args.check_config)):
+        if on:
+            out.append(flag)
     return out
 
 
@@ -124,29 +131,30 @@ def _reexec(argv: list[str]) -> NoReturn:
 def _load(args: argparse.Namespace) -> tuple[config.Settings, list[str]]:
     overrides = config.cli_overrides(args.docker, args.master, args.timeout,
                                      args.secret, args.verbose, args.pidfile)
-    return config.load(overrides, args.config)
+    return config.load(overrides, args.config, cwd=args.cwd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dm-agent`` command; returns the exit code."""
-    real_argv = argv is None
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in COMMANDS:
         return COMMANDS[args_list[0]](args_list[1:])
-    if real_argv and _SECRET_ENV not in os.environ:
-        hidden = _hide_secret(args_list)
-        if hidden is not None:
-            _reexec(hidden)
     try:
-        args = parser().parse_args(args_list)
+        args = _parse(args_list)
     except UsageError as exc:
         parser().print_usage(sys.stderr)
         print(str(exc), file=sys.stderr)
         return exc.exit_code
     except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
+    if args.secret is not None and argv is None:
+        os.environ[_SECRET_ENV] = args.secret
+        _reexec(without_secret(args))
     if args.secret is None and _SECRET_ENV in os.environ:
         args.secret = os.environ.pop(_SECRET_ENV)
+    # The starting directory: a daemon runs in / and reloads from there, but a
+    # relative -f, --pidfile or DM_AGENT_* path keeps meaning what it meant at start.
+    args.cwd = os.getcwd()
     try:
         return _run(args)
     except AgentError as exc:
@@ -154,6 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _warn_not_reloaded(running: config.Settings, new: config.Settings) -> None:
+    """A daemon keeps its pidfile (systemd's PIDFile= names it) and its log file for its
+    whole life; a reload that changes them says so rather than ignoring them silently."""
+    for key, was, now in (
+        ("pidfile", config.pidfile_path(running), config.pidfile_path(new)),
+        ("log_file", running.log_file, new.log_file),
+    ):
+        if was != now:
+            logs.logger.warning("%s changed to %s: not applied by a reload, restart the agent "
+                                "to use it (still %s)", key, now or "(none)", was or "(none)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -176,6 +196,8 @@ def _run(args: argparse.Namespace) -> int:
         new, new_warnings = _load(args)
         for warning in new_warnings:
             logs.logger.warning("%s", warning)
+        if args.daemon:
+            _warn_not_reloaded(settings, new)
         return new
 
     if args.daemon:

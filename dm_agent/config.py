@@ -12,6 +12,7 @@ import configparser
 import fnmatch
 import os
 import re
+import stat
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -68,14 +69,30 @@ def parse_docker(text: str) -> str:
     )
 
 
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?)([^/@]*)@")
+
+
+def redact_userinfo(text: str) -> str:
+    """The URL with a ``user:password@`` part masked, for messages (a token may be the
+    user name alone, so the whole part goes)."""
+    return _USERINFO.sub(lambda m: f"{m.group(1)}{SECRET_MASK}@", text, count=1)
+
+
 def parse_master(text: str) -> str | None:
     """Normalise the master endpoint to a base URL without a trailing slash.
 
-    Empty means "not configured": the packaged config ships that way.
+    Empty means "not configured": the packaged config ships that way. Credentials in
+    the URL are refused rather than masked in every message that names the master:
+    the node authenticates with ``secret`` (X-Auth-Node), which is kept out of sight.
     """
     text = text.strip()
     if not text:
         return None
+    if _USERINFO.match(text):
+        raise ValueError(
+            "the master URL must not carry credentials (user:password@): the node "
+            "authenticates with the 'secret' setting (X-Auth-Node header)"
+        )
     if "://" not in text:
         _endpoint_hostport(text, "the master")
         return "http://" + text
@@ -128,10 +145,24 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_secret(text: str) -> Secret:
-    # The value itself is never echoed: not even in this error.
-    if any(ch in text for ch in "\r\n\0"):
-        raise ValueError("the secret must not contain line breaks or NUL characters")
-    return Secret(text.strip())
+    """The secret as it can travel in an HTTP header: Latin-1, no control characters.
+
+    http.client encodes header values as Latin-1 and a control character would split
+    or corrupt the header, so either would fail every round; refused here instead.
+    The value itself is never echoed: not even in these errors.
+    """
+    value = text.strip()
+    for ch in value:
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            raise ValueError("the secret must not contain control characters (line breaks, "
+                             "tabs, NUL…): it is sent in the X-Auth-Node HTTP header "
+                             "(value not shown)")
+        if code > 0xFF:
+            raise ValueError("the secret must be Latin-1 text (plain ASCII is safest): it is "
+                             "sent in the X-Auth-Node HTTP header, which cannot carry "
+                             "other characters (value not shown)")
+    return Secret(value)
 
 
 def parse_optional_path(text: str) -> str | None:
@@ -143,8 +174,17 @@ def parse_existing_file(text: str) -> str | None:
     value = text.strip()
     if not value:
         return None
-    if not os.path.isfile(value):
-        raise ValueError(f"expected an existing file, {value!r} does not exist")
+    try:
+        is_file = stat.S_ISREG(os.stat(value).st_mode)
+    except FileNotFoundError:
+        raise ValueError(f"expected an existing file, {value!r} does not exist") from None
+    except PermissionError:
+        raise ValueError(f"expected a readable file, {value!r} cannot be reached: permission "
+                         "denied on a directory above it") from None
+    except OSError as exc:
+        raise ValueError(f"expected an existing file, {value!r}: {exc.strerror}") from None
+    if not is_file:
+        raise ValueError(f"expected a file, {value!r} is not a regular file")
     if not os.access(value, os.R_OK):
         raise ValueError(f"expected a readable file, {value!r} cannot be read")
     return value
@@ -192,6 +232,7 @@ KEYS: tuple[Key, ...] = (
     Key("master", parse_master, "", "master endpoint: host:port or http(s)://host:port[/prefix]"),
     Key("timeout", parse_interval, "60", "seconds between registrations"),
     Key("secret", parse_secret, "", "value of the X-Auth-Node header", secret=True),
+    Key("secret_file", parse_existing_file, "", "file holding the secret"),
     Key("log_level", parse_log_level, "0", "0 WARNING, 1 INFO, 2 DEBUG"),
     Key("address", parse_address, "", "Docker address announced to the master"),
     Key("pidfile", parse_optional_path, "", "pidfile of --daemon"),
@@ -206,6 +247,9 @@ KEYS: tuple[Key, ...] = (
     Key("docker_events", parse_bool, "yes", "register at once when a container changes"),
 )
 _BY_NAME = {k.name: k for k in KEYS}
+#: Keys holding a path: made absolute before use, since a daemon runs in ``/``.
+PATH_KEYS = frozenset({"pidfile", "log_file", "docker_tls_ca", "docker_tls_cert",
+                       "docker_tls_key", "master_ca", "secret_file"})
 
 
 class Settings(NamedTuple):
@@ -215,6 +259,7 @@ class Settings(NamedTuple):
     master: str | None = None
     timeout: int = 60
     secret: Secret | None = None
+    secret_file: str | None = None
     log_level: int = 0
     address: str | None = None
     pidfile: str | None = None
@@ -257,10 +302,12 @@ def search_path(env: Mapping[str, str] | None = None, cwd: str | None = None) ->
     ]
 
 
-def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
+def find_config(explicit: str | None, env: Mapping[str, str] | None = None,
+                cwd: str | None = None) -> str | None:
+    """-f made absolute against *cwd*, or the first file of the search path that exists."""
     if explicit:
-        return explicit
-    for path in search_path(env):
+        return os.path.normpath(os.path.join(cwd or os.getcwd(), explicit))
+    for path in search_path(env, cwd):
         if os.path.exists(path):
             return path
     return None
@@ -309,14 +356,19 @@ def load(
     cli: Mapping[str, str | None],
     config_path: str | None = None,
     env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
 ) -> tuple[Settings, list[str]]:
     """Resolve every key by the precedence rule. Returns (settings, warnings).
 
     ``cli`` maps key names to the raw text given on the command line (or None).
-    ``config_path`` is -f, or None for the search path.
+    ``config_path`` is -f, or None for the search path. ``cwd`` is the directory the
+    agent was started in (a daemon reloads from ``/``): relative paths from the command
+    line and the environment are resolved against it, relative paths in the file against
+    the file's directory.
     """
     env = os.environ if env is None else env
-    path = find_config(config_path, env)
+    base = cwd or os.getcwd()
+    path = find_config(config_path, env, base)
     file_values: dict[str, str] = {}
     warnings: list[str] = []
     if path is not None:
@@ -325,22 +377,27 @@ def load(
     sources: dict[str, str] = {}
     for key in KEYS:
         raw: str | None
+        origin = base
         if cli.get(key.name) is not None:
             raw, where = cli[key.name], "command line"
         elif (var := ENV_PREFIX + key.name.upper()) in env:
             raw, where = env[var], "environment " + var
-        elif key.name in file_values:
+        elif key.name in file_values and path is not None:
             raw, where = file_values[key.name], f"{path} [{SECTION}] {key.name}"
+            origin = os.path.dirname(path)
         else:
             raw, where = key.default, "default"
         assert raw is not None
+        if key.name in PATH_KEYS and raw.strip() and not os.path.isabs(raw.strip()):
+            raw = os.path.normpath(os.path.join(origin, raw.strip()))
         try:
             value = key.convert(raw)
         except ValueError as exc:
-            shown = "" if key.secret else f" = {raw.strip()!r}"
+            shown = "" if key.secret else f" = {redact_userinfo(raw.strip())!r}"
             raise ConfigError(f"{where}: invalid {key.name}{shown}: {exc}") from None
         values[key.name] = value if value != "" else None
         sources[key.name] = where
+    _resolve_secret(values, sources, env)
     tls = [values[k] for k in ("docker_tls_cert", "docker_tls_key")]
     if any(tls) and not all(tls):
         raise ConfigError(
@@ -353,6 +410,54 @@ def load(
             "docker_tls_key (and usually docker_tls_ca)"
         )
     return Settings(**values, config_file=path, sources=sources), warnings
+
+
+CREDENTIAL = "secret"
+
+
+def _resolve_secret(values: dict[str, Any], sources: dict[str, str],
+                    env: Mapping[str, str]) -> None:
+    """Where the secret comes from: ``-s`` > ``DM_AGENT_SECRET`` > the systemd credential
+    ``$CREDENTIALS_DIRECTORY/secret`` (``LoadCredential=secret:…``) > ``secret_file`` >
+    ``secret`` in the config file. The credential and ``secret_file`` keep the secret out
+    of the config file and of ``systemctl show``."""
+    if sources["secret"].startswith(("command line", "environment")):
+        return
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds and os.path.isfile(os.path.join(creds, CREDENTIAL)):
+        path = os.path.join(creds, CREDENTIAL)
+        where = f"systemd credential {path}"
+    elif values["secret_file"]:
+        path = values["secret_file"]
+        where = f"{sources['secret_file']}: secret_file {path}"
+    else:
+        return
+    values["secret"] = read_secret_file(path, where)
+    sources["secret"] = where
+
+
+def read_secret_file(path: str, where: str) -> Secret:
+    """The secret a file holds (one line; surrounding white space ignored)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(65537)
+    except OSError as exc:
+        raise ConfigError(f"{where}: invalid secret: cannot read {path}: "
+                          f"{exc.strerror}") from None
+    if len(data) > 65536:
+        raise ConfigError(f"{where}: invalid secret: {path} is larger than 64 KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: invalid secret: {path} is not UTF-8 text "
+                          "(value not shown)") from None
+    try:
+        secret = parse_secret(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: invalid secret: {exc}") from None
+    if not secret:
+        raise ConfigError(f"{where}: invalid secret: {path} is empty")
+    return secret
 
 
 def _pidfile_default() -> str:

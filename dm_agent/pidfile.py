@@ -4,6 +4,10 @@ A killed agent leaves at most a file with no lock behind, which the next start t
 over; a running agent's lock makes a second start fail with the PID in the message.
 The PID is written to a temporary file that is locked and then renamed over the
 pidfile, so a reader (systemd's ``PIDFile=``) never sees a half-written file.
+
+A non-root agent's pidfile may live under ``/tmp``: nothing here follows a symbolic
+link, the temporary file has an unpredictable name and is created exclusively, and a
+directory that other users could write to (without the sticky bit) is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from types import TracebackType
 
 from .errors import AgentError, PidfileLockedError
@@ -44,7 +49,8 @@ class LockedPidfile:
     def _open_locked(self) -> int:
         """Open and lock the file now at the path (retrying if it was replaced meanwhile)."""
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644)
             try:
                 if not self._lock(fd):
                     pid = read_pid(self.path)
@@ -63,17 +69,47 @@ class LockedPidfile:
             os.close(fd)  # another agent renamed its pidfile in: look again
         raise AgentError(f"cannot lock pidfile {self.path}: it keeps being replaced")
 
+    def _check_directory(self, directory: str) -> None:
+        """Refuse a directory where another user could replace or plant our files."""
+        st = os.stat(directory)
+        others = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP
+                                               and st.st_gid != os.getegid())
+        if others and not st.st_mode & stat.S_ISVTX:
+            raise AgentError(
+                f"refusing pidfile {self.path}: its directory {directory} is writable by "
+                f"other users (mode {stat.S_IMODE(st.st_mode):04o}) without the sticky bit; "
+                "use a private directory (chmod o-w, or pidfile = / --pidfile elsewhere)")
+        if st.st_uid not in (0, os.geteuid()):
+            raise AgentError(
+                f"refusing pidfile {self.path}: its directory {directory} belongs to another "
+                f"user (UID {st.st_uid})")
+
+    def _create_temporary(self) -> tuple[str, int]:
+        """A new file beside the pidfile, under a name nobody could have guessed."""
+        for _ in range(10):
+            tmp = f"{self.path}.{os.urandom(6).hex()}.tmp"
+            try:
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                return tmp, os.open(tmp, flags, 0o644)
+            except FileExistsError:
+                continue
+        raise AgentError(f"cannot create a temporary file beside pidfile {self.path}")
+
     def acquire(self) -> None:
+        directory = os.path.dirname(self.path)
         try:
-            os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+            self._check_directory(directory)
             fd = self._open_locked()
         except OSError as exc:
-            raise AgentError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
-        tmp = f"{self.path}.{os.getpid()}.tmp"
+            reason = ("it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror)
+            raise AgentError(f"cannot open pidfile {self.path}: {reason}") from None
         try:
-            tfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            tmp, tfd = self._create_temporary()
             try:
-                self._lock(tfd)
+                if not self._lock(tfd):
+                    raise AgentError(f"cannot lock the temporary pidfile {tmp}: another "
+                                     "process holds it")
                 os.write(tfd, f"{os.getpid()}\n".encode())
                 os.rename(tmp, self.path)
             except BaseException:

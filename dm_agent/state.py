@@ -4,7 +4,7 @@ The daemon rewrites it after every round (a temporary name, then a rename, so a 
 never sees half a file) next to its pidfile: ``/run/dm-agent/dm-agent.state.json``
 under the unit. It is 0640, group ``dm-agent`` when that group exists and the agent
 runs as root (the unit runs it as that group already), and it holds no secret: the
-master's URL is written with any password masked. ``status`` reads it without asking
+master's URL cannot hold a password (config refuses one). ``status`` reads it without asking
 the agent anything, so a hung agent is judged by the file's age.
 
 Times are Unix times (float seconds, UTC); the schema is in the README (*Status*).
@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
@@ -38,28 +37,10 @@ def state_path(pidfile: str) -> str:
     return stem + ".state.json"
 
 
-def mask_url(url: str | None) -> str | None:
-    """``url`` with the password of its user part, if any, replaced by the mask."""
-    if not url:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"{parts.username or ''}:{SECRET_MASK}@{host}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def scrub(text: str, master: str | None, secret: str | None) -> str:
-    """``text`` (an error message) without the master's password or the secret."""
-    if master:
-        text = text.replace(master, mask_url(master) or "")
-        password = urllib.parse.urlsplit(master).password
-        if password:
-            text = text.replace(password, SECRET_MASK)
-    if secret:
-        text = text.replace(secret, SECRET_MASK)
-    return text
+def scrub(text: str, secret: str | None) -> str:
+    """``text`` (an error message) without the secret. (The master's URL carries no
+    password: config refuses credentials in it.)"""
+    return text.replace(secret, SECRET_MASK) if secret else text
 
 
 def _group_id() -> int:
@@ -98,7 +79,7 @@ class StateWriter:
         else:
             self.failures += 1
             kind, message = agent.last_error or ("unknown", "the round failed")
-            message = scrub(message, agent.settings.master, agent.settings.secret)
+            message = scrub(message, agent.settings.secret)
             self.last_failure = {"kind": kind, "message": message, "time": now}
         self.write(agent, now)
 
@@ -112,7 +93,7 @@ class StateWriter:
                       "last_event": watcher.last_event}
         docker_error = None
         if agent.docker_outage.active:
-            docker_error = scrub(agent.docker_outage.message, s.master, s.secret)
+            docker_error = scrub(agent.docker_outage.message, s.secret)
         return {
             "schema": SCHEMA,
             "pid": os.getpid(),
@@ -120,7 +101,7 @@ class StateWriter:
             "started": self.started,
             "written": now,
             "config_file": s.config_file,
-            "master": mask_url(s.master),
+            "master": s.master,
             "interval": s.timeout,
             "ttl": s.ttl,
             "node": agent.node_name,

@@ -86,8 +86,8 @@ def pidfile_of(explicit: str | None, config_path: str | None) -> str:
             values, _ = config.read_file(path)
         except ConfigError:
             values = {}
-        if values.get("pidfile", "").strip():
-            return values["pidfile"].strip()
+        if values.get("pidfile", "").strip():  # relative: to the file's directory
+            return os.path.join(os.path.dirname(path), values["pidfile"].strip())
     if os.geteuid() == 0 or os.path.isdir(os.path.dirname(SYSTEM_PIDFILE)):
         return SYSTEM_PIDFILE
     return config.pidfile_path(config.Settings())

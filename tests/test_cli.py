@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 from agentproc import popen, run
+from support.master import Master
 
 from dm_agent import __version__
 
@@ -115,19 +115,80 @@ def test_once_fails_with_1_when_master_unreachable(tmp_path: Path) -> None:
     assert "- ERROR - cannot reach http://127.0.0.1:9: Connection refused" in proc.stderr
 
 
-def test_secret_given_with_s_is_not_in_ps(tmp_path: Path) -> None:
-    proc = popen(["-d", NO_DOCKER, "-m", "127.0.0.1:9", "-t", "30", "-s", SECRET], tmp_path)
-    try:
-        deadline = time.monotonic() + 10
-        cmdline = b""
-        while time.monotonic() < deadline:
+@pytest.mark.parametrize("spelling", [
+    ["-s", SECRET], [f"-s{SECRET}"], ["--secret", SECRET], [f"--secret={SECRET}"],
+    ["-vs", SECRET], [f"-vs{SECRET}"], ["-vvs", SECRET], [f"-s={SECRET}"],
+], ids=lambda s: " ".join(s).replace(SECRET, "S"))
+def test_secret_in_any_spelling_is_not_in_ps(tmp_path: Path, spelling: list[str]) -> None:
+    """Every spelling argparse accepts for -s: the running process's own cmdline (what
+    ps shows every user) no longer holds it, and the master still gets the secret."""
+    with Master(secret=SECRET) as m:
+        proc = popen(["-d", NO_DOCKER, "-m", m.address, "-t", "30", *spelling], tmp_path)
+        try:
+            reg = m.wait_for(1, timeout=20)[0]  # sent after the re-exec
             cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
-            if b"dm_agent" in cmdline and SECRET.encode() not in cmdline:
-                break  # re-executed without the secret
-            time.sleep(0.05)
-        assert SECRET.encode() not in cmdline, cmdline
-        assert b"-m\x00127.0.0.1:9" in cmdline  # the rest of the command line is kept
-    finally:
-        proc.terminate()
-        out, err = proc.communicate(timeout=10)
+        finally:
+            proc.terminate()
+            out, err = proc.communicate(timeout=10)
+        m.assert_valid()
+    assert reg.auth_ok is True
+    assert SECRET.encode() not in cmdline, cmdline
+    assert f"--master={m.address}".encode() in cmdline  # the rest of the command line is kept
+    if spelling[0].startswith("-v"):
+        assert b"--verbose" in cmdline
     assert SECRET not in out + err
+
+
+@pytest.mark.parametrize("spelling", [["--sec", SECRET], [f"--secr={SECRET}"]])
+def test_abbreviations_are_refused_without_echoing_the_value(
+        tmp_path: Path, spelling: list[str]) -> None:
+    proc = run(["--once", "-m", "127.0.0.1:9", *spelling], tmp_path)
+    assert proc.returncode == 64, proc.stderr
+    assert "unrecognized arguments: --se" in proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["sëcret✓", "two\tparts", "bell\x07"])
+def test_secret_unfit_for_a_header_exits_78_before_any_round(tmp_path: Path, bad: str) -> None:
+    """The issue's case: requests raised UnicodeEncodeError inside the round. Now the
+    configuration is refused, naming the setting and its source, never the value."""
+    path = ini(tmp_path, "master = 127.0.0.1:9\n")
+    for how, args, env, where in [
+        ("-s", ["-s", bad], {}, "command line: invalid secret:"),
+        ("env", [], {"DM_AGENT_SECRET": bad}, "environment DM_AGENT_SECRET: invalid secret:"),
+    ]:
+        for mode in (["--once"], ["--check-config"],
+                     ["--daemon", "--pidfile", str(tmp_path / "p")]):
+            proc = run(["-f", str(path), "-d", NO_DOCKER, *args, *mode], tmp_path, env)
+            assert proc.returncode == 78, (how, mode, proc.stderr)
+            assert where in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
+            assert bad not in proc.stdout + proc.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_master_url_credentials_are_refused_and_never_printed(tmp_path: Path) -> None:
+    path = ini(tmp_path, "master = http://admin:pa55-w0rd@127.0.0.1:9\n")
+    for mode in (["--once"], ["--check-config"], ["--daemon", "--pidfile", str(tmp_path / "p")]):
+        proc = run(["-f", str(path), *mode], tmp_path)
+        assert proc.returncode == 78, proc.stderr
+        assert "must not carry credentials" in proc.stderr
+        assert "http://********@127.0.0.1:9" in proc.stderr
+        assert "pa55-w0rd" not in proc.stdout + proc.stderr and "admin" not in proc.stderr
+
+
+def test_reexec_command_line_keeps_every_flag_but_the_secret() -> None:
+    """without_secret() rebuilds the command line from the parsed flags: a flag added to
+    the parser and forgotten there would be dropped silently by the re-exec."""
+    from dm_agent import cli
+
+    full = ["-d", "unix:///d.sock", "-m", "m:1", "-t", "5", "-vv", "-f", "a b.ini",
+            "-s", SECRET, "--pidfile", "=p", "--daemon", "--once", "--dry-run",
+            "--check-config"]
+    args = cli._parse(full)
+    every = set(vars(cli._parse([])))
+    assert {k for k, v in vars(args).items() if v not in (None, False, 0)} == every, \
+        "a new flag: give it a value in this test and a place in cli.without_secret()"
+    again = cli._parse(cli.without_secret(args))
+    assert again.secret is None
+    assert {**vars(again), "secret": SECRET} == vars(args)

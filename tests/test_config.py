@@ -250,3 +250,145 @@ def test_bool_and_patterns() -> None:
     assert config.parse_patterns("lo, veth*  docker0") == ("lo", "veth*", "docker0")
     assert config.is_excluded("veth12ab", ("lo", "veth*"))
     assert not config.is_excluded("eth0", ("lo", "veth*"))
+
+
+def test_secret_precedence_cli_env_credential_secret_file_file(tmp_path: Path) -> None:
+    """-s > DM_AGENT_SECRET > $CREDENTIALS_DIRECTORY/secret > secret_file > secret."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    write(creds / "secret", "from-credential\n")
+    write(tmp_path / "node.secret", "  from-secret-file\n")
+    path = write(tmp_path / "p.ini",
+                 "[main]\nsecret = from-file\nsecret_file = node.secret\n")
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    cases = [
+        (config.cli_overrides(secret="from-cli"), {**env, "DM_AGENT_SECRET": "from-env"},
+         "from-cli", "command line"),
+        ({}, {**env, "DM_AGENT_SECRET": "from-env"}, "from-env",
+         "environment DM_AGENT_SECRET"),
+        ({}, env, "from-credential", f"systemd credential {creds}/secret"),
+        ({}, {"CREDENTIALS_DIRECTORY": str(tmp_path / "empty")}, "from-secret-file",
+         f"{path} [main] secret_file: secret_file {tmp_path}/node.secret"),
+        ({}, {}, "from-secret-file", f"{path} [main] secret_file: secret_file "),
+    ]
+    for cli, environ, want, source in cases:
+        settings, _ = config.load(cli, path, environ)
+        assert settings.secret == want, (environ, settings.sources["secret"])
+        assert settings.sources["secret"].startswith(source)
+        assert "from-" not in config.render(settings)
+    # a credential directory without a "secret" credential: the file's settings apply
+    other = tmp_path / "other-creds"
+    other.mkdir()
+    write(other / "token", "unrelated")
+    plain = write(tmp_path / "q.ini", "[main]\nsecret = from-file\n")
+    settings, _ = config.load({}, plain, {"CREDENTIALS_DIRECTORY": str(other)})
+    assert settings.secret == "from-file"
+
+
+@pytest.mark.parametrize(("content", "expect"), [
+    (b"", "is empty"),
+    (b"\n \n", "is empty"),
+    (b"s\xc3\xabcret\xe2\x9c\x93\n", "must be Latin-1"),
+    (b"two\nlines\n", "control characters"),
+    (b"\xff\xfe not utf-8", "not UTF-8"),
+])
+def test_bad_secret_file_is_a_config_error_without_the_value(
+        tmp_path: Path, content: bytes, expect: str) -> None:
+    (tmp_path / "node.secret").write_bytes(content)
+    path = write(tmp_path / "b.ini", "[main]\nsecret_file = node.secret\n")
+    with pytest.raises(ConfigError) as err:
+        config.load({}, path, {})
+    msg = str(err.value)
+    assert expect in msg and "invalid secret" in msg
+    assert msg.startswith(f"{path} [main] secret_file: secret_file {tmp_path}/node.secret")
+    for word in (b"cret", b"two", b"lines"):
+        assert word.decode() not in msg.replace("secret", "")
+    assert err.value.exit_code == 78
+
+
+def test_missing_secret_file_names_the_setting(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.ini", "[main]\nsecret_file = /nonexistent/node.secret\n")
+    with pytest.raises(ConfigError, match=r"\[main\] secret_file: invalid secret_file = "
+                                          r"'/nonexistent/node.secret': expected an existing"):
+        config.load({}, path, {})
+
+
+@pytest.mark.parametrize("bad", ["Qsëcret✓", "Qtab\there", "Qnul\0x", "Qdel\x7fx",
+                                 "Qc1\x85x", "Qbell\x07", "Q\udcff-not-utf8-argv"])
+def test_secret_that_cannot_travel_in_a_header_is_refused(tmp_path: Path, bad: str) -> None:
+    path = write(tmp_path / "h.ini", "[main]\nmaster = m:1\n")
+    for cli, env, where in [
+        (config.cli_overrides(secret=bad), {}, "command line: invalid secret:"),
+        ({}, {"DM_AGENT_SECRET": bad}, "environment DM_AGENT_SECRET: invalid secret:"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            config.load(cli, path, env)
+        assert str(err.value).startswith(where), str(err.value)
+        assert bad not in str(err.value) and bad[:3] not in str(err.value)
+    # Latin-1 is what http.client sends: accepted, as before
+    settings, _ = config.load(config.cli_overrides(secret="sécret"), path, {})
+    assert settings.secret == "sécret"
+
+
+@pytest.mark.parametrize("url", ["http://user:pa55-w0rd@127.0.0.1:9",
+                                    "https://user:pa55-w0rd@m.example/prefix",
+                                    "user:pa55-w0rd@127.0.0.1:9", "http://pa55-w0rd@m:1"])
+def test_master_url_with_credentials_is_refused_and_masked(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path / "u.ini", f"[main]\nmaster = {url}\n")
+    with pytest.raises(ConfigError) as err:
+        config.load({}, path, {})
+    msg = str(err.value)
+    assert "pa55-w0rd" not in msg
+    assert f"{path} [main] master: invalid master = " in msg
+    assert "must not carry credentials" in msg and "********@" in msg
+
+
+def test_relative_paths_in_the_file_are_relative_to_its_directory(tmp_path: Path) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    write(conf_dir / "ca.pem", "x")
+    write(conf_dir / "node.secret", "s\n")
+    path = write(conf_dir / "r.ini", "[main]\npidfile = run/a.pid\nlog_file = ../log/a.log\n"
+                 "master_ca = ca.pem\nsecret_file = ./node.secret\n")
+    start = tmp_path / "start"
+    start.mkdir()
+    write(start / "cli.pid", "")
+    settings, _ = config.load({}, path, {}, cwd=str(start))
+    assert settings.pidfile == f"{conf_dir}/run/a.pid"
+    assert settings.log_file == f"{tmp_path}/log/a.log"
+    assert settings.master_ca == f"{conf_dir}/ca.pem"
+    assert settings.secret_file == f"{conf_dir}/node.secret"
+    # the command line and the environment: against the starting directory, as is -f
+    settings, _ = config.load(config.cli_overrides(pidfile="cli.pid"), "../etc/r.ini",
+                              {"DM_AGENT_LOG_FILE": "x.log"}, cwd=str(start))
+    assert settings.config_file == path
+    assert settings.pidfile == f"{start}/cli.pid"
+    assert settings.log_file == f"{start}/x.log"
+
+
+def test_file_setting_behind_an_unreadable_directory_says_so() -> None:
+    """Not "does not exist": the dm-agent user meets a 0700 directory above the file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dm-config-") as tmp:  # reachable by nobody
+        os.chmod(tmp, 0o755)
+        secret_file_behind_private_directory(Path(tmp))
+
+
+def secret_file_behind_private_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "private").mkdir(mode=0o700)
+    write(tmp_path / "private" / "node.secret", "s\n")
+    path = write(tmp_path / "d.ini", f"[main]\nsecret_file = {tmp_path}/private/node.secret\n")
+    os.chmod(path, 0o644)
+    code = ("import sys; from dm_agent import config\n"
+            "try: config.load({}, sys.argv[1], {})\n"
+            "except config.ConfigError as e: print(e); sys.exit(78)\n")
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+         "-c", code, path], capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.dirname(config.__file__)))
+    assert proc.returncode == 78, proc.stderr
+    assert "cannot be reached: permission denied on a directory above it" in proc.stdout

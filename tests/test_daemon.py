@@ -219,3 +219,63 @@ def test_daemon_without_journal_logs_to_log_file_or_syslog(daemon: Daemon, maste
     else:
         text = log_file.read_text()
         assert " - INFO - started as daemon" in text and SECRET not in text
+
+
+def start_journaled(daemon: Daemon, *args: str) -> Path:
+    """Start the daemon from its home with *args* (relative paths allowed), its log on a
+    file that JOURNAL_STREAM names (so it is readable whether or not /dev/log exists)."""
+    log = daemon.home / "stderr.log"
+    with open(log, "ab") as err:
+        proc = subprocess.run([BIN, "--daemon", *args], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=err, cwd=daemon.home,
+                              env=clean_env(daemon.home, journal_pipe_env(err.fileno())),
+                              timeout=30)
+    assert proc.returncode == 0, log.read_text()
+    daemon.pids.add(daemon.pid)
+    return log
+
+
+def test_relative_paths_keep_their_meaning_after_chdir_and_sighup(
+        daemon: Daemon, master: Master) -> None:
+    """Issue: `--daemon -f a.ini` started, then SIGHUP failed with "cannot read config
+    file a.ini", since the daemon runs in /. Every relative path is resolved at start."""
+    (daemon.home / "etc").mkdir()
+    conf = daemon.home / "etc" / "a.ini"
+    conf.write_text(daemon.conf.read_text())
+    log = start_journaled(daemon, "-f", "etc/a.ini", "--pidfile", "run/dm-agent.pid")
+    assert os.readlink(f"/proc/{daemon.pid}/cwd") == "/"
+    master.wait_for(1)
+    conf.write_text(conf.read_text().replace("timeout = 60", "timeout = 1"))
+    os.kill(daemon.pid, signal.SIGHUP)
+    reqs = master.wait_for(3, timeout=10)
+    assert reqs[-1].query == {"ttl": ["2"]}, [r.query for r in reqs]
+    text = log.read_text()
+    assert f"configuration reloaded from {conf}: interval 1s" in text, text
+    assert "reload failed" not in text
+    pid = daemon.pid
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(pid, 3)
+    assert not daemon.pidfile.exists()  # the relative --pidfile, removed from /
+
+
+def test_reload_says_pidfile_and_log_file_changes_need_a_restart(
+        daemon: Daemon, master: Master) -> None:
+    daemon.conf.write_text(daemon.conf.read_text() + "pidfile = run/a.pid\n")
+    daemon.pidfile = daemon.home / "run" / "a.pid"  # relative to the file's directory
+    log = start_journaled(daemon, "-f", str(daemon.conf))
+    pidfile = daemon.pidfile
+    assert read_pid(str(pidfile)) == daemon.pid
+    master.wait_for(1)
+    daemon.conf.write_text(daemon.conf.read_text().replace("run/a.pid", "run/b.pid")
+                           + "log_file = b.log\n")
+    os.kill(daemon.pid, signal.SIGHUP)
+    master.wait_for(2, timeout=10)
+    deadline = time.monotonic() + 10
+    while "configuration reloaded" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_text()
+    assert (f"<4>pidfile changed to {daemon.home}/run/b.pid: not applied by a reload, "
+            f"restart the agent to use it (still {pidfile})") in text, text
+    assert (f"<4>log_file changed to {daemon.home}/b.log: not applied by a reload, "
+            "restart the agent to use it (still (none))") in text, text
+    assert read_pid(str(pidfile)) == daemon.pid and not (daemon.home / "run/b.pid").exists()

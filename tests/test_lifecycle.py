@@ -22,7 +22,9 @@ Steps (the issue's numbering):
 4. journald: ``-p info`` shows the start, ``-p err`` one line per master outage and
    nothing while all is well, and the agent keeps logging after journald restarts;
 5. reload: a new interval reaches the master as ttl = 2 × timeout; a broken edit is
-   refused with an error and the running configuration kept;
+   refused with an error and the running configuration kept; the secret as a systemd
+   credential (``LoadCredential=``; ``secret_file`` on systemd 247) wins over the
+   file's and shows nowhere;
 6. stop within 3 s, SIGKILL restarted after RestartSec, a broken config skipped (no loop);
 9. ``systemd-analyze security`` ≤ 2.0 and ``verify`` clean in the booted root; the
    reported disks are df's;
@@ -386,6 +388,84 @@ def test_reload(node: Node) -> None:
         node.run(["systemctl", "reload", UNIT])
         node.wait_registration(since, ttl=2)
         assert node.main_pid() == pid
+
+
+CREDENTIAL_FILE = "/etc/dm-agent/secret"
+CREDENTIAL_DROPIN = f"/etc/systemd/system/{UNIT}.d/credential.conf"
+#: systemd 247 (Debian 11) sets up the credentials only for ExecStart=, and any earlier
+#: process of a unit with a mount namespace fails to bind them (systemd#18116): our
+#: ExecCondition= exits 226/NAMESPACE and the start is skipped. The README's advice there
+#: is ``secret_file``. (252 and 257 are fine.)
+BROKEN_CREDENTIALS = 247
+
+
+def systemd_version(node: Node) -> int:
+    return int(node.run(["systemctl", "--version"]).stdout.split()[1])
+
+
+def test_credentials(node: Node) -> None:
+    """5b. The secret kept out of the config file and of ``systemctl show``, as the README
+    advises: a systemd credential (``LoadCredential=``), which wins over ``secret`` in the
+    file; on systemd 247, ``secret_file``. Registrations carry it; neither ``systemctl
+    show``, the journal nor ``ps`` holds it; ``--check-config`` names its source."""
+    with node.step("credentials", needs=["configured"]):
+        version = systemd_version(node)
+        credential = version > BROKEN_CREDENTIALS
+        node.notes["credentials_systemd"] = version
+        # the README's commands, for each case
+        install = ["install", "-D", "-m", "0600", "/dev/stdin", CREDENTIAL_FILE]
+        if not credential:
+            install[2:4] = ["-m", "0640", "-g", "dm-agent"]
+        node.run(install, input=node.secret + "\n")
+        if credential:
+            assert node.stat(CREDENTIAL_FILE) == "600 root:root"
+            # the file keeps a wrong secret: the credential must win over it
+            extra, source = "", (r"systemd credential "
+                                 r"/run/credentials/dm-agent\.service/secret")
+            node.run(["sh", "-c", 'mkdir -p "${1%/*}"; cat > "$1"', "sh", CREDENTIAL_DROPIN],
+                     input=f"[Service]\nLoadCredential=secret:{CREDENTIAL_FILE}\n")
+        else:
+            assert node.stat(CREDENTIAL_FILE) == "640 root:dm-agent"
+            extra = f"secret_file = {CREDENTIAL_FILE}\n"
+            source = rf"{INI} \[main\] secret_file: secret_file {CREDENTIAL_FILE}"
+        node.edit_ini(node.run(["cat", "/usr/share/doc/dm-agent/dm-agent.ini"]).stdout
+                      + node.settings_block(timeout=1, extra=extra).replace(
+                          f"secret = {node.secret}", "secret = not-the-node-secret"))
+        try:
+            node.run(["systemctl", "daemon-reload"])
+            mark = node.cursor()
+            since = time.monotonic()
+            node.run(["systemctl", "restart", UNIT])
+            try:
+                regs = node.wait_registration(since, count=2)
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n" + "\n".join(node.messages(mark))) from None
+            assert all(r.auth_ok for r in node.registrations_since(since)), \
+                [(r.status, r.auth_ok) for r in node.registrations_since(since)]
+            assert all(r.auth_ok for r in regs)
+            pid = node.main_pid()
+            environ = node.run(["cat", f"/proc/{pid}/environ"]).stdout.split("\0")
+            assert credential == any(v.startswith("CREDENTIALS_DIRECTORY=") for v in environ)
+            # what an operator sees: the source, not the value
+            check = node.run(["setpriv", "--reuid=dm-agent", "--regid=dm-agent",
+                              "--init-groups", "env", *[v for v in environ if "=" in v],
+                              "dm-agent", "--check-config", "-f", INI])
+            line = re.search(rf"^secret = \*+  ; {source}$", check.stdout, re.M)
+            assert line, check.stdout
+            node.notes["credentials_check_config"] = line.group(0)
+            shown = node.run(["systemctl", "show", "--all", UNIT]).stdout
+            assert node.secret not in shown
+            assert (CREDENTIAL_DROPIN in node.show("DropInPaths")["DropInPaths"]) == credential
+            journal = node.run(["journalctl", "--no-pager", "-o", "export"]).stdout
+            assert node.secret not in journal
+            assert node.secret not in host(["ps", "-e", "-ww", "-o", "pid=,args="])
+            assert node.agent_lines(mark, priority="err") == []
+        finally:
+            node.run(["rm", "-f", CREDENTIAL_DROPIN, CREDENTIAL_FILE])
+            node.run(["systemctl", "daemon-reload"])
+            node.configure(timeout=1)
+            node.run(["systemctl", "restart", UNIT])
+        node.wait_registration(time.monotonic())
 
 
 def restart_sec(node: Node) -> float:
