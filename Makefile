@@ -43,11 +43,11 @@ frozen: ## the frozen program in build/frozen/dm-agent/ and the tarball in dist/
 smoke-frozen: frozen ## run the frozen program in a bare Debian 11 root without Python
 	packaging/smoke-frozen.sh
 
-packages: frozen ## dist/: the .deb, the .rpm and the tarball
+packages: frozen ## dist/: the .deb, the .rpm, the tarball and the bill of materials
 	packaging/build-deb.sh
 	packaging/build-rpm.sh
 
-repo: packages ## signed apt and yum repositories in dist/repo/ (throwaway key unless DM_REPO_KEY)
+repo: packages ## signed apt and yum repositories in dist/repo/ (throwaway key unless DM_REPO_KEY; refused for a release)
 	packaging/build-repo.sh
 
 bench: venv frozen ## benchmarks of the frozen program with their targets (root: private dockerd)

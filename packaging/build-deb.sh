@@ -10,7 +10,8 @@
 # Needs: dpkg-dev, debhelper (>= 13.1), binutils; the onedir in build/frozen/dm-agent/.
 # Environment: SOURCE_DATE_EPOCH (default: the last commit's time: changelog date and
 #              file mtimes, so that one tree builds one .deb), DM_FROZEN (the onedir,
-#              default build/frozen/dm-agent).
+#              default build/frozen/dm-agent; its bill of materials beside it,
+#              DM_FROZEN.cdx.json, goes to /usr/share/doc/dm-agent/dm-agent.cdx.json).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -31,6 +32,7 @@ snapshot_payload "$WORK/payload"
 mkdir -p "$SRC/packaging" "$SRC/dm_agent/data"
 cp -a "$REPO/debian" "$REPO/systemd" "$REPO/README.md" "$SRC/"
 cp -a "$REPO/dm_agent/data/dm-agent.ini" "$SRC/dm_agent/data/"
+cp "$WORK/payload.cdx.json" "$SRC/dm-agent.cdx.json"
 cp -a "$HERE/dm-agent.8" "$HERE/payload-deps.sh" "$HERE/check-glibc.sh" "$SRC/packaging/"
 cat >"$SRC/debian/changelog" <<EOF
 dm-agent ($VERSION) unstable; urgency=medium
@@ -40,6 +42,11 @@ dm-agent ($VERSION) unstable; urgency=medium
 
  -- DockMaster developers <dev@dm-agent.invalid>  $(date -R -u -d "@$SOURCE_DATE_EPOCH")
 EOF
+
+# Every staged file gets the same mtime: dh_builddeb only clamps mtimes newer than
+# SOURCE_DATE_EPOCH, so a checkout's older files (cp -a keeps their times) would reach
+# the .deb as they are, and two checkouts of one commit would differ.
+find "$SRC" "$WORK/payload" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
 # --- build -----------------------------------------------------------------------------
 log "dpkg-buildpackage: dm-agent $VERSION"

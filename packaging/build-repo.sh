@@ -9,18 +9,24 @@
 #   dist/repo/dm-agent-archive-keyring.gpg     the public key, binary (apt's signed-by=)
 #   dist/repo/dm-agent-archive-keyring.asc     the same, armored (yum's gpgkey=, rpm --import)
 #   dist/repo/dm-agent.list, dist/repo/dm-agent.repo   what a node adds to its sources
+#   dist/repo/dm-agent-<version>.cdx.json      the payload's bill of materials (CycloneDX),
+#                                              and its detached signature (.asc)
 #
 # The repositories are made afresh from dist/dm-agent_<version>_amd64.deb and
 # dist/dm-agent-<version>-1.x86_64.rpm at every run (make packages builds them).
 #
 # Signing key:
 #   default      a throwaway key, generated once into build/repo-gnupg/ (no passphrase),
-#                for tests only: nodes must never trust it
+#                for tests only: nodes must never trust it, and every file a node would
+#                read says so
 #   real key     DM_REPO_GNUPGHOME=/path/to/gnupghome DM_REPO_KEY=<fingerprint>; the key
 #                must sign without a prompt (gpg-agent with the passphrase preset, or a
 #                signing subkey on a token), see README
+#   A release (DM_REPO_URL or DM_RELEASE set) without DM_REPO_KEY is refused: a forgotten
+#   key must not publish a repository signed with the throwaway one. DM_REPO_THROWAWAY=1
+#   allows it anyway (a test of the release path).
 # Environment:   DM_REPO_URL (default https://packages.dm-agent.invalid/repo): the URL
-#                written into dm-agent.list and dm-agent.repo.
+#                written into dm-agent.list and dm-agent.repo; DM_RELEASE, DM_REPO_THROWAWAY.
 # Needs: reprepro, createrepo-c, gnupg, rpm (rpmsign).
 set -euo pipefail
 
@@ -42,6 +48,8 @@ DEB=$DIST/dm-agent_${VERSION}_amd64.deb
 RPM=$DIST/dm-agent-$VERSION-1.x86_64.rpm
 [[ -f $DEB ]] || die "no $DEB: run packaging/build-deb.sh (or make packages)"
 [[ -f $RPM ]] || die "no $RPM: run packaging/build-rpm.sh (or make packages)"
+SBOM=$DIST/dm-agent-$VERSION.cdx.json
+[[ -f $SBOM ]] || die "no $SBOM: run packaging/freeze.sh (or make packages)"
 
 # --- the signing key -------------------------------------------------------------------
 rpmdb=""
@@ -59,6 +67,11 @@ if [[ -n ${DM_REPO_KEY:-} ]]; then
   gpg --batch --list-secret-keys "$KEY" >/dev/null 2>&1 || die "no secret key $KEY in $GNUPGHOME"
   log "signing with $KEY from $GNUPGHOME"
 else
+  if [[ -n ${DM_REPO_URL:-}${DM_RELEASE:-} && ${DM_REPO_THROWAWAY:-} != 1 ]]; then
+    die "a release (DM_REPO_URL or DM_RELEASE is set) needs the release key:" \
+      "set DM_REPO_GNUPGHOME and DM_REPO_KEY (README: Signing with the real key);" \
+      "DM_REPO_THROWAWAY=1 signs with the throwaway test key anyway"
+  fi
   export GNUPGHOME=$REPO/build/repo-gnupg
   throwaway_home=$GNUPGHOME
   # Made once and reused; made again when it is gone or expired (it lives a year).
@@ -78,7 +91,15 @@ else
       >"$GNUPGHOME/throwaway.fpr"
   fi
   KEY=$(cat "$GNUPGHOME/throwaway.fpr")
-  log "signing with the throwaway key $KEY"
+  log "signing with the throwaway key $KEY (tests only: not for nodes)"
+fi
+# What the files a node reads say about the key.
+if [[ -n $throwaway_home ]]; then
+  NOTICE="TEST REPOSITORY, signed with a throwaway key: not for nodes"
+  DESCRIPTION="dm-agent ($NOTICE)"
+else
+  NOTICE=""
+  DESCRIPTION="dm-agent, the DockMaster node agent"
 fi
 
 rm -rf "$OUT" "$WORK"
@@ -96,7 +117,7 @@ Suite: stable
 Codename: stable
 Architectures: amd64
 Components: main
-Description: dm-agent, the DockMaster node agent
+Description: $DESCRIPTION
 SignWith: $KEY
 EOF
 reprepro --silent --basedir "$WORK/apt" --outdir "$OUT/apt" includedeb stable "$DEB"
@@ -122,15 +143,21 @@ rpm --dbpath "$rpmdb" -K "$OUT/yum/x86_64/$(basename "$RPM")" | grep -q 'signatu
   die "the signed .rpm does not verify with the exported key"
 log "yum: dist/repo/yum (x86_64/$(basename "$RPM"), signed; repodata/repomd.xml.asc)"
 
+# --- the bill of materials, signed ----------------------------------------------------------
+cp "$SBOM" "$OUT/"
+gpg --batch --yes --local-user "$KEY" --armor --detach-sign "$OUT/$(basename "$SBOM")"
+
 # --- what a node adds to its sources -----------------------------------------------------
+warning=${NOTICE:+# $NOTICE
+}
 cat >"$OUT/dm-agent.list" <<EOF
-# /etc/apt/sources.list.d/dm-agent.list (key: /usr/share/keyrings/dm-agent-archive-keyring.gpg)
+$warning# /etc/apt/sources.list.d/dm-agent.list (key: /usr/share/keyrings/dm-agent-archive-keyring.gpg)
 deb [arch=amd64 signed-by=/usr/share/keyrings/dm-agent-archive-keyring.gpg] $URL/apt stable main
 EOF
 cat >"$OUT/dm-agent.repo" <<EOF
-# /etc/yum.repos.d/dm-agent.repo
+$warning# /etc/yum.repos.d/dm-agent.repo
 [dm-agent]
-name=dm-agent, the DockMaster node agent
+name=$DESCRIPTION
 baseurl=$URL/yum
 enabled=1
 gpgcheck=1
@@ -138,5 +165,5 @@ repo_gpgcheck=1
 gpgkey=$URL/yum/RPM-GPG-KEY-dm-agent
 EOF
 log "made dist/repo/ in $(($(date +%s) - T0))s: apt/, yum/, dm-agent-archive-keyring.{gpg,asc}," \
-  "dm-agent.list, dm-agent.repo"
+  "dm-agent.list, dm-agent.repo, $(basename "$SBOM"){,.asc}${NOTICE:+ ($NOTICE)}"
 echo "$OUT"

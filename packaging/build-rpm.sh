@@ -3,8 +3,8 @@
 #
 # rpmbuild runs with its _topdir in build/rpm/, on the sources staged there: the payload
 # (as a tar), the unit and sysusers snippet shared with the .deb (systemd/), the sample
-# config, the man page, README.md, debian/copyright (as COPYRIGHT) and the licence texts
-# freeze.sh collected into its tarball. rpm/dm-agent.spec gets the version and the payload's
+# config, the man page, README.md, LICENSE, debian/copyright (as COPYRIGHT), the licence
+# texts freeze.sh collected into its tarball and the payload's bill of materials. rpm/dm-agent.spec gets the version and the payload's
 # dependencies by --define, so neither is written down twice.
 #
 # Usage: packaging/build-rpm.sh          prints the path of the .rpm it made
@@ -49,6 +49,8 @@ cp "$REPO/systemd/dm-agent.service" "$REPO/systemd/dm-agent.sysusers" \
   "$REPO/dm_agent/data/dm-agent.ini" "$HERE/dm-agent.8" "$REPO/README.md" \
   "$REPO/rpm/80-dm-agent.preset" "$SOURCES/"
 cp "$REPO/debian/copyright" "$SOURCES/COPYRIGHT"
+cp "$REPO/LICENSE" "$SOURCES/LICENSE"
+cp "$WORK/payload/dm-agent.cdx.json" "$SOURCES/dm-agent.cdx.json"
 defines=(--define "dm_version $VERSION" --define "payload_requires $REQUIRES")
 if [[ -f $REPO/systemd/dm-agent.tmpfiles ]]; then
   cp "$REPO/systemd/dm-agent.tmpfiles" "$SOURCES/"

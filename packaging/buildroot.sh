@@ -11,47 +11,48 @@
 #   /opt/dm-build/venv       the locked dependencies + PyInstaller (packaging/requirements.lock)
 #   /opt/dm-build/BUILDINFO  what was built, from what
 #
-# Sources come from Debian's archive (the .orig tarballs of trixie's python3.13 and
-# openssl), pinned by sha256 below. Wheels are downloaded on the host (pip inside the root
-# would have to trust this machine's TLS setup) into the root's wheelhouse and installed
-# with --no-index --require-hashes.
+# Sources come from Debian's archive (the .orig tarballs of trixie's python3 and openssl),
+# pinned by sha256 in packaging/build-env.sh. Wheels are downloaded on the host (pip inside
+# the root would have to trust this machine's TLS setup) into the root's wheelhouse and
+# installed with --no-index --require-hashes.
+#
+# No RUNPATH: nothing is linked with -rpath (which would point the payload's libraries at
+# /opt/dm-build/..., a directory whoever creates it on a node would control). Inside the
+# root, ld.so finds the private prefixes through /etc/ld.so.conf.d/dm-build.conf; on a
+# node, PyInstaller's bootloader points the loader at _internal/.
 #
 # Cache: the root is reused when its recorded key (sha256 of this script, the lock and the
 # source tarballs' names and hashes) matches; otherwise it is rebuilt beside the old one and
 # swapped in only when complete, so an interrupted build never leaves a half root behind.
+# Its default path carries the key, so that roots of several recipes (branches, CI caches)
+# coexist; remove old /var/cache/dm-agent/buildroot-bullseye-* by hand.
 #
 # Environment:
-#   DM_BUILDROOT       the root (default /var/cache/dm-agent/buildroot-bullseye)
+#   DM_BUILDROOT       the root (default /var/cache/dm-agent/buildroot-bullseye-<key>)
 #   DM_SRC_CACHE       downloaded source tarballs (default /var/cache/dm-agent/src)
 #   DM_DEBIAN_MIRROR   default http://deb.debian.org/debian
 #   DM_DEBIAN_SECURITY default http://deb.debian.org/debian-security
 #   DM_BUILDROOT_FORCE=1  rebuild even when the cache key matches
 #   DM_JOBS            make -j (default: nproc)
 #
+#   DM_BUILDROOT_LOCKED=<root>  the caller holds <root>.lock already (freeze.sh does,
+#                      for the whole freeze)
+#
 # Usage: packaging/buildroot.sh            build or reuse; prints timings
 #        packaging/buildroot.sh --key      print the cache key and exit
+#        packaging/buildroot.sh --path     print the root's path and exit
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=${DM_BUILDROOT:-/var/cache/dm-agent/buildroot-bullseye}
+# shellcheck source=packaging/build-env.sh
+. "$HERE/build-env.sh"
 SRC_CACHE=${DM_SRC_CACHE:-/var/cache/dm-agent/src}
 MIRROR=${DM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY=${DM_DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
 JOBS=${DM_JOBS:-$(nproc)}
 LOCK=$HERE/requirements.lock
-PREFIX=/opt/dm-build
-
-# Sources: Debian's .orig tarballs (identical to upstream's releases), checked by sha256.
-# When Debian drops one from its pool, take the current one from `apt-get source
-# --print-uris` (trixie) and update name, path and hash here.
-PY_VERSION=3.13.5
-PY_TARBALL=python3.13_${PY_VERSION}.orig.tar.xz
-PY_URL=$MIRROR/pool/main/p/python3.13/$PY_TARBALL
-PY_SHA256=93e583f243454e6e9e4588ca2c2662206ad961659863277afcdb96801647d640
-OSSL_VERSION=3.5.7
-OSSL_TARBALL=openssl_${OSSL_VERSION}.orig.tar.gz
-OSSL_URL=$MIRROR/pool/main/o/openssl/$OSSL_TARBALL
-OSSL_SHA256=a8c0d28a529ca480f9f36cf5792e2cd21984552a3c8e4aa11a24aa31aeac98e8
+PY_URL=$MIRROR/$PY_POOL/$PY_TARBALL
+OSSL_URL=$MIRROR/$OSSL_POOL/$OSSL_TARBALL
 
 # Packages the root needs to compile OpenSSL and CPython, and that PyInstaller runs
 # (ldd from libc-bin, objdump from binutils).
@@ -76,10 +77,13 @@ cache_key() {
   } | sha256sum | awk '{print $1}'
 }
 
-if [[ ${1:-} == --key ]]; then
-  cache_key
-  exit 0
-fi
+case ${1:-} in
+  --key) cache_key; exit 0 ;;
+  --path) dm_buildroot; exit 0 ;;
+  "") ;;
+  *) die "usage: $0 [--key|--path]" ;;
+esac
+ROOT=$(dm_buildroot)
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot, mount)"
 for tool in debootstrap chroot mount umount flock sha256sum curl python3; do
   command -v "$tool" >/dev/null || die "missing host tool: $tool"
@@ -99,8 +103,10 @@ in_root() {
 }
 
 mkdir -p "$(dirname "$ROOT")"
-exec 9>"$ROOT.lock"
-flock 9
+if [[ ${DM_BUILDROOT_LOCKED:-} != "$ROOT" ]]; then
+  exec 9>"$ROOT.lock"
+  flock 9
+fi
 trap 'umount_all' EXIT
 trap 'exit 130' INT TERM
 
@@ -146,12 +152,12 @@ mkdir -p "$NEW$PREFIX/src" "$NEW$PREFIX/wheelhouse"
 cp "$SRC_CACHE/$PY_TARBALL" "$SRC_CACHE/$OSSL_TARBALL" "$NEW$PREFIX/src/"
 cp "$LOCK" "$NEW$PREFIX/requirements.lock"
 
-# Wheels for the target (CPython 3.13, x86_64, glibc <= 2.31), downloaded by the host's pip
+# Wheels for the target (CPython $PY_MM, x86_64, glibc <= 2.31), downloaded by the host's pip
 # and checked against the lock's hashes. Binary only: nothing is compiled from an sdist.
 python3 -m pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
   --only-binary=:all: --dest "$NEW$PREFIX/wheelhouse" \
   --platform manylinux_2_31_x86_64 --platform manylinux2014_x86_64 \
-  --python-version 3.13 --implementation cp --abi cp313 --abi abi3 --abi none \
+  --python-version "$PY_MM" --implementation cp --abi "cp${PY_MM/./}" --abi abi3 --abi none \
   -r "$LOCK" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 step "wheelhouse downloaded ($(find "$NEW$PREFIX/wheelhouse" -name '*.whl' | wc -l) wheels)"
 
@@ -164,35 +170,41 @@ apt-get clean
 EOF
 step "build packages installed in the root"
 
-# --- OpenSSL 3 (shared, private prefix, rpath to itself) -------------------------------
+# --- OpenSSL 3 (shared, private prefix, no rpath) --------------------------------------
 # --openssldir=/etc/ssl: on the node, OpenSSL's default CA locations are the system's
-# (/etc/ssl/certs, /etc/ssl/cert.pem), as on Debian, Ubuntu and SUSE.
+# (/etc/ssl/certs, /etc/ssl/cert.pem), as on Debian, Ubuntu and SUSE. The root's ld.so
+# finds the library through ld.so.conf.d (CPython's build and PyInstaller load it).
 in_root "$NEW" PREFIX="$PREFIX" TARBALL="$OSSL_TARBALL" JOBS="$JOBS" <<'EOF'
 cd /tmp && rm -rf openssl-* && tar xzf "$PREFIX/src/$TARBALL" && cd openssl-*/
 ./Configure linux-x86_64 --prefix="$PREFIX/openssl" --libdir=lib --openssldir=/etc/ssl \
-  shared no-apps no-docs no-tests -Wl,-rpath,"$PREFIX/openssl/lib" >/tmp/openssl-build.log 2>&1 ||
+  shared no-apps no-docs no-tests >/tmp/openssl-build.log 2>&1 ||
   { tail -40 /tmp/openssl-build.log; exit 1; }
 make -j"$JOBS" >>/tmp/openssl-build.log 2>&1 || { tail -40 /tmp/openssl-build.log; exit 1; }
 make install_sw >>/tmp/openssl-build.log 2>&1 || { tail -40 /tmp/openssl-build.log; exit 1; }
 cd /tmp && rm -rf openssl-*
+printf '%s\n' "$PREFIX/openssl/lib" "$PREFIX/python/lib" >/etc/ld.so.conf.d/dm-build.conf
+ldconfig
 EOF
 step "OpenSSL $OSSL_VERSION built"
 
-# --- CPython 3.13 (shared libpython, linked against that OpenSSL) ----------------------
+# --- CPython (shared libpython, linked against that OpenSSL, no rpath) ------------------
 # No --enable-optimizations: PGO triples the build time for a program that mostly waits.
-in_root "$NEW" PREFIX="$PREFIX" TARBALL="$PY_TARBALL" JOBS="$JOBS" <<'EOF'
+# --with-openssl-rpath=no (the default, said here): _ssl and _hashlib find libssl through
+# ld.so.conf.d in the root, and in _internal/ on a node.
+in_root "$NEW" PREFIX="$PREFIX" TARBALL="$PY_TARBALL" JOBS="$JOBS" PY_MM="$PY_MM" <<'EOF'
 cd /tmp && rm -rf Python-* && tar xJf "$PREFIX/src/$TARBALL" && cd Python-*/
 ./configure --prefix="$PREFIX/python" --enable-shared --with-ensurepip=install \
-  --with-openssl="$PREFIX/openssl" --with-openssl-rpath=auto --disable-test-modules \
-  LDFLAGS="-Wl,-rpath,$PREFIX/python/lib" >/tmp/python-configure.log
+  --with-openssl="$PREFIX/openssl" --with-openssl-rpath=no --disable-test-modules \
+  >/tmp/python-configure.log
 make -j"$JOBS" >/tmp/python-make.log 2>&1 || { tail -40 /tmp/python-make.log; exit 1; }
 # The modules the agent (and its dependencies) need must have been built.
 missing=$(grep -A3 'The necessary bits to build these optional modules were not found' \
   /tmp/python-make.log || true)
 [ -z "$missing" ] || echo "note: $missing"
 make install >/tmp/python-install.log 2>&1 || { tail -40 /tmp/python-install.log; exit 1; }
+ldconfig
 cd /tmp && rm -rf Python-*
-py=$PREFIX/python/bin/python3.13
+py=$PREFIX/python/bin/python$PY_MM
 "$py" - <<'PY'
 import ssl, ctypes, zlib, bz2, lzma, uuid, hashlib, json, socket, _decimal
 print("ssl:", ssl.OPENSSL_VERSION)
@@ -202,19 +214,19 @@ EOF
 step "CPython $PY_VERSION built"
 
 # --- strip what was compiled here ------------------------------------------------------
-in_root "$NEW" PREFIX="$PREFIX" <<'EOF'
+in_root "$NEW" PREFIX="$PREFIX" PY_MM="$PY_MM" <<'EOF'
 before=$(du -sm "$PREFIX" | cut -f1)
 find "$PREFIX/openssl" "$PREFIX/python" -type f \( -name '*.so' -o -name '*.so.*' \) \
   -exec strip --strip-unneeded {} +
-strip --strip-unneeded "$PREFIX/python/bin/python3.13"
+strip --strip-unneeded "$PREFIX/python/bin/python$PY_MM"
 echo "stripped: ${before} MB -> $(du -sm "$PREFIX" | cut -f1) MB;" \
-  "libpython $(du -h "$PREFIX"/python/lib/libpython3.13.so.1.0 | cut -f1)"
+  "libpython $(du -h "$PREFIX/python/lib/libpython$PY_MM.so.1.0" | cut -f1)"
 EOF
 step "stripped"
 
 # --- the locked build environment --------------------------------------------------------
-in_root "$NEW" PREFIX="$PREFIX" <<'EOF'
-"$PREFIX/python/bin/python3.13" -m venv "$PREFIX/venv"
+in_root "$NEW" PREFIX="$PREFIX" PY_MM="$PY_MM" <<'EOF'
+"$PREFIX/python/bin/python$PY_MM" -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check --no-index \
   --find-links "$PREFIX/wheelhouse" --require-hashes --only-binary=:all: \
   -r "$PREFIX/requirements.lock"

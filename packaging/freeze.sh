@@ -4,22 +4,26 @@
 #
 # Outputs (relative to the repository):
 #   build/frozen/dm-agent/                      the onedir; build/frozen/dm-agent/dm-agent runs
+#   build/frozen/dm-agent.cdx.json              its bill of materials (CycloneDX, packaging/sbom.py)
 #   dist/dm-agent-<version>-linux-x86_64.tar.gz  the same, for hosts without a package manager:
 #                                               top directory dm-agent-<version>/
-# and then checks the glibc floor of every ELF file in the onedir (packaging/check-glibc.sh).
+#   dist/dm-agent-<version>.cdx.json            the bill of materials, beside the packages
+# and then checks every ELF file in the onedir: the glibc floor (packaging/check-glibc.sh)
+# and no RUNPATH or RPATH (packaging/check-runpath.sh).
+#
+# The build root's lock is held for the whole freeze: two freezes (of this tree or of
+# another) never share the root's /src and /tmp/dm-freeze, nor write build/frozen at once.
 #
 # Usage: packaging/freeze.sh            the product
 #        packaging/freeze.sh --smoke    only the throwaway smoke program (build/smoke/),
 #                                       see packaging/smoke_frozen.py and smoke-frozen.sh
 # Environment: DM_BUILDROOT (see buildroot.sh), DM_GLIBC_MAX (default 2.31),
-#              SOURCE_DATE_EPOCH (default: the last commit's time; tarball mtimes).
+#              SOURCE_DATE_EPOCH (see packaging/build-env.sh: default the last commit's time).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
-ROOT=${DM_BUILDROOT:-/var/cache/dm-agent/buildroot-bullseye}
 GLIBC_MAX=${DM_GLIBC_MAX:-2.31}
-PREFIX=/opt/dm-build
 MODE=product
 case ${1:-} in
   "") ;;
@@ -30,17 +34,23 @@ esac
 T0=$(date +%s)
 log() { printf '[freeze %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=packaging/build-env.sh
+. "$HERE/build-env.sh"
 
 [[ $(id -u) == 0 ]] || die "must run as root (chroot, mount)"
-VERSION=$(sed -n 's/^__version__ = "\([^"]*\)"$/\1/p' "$REPO/dm_agent/__init__.py")
-[[ $VERSION =~ ^[0-9A-Za-z.+-]+$ ]] || die "no __version__ = \"...\" in dm_agent/__init__.py"
+VERSION=$(dm_version)
 [[ $MODE == smoke || -f $REPO/dm_agent/cli.py ]] || die "dm_agent/cli.py (dm_agent.cli:main) does not exist yet"
-if [[ -z ${SOURCE_DATE_EPOCH:-} ]]; then
-  SOURCE_DATE_EPOCH=$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || echo 0)
-fi
+SOURCE_DATE_EPOCH=$(dm_source_date_epoch)
 export SOURCE_DATE_EPOCH
+ROOT=$(dm_buildroot)
 
-"$HERE/buildroot.sh"
+mkdir -p "$(dirname "$ROOT")"
+exec 9>"$ROOT.lock"
+if ! flock -n 9; then
+  log "waiting for $ROOT.lock (another freeze or build of the root)"
+  flock 9
+fi
+DM_BUILDROOT=$ROOT DM_BUILDROOT_LOCKED=$ROOT "$HERE/buildroot.sh"
 
 # --- mounts (undone on any exit; nothing is deleted while mounted) ---------------------
 # shellcheck source=packaging/mounts.sh
@@ -53,17 +63,25 @@ safe_rm_tree "$ROOT/src"
 safe_rm_tree "$ROOT/tmp/dm-freeze"
 mkdir -p "$ROOT/src/packaging" "$ROOT/tmp/dm-freeze"
 tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -cf - dm_agent | tar -C "$ROOT/src" -xf -
-cp "$HERE/dm-agent.spec" "$HERE/smoke_frozen.py" "$ROOT/src/packaging/"
+cp "$HERE/dm-agent.spec" "$HERE/smoke_frozen.py" "$HERE/sbom.py" "$HERE/requirements.lock" \
+  "$ROOT/src/packaging/"
 
 mount_api "$ROOT"
 smoke=0
 [[ $MODE == smoke ]] && smoke=1
 chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin HOME=/root LANG=C.UTF-8 \
   PYTHONHASHSEED=0 SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" DM_AGENT_SRC=/src \
-  DM_FREEZE_SMOKE=$smoke PREFIX=$PREFIX /bin/bash -euo pipefail -s <<'EOF'
+  DM_FREEZE_SMOKE=$smoke PREFIX=$PREFIX VERSION="$VERSION" \
+  PY_VERSION="$PY_VERSION" PY_URL="$DEBIAN_ARCHIVE/$PY_POOL/$PY_TARBALL" PY_SHA256="$PY_SHA256" \
+  OSSL_VERSION="$OSSL_VERSION" OSSL_URL="$DEBIAN_ARCHIVE/$OSSL_POOL/$OSSL_TARBALL" \
+  OSSL_SHA256="$OSSL_SHA256" /bin/bash -euo pipefail -s <<'EOF'
 cd /src
 "$PREFIX/venv/bin/pyinstaller" --noconfirm --clean --log-level WARN \
   --distpath /tmp/dm-freeze/dist --workpath /tmp/dm-freeze/work packaging/dm-agent.spec
+if [ "$DM_FREEZE_SMOKE" = 0 ]; then
+  "$PREFIX/venv/bin/python" packaging/sbom.py /tmp/dm-freeze/dist/dm-agent \
+    >/tmp/dm-freeze/dm-agent.cdx.json
+fi
 EOF
 umount_all
 log "PyInstaller done ($MODE)"
@@ -73,6 +91,7 @@ if [[ $MODE == smoke ]]; then
   mkdir -p "$REPO/build/smoke"
   cp -a "$ROOT/tmp/dm-freeze/dist/dm-agent-smoke" "$REPO/build/smoke/"
   "$HERE/check-glibc.sh" "$REPO/build/smoke/dm-agent-smoke" "$GLIBC_MAX"
+  "$HERE/check-runpath.sh" "$REPO/build/smoke/dm-agent-smoke"
   log "smoke program: build/smoke/dm-agent-smoke/dm-agent-smoke in $(($(date +%s) - T0))s"
   exit 0
 fi
@@ -81,11 +100,13 @@ OUT=$REPO/build/frozen
 safe_rm_tree "$OUT"
 mkdir -p "$OUT"
 cp -a "$ROOT/tmp/dm-freeze/dist/dm-agent" "$OUT/"
+cp "$ROOT/tmp/dm-freeze/dm-agent.cdx.json" "$OUT/dm-agent.cdx.json"
 # The frozen program must at least start here, on the build host.
 got=$("$OUT/dm-agent/dm-agent" --version 2>&1) || die "frozen dm-agent --version failed: $got"
 [[ $got == *"$VERSION"* ]] || die "frozen dm-agent --version says '$got', expected $VERSION"
 
 "$HERE/check-glibc.sh" "$OUT/dm-agent" "$GLIBC_MAX"
+"$HERE/check-runpath.sh" "$OUT/dm-agent"
 
 # --- the tarball ---------------------------------------------------------------------------
 NAME=dm-agent-$VERSION
@@ -94,15 +115,15 @@ safe_rm_tree "$STAGE"
 mkdir -p "$STAGE/$NAME/licenses" "$REPO/dist"
 cp -a "$OUT/dm-agent/." "$STAGE/$NAME/"
 cp "$REPO/dm_agent/data/dm-agent.ini" "$STAGE/$NAME/dm-agent.ini.example"
-if [[ -f $REPO/LICENSE ]]; then cp "$REPO/LICENSE" "$STAGE/$NAME/LICENSE"; fi
+cp "$REPO/LICENSE" "$STAGE/$NAME/LICENSE"
+cp "$OUT/dm-agent.cdx.json" "$STAGE/$NAME/dm-agent.cdx.json"
 # Licences of what is bundled: CPython and OpenSSL (from the source tarballs the root was
 # built from) and every locked wheel.
-for member in 'python3.13_*.orig.tar.xz:Python-*/LICENSE' 'openssl_*.orig.tar.gz:openssl-*/LICENSE.txt'; do
-  tb=$(find "$ROOT$PREFIX/src" -maxdepth 1 -name "${member%%:*}" | head -1)
-  tar -xf "$tb" -C "$STAGE/$NAME/licenses" --wildcards --no-wildcards-match-slash \
-    --transform 's,^\([^/]*\)/,\1-,' "${member#*:}"
+for member in "$PY_TARBALL:Python-*/LICENSE" "$OSSL_TARBALL:openssl-*/LICENSE.txt"; do
+  tar -xf "$ROOT$PREFIX/src/${member%%:*}" -C "$STAGE/$NAME/licenses" --wildcards \
+    --no-wildcards-match-slash --transform 's,^\([^/]*\)/,\1-,' "${member#*:}"
 done
-SITE=$ROOT$PREFIX/venv/lib/python3.13/site-packages
+SITE=$ROOT$PREFIX/venv/lib/python$PY_MM/site-packages
 # (the wheels whose code is in the program; a wheel without a licence file contributes its
 # METADATA, which names the licence)
 for dist in psutil requests certifi idna urllib3 docker python_daemon \
@@ -129,18 +150,22 @@ This directory is the whole program: keep dm-agent and _internal/ together.
 Where a package manager exists, prefer the .deb or .rpm: they add the systemd unit and
 the dm-agent user. See README.md in the source for configuration and operation.
 
-dm-agent is licensed under Apache-2.0. It bundles CPython (PSF licence), OpenSSL
-(Apache-2.0), and the Python packages psutil, requests, certifi, idna, urllib3, docker,
-python-daemon and lockfile; their licences are in licenses/.
-The PyInstaller bootloader is GPL-2.0 with an exception that allows this use.
+dm-agent is licensed under the Apache License 2.0 (LICENSE). It bundles CPython (PSF
+licence), OpenSSL (Apache-2.0), libraries of Debian 11, and the Python packages psutil,
+requests, certifi, idna, urllib3, docker, python-daemon and lockfile; their licences are
+in licenses/. The PyInstaller bootloader is GPL-2.0 with an exception that allows this
+use. dm-agent.cdx.json (CycloneDX) lists every bundled component with its version,
+licence, source and the sha256 of its files, for vulnerability scanners.
 EOF
 TARBALL=$REPO/dist/$NAME-linux-x86_64.tar.gz
 tar -C "$STAGE" --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 \
   --numeric-owner --mode='u+rwX,go+rX,go-w' -cf - "$NAME" | gzip -9n >"$TARBALL.part"
 mv "$TARBALL.part" "$TARBALL"
 safe_rm_tree "$STAGE"
+cp "$OUT/dm-agent.cdx.json" "$REPO/dist/$NAME.cdx.json"
 
 log "onedir: build/frozen/dm-agent ($(du -sh "$OUT/dm-agent" | cut -f1)," \
   "$(find "$OUT/dm-agent" -type f | wc -l) files)"
 log "tarball: dist/$(basename "$TARBALL") ($(du -h "$TARBALL" | cut -f1))"
+log "bill of materials: dist/$NAME.cdx.json"
 log "frozen dm-agent $VERSION in $(($(date +%s) - T0))s"

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared by build-deb.sh, build-rpm.sh and build-repo.sh (sourced, not run).
-# Sets REPO, VERSION, SOURCE_DATE_EPOCH; defines log, die, snapshot_payload.
+# Sets REPO, VERSION, SOURCE_DATE_EPOCH (the rules of packaging/build-env.sh); defines log,
+# die, normalise_modes, snapshot_payload.
 # The caller sets HERE (its own directory) and NAME (its name in log lines).
 
 REPO=$(dirname "$HERE")
@@ -17,13 +18,10 @@ mkdir -p "$REPO/build"
 exec 8>"$REPO/build/.$NAME.lock"
 flock 8
 
-# The one place the version lives: dm_agent/__init__.py (the same reading as freeze.sh).
-VERSION=$(sed -n 's/^__version__ = "\([^"]*\)"$/\1/p' "$REPO/dm_agent/__init__.py")
-[[ $VERSION =~ ^[0-9][0-9A-Za-z.+~]*$ ]] || die "no usable __version__ = \"...\" in dm_agent/__init__.py"
-
-if [[ -z ${SOURCE_DATE_EPOCH:-} ]]; then
-  SOURCE_DATE_EPOCH=$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)
-fi
+# shellcheck source=packaging/build-env.sh
+. "$HERE/build-env.sh"
+VERSION=$(dm_version)
+SOURCE_DATE_EPOCH=$(dm_source_date_epoch)
 export SOURCE_DATE_EPOCH
 
 need() {
@@ -31,24 +29,39 @@ need() {
   command -v "$tool" >/dev/null || die "$tool missing (apt-get install $pkg)"
 }
 
+# normalise_modes DIR: the modes of everything below DIR (DIR too) as the packages ship
+# them, whatever the umask of the checkout, of freeze.sh and of this build: 0755 for
+# directories and for files that are executable by anyone, 0644 for the other files.
+normalise_modes() {
+  find "$1" -type d -exec chmod 0755 {} +
+  find "$1" -type f -perm /0111 -exec chmod 0755 {} +
+  find "$1" -type f ! -perm /0111 -exec chmod 0644 {} +
+}
+
 # snapshot_payload DEST: copy the frozen onedir (DM_FROZEN, default build/frozen/dm-agent)
-# to DEST, and check that it is this tree's version. A packaging/freeze.sh that runs
-# meanwhile replaces build/frozen under the build root's lock: take the same lock while
-# copying, so that a package is never made of a half-replaced onedir.
+# to DEST, its modes normalised, and its bill of materials (the file beside it,
+# dm-agent.cdx.json) to DEST.cdx.json; check that it is this tree's version and that the
+# bill is the onedir's. A packaging/freeze.sh that runs meanwhile replaces build/frozen
+# under the build root's lock: take the same lock while copying, so that a package is
+# never made of a half-replaced onedir.
 snapshot_payload() {
-  local dest=$1 frozen lock got
+  local dest=$1 frozen lock got copy
   frozen=$(realpath -m "${DM_FROZEN:-$REPO/build/frozen/dm-agent}")
-  lock=${DM_BUILDROOT:-/var/cache/dm-agent/buildroot-bullseye}.lock
-  rm -rf "$dest"
+  lock=$(dm_buildroot).lock
+  rm -rf "$dest" "$dest.cdx.json"
   mkdir -p "$(dirname "$dest")"
+  # shellcheck disable=SC2016 # (expanded by that sh)
+  copy=(sh -c 'cp -a "$1" "$2" && cp "$1.cdx.json" "$2.cdx.json"' copy "$frozen" "$dest")
   if [[ -z ${DM_FROZEN:-} && -e $lock ]]; then
     log "copying the onedir under $lock (so, after any running freeze.sh)"
-    flock "$lock" cp -a "$frozen" "$dest" 2>/dev/null ||
-      die "no frozen program at $frozen: run packaging/freeze.sh first"
-  else
-    cp -a "$frozen" "$dest" 2>/dev/null || die "no frozen program at $frozen: run packaging/freeze.sh first"
+    copy=(flock "$lock" "${copy[@]}")
   fi
+  "${copy[@]}" 2>/dev/null || die "no frozen program at $frozen (or no $frozen.cdx.json): run packaging/freeze.sh first"
+  normalise_modes "$dest"
+  chmod 0644 "$dest.cdx.json"
   [[ -x $dest/dm-agent ]] || die "no executable $frozen/dm-agent: run packaging/freeze.sh first"
+  grep -q "\"content\": \"$(sha256sum "$dest/dm-agent" | cut -d' ' -f1)\"" "$dest.cdx.json" ||
+    die "$frozen.cdx.json is not the bill of materials of $frozen: run packaging/freeze.sh"
   got=$("$dest/dm-agent" --version 2>&1) || die "$frozen/dm-agent --version failed: $got"
   [[ $got == "dm-agent $VERSION" ]] ||
     die "the onedir is stale: it says '$got', the tree is $VERSION (run packaging/freeze.sh)"

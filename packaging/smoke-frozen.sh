@@ -42,12 +42,14 @@ BARE_KEY="bullseye minbase v1"
 T0=$(date +%s)
 log() { printf '[smoke %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
+# shellcheck source=packaging/build-env.sh
+. "$HERE/build-env.sh"
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot, mount)"
 for tool in debootstrap chroot openssl python3 flock; do
   command -v "$tool" >/dev/null || die "missing host tool: $tool"
 done
 
-VERSION=$(sed -n 's/^__version__ = "\([^"]*\)"$/\1/p' "$REPO/dm_agent/__init__.py")
+VERSION=$(dm_version)
 [[ -x $FROZEN/dm-agent ]] || "$HERE/freeze.sh"
 "$HERE/freeze.sh" --smoke
 SMOKE=$REPO/build/smoke/dm-agent-smoke
@@ -109,9 +111,10 @@ ln -sfn /opt/dm-smoke/dm-agent/dm-agent "$BARE/usr/local/bin/dm-agent"
 
 # 2. ldd, as the bare root sees it
 # shellcheck disable=SC2016
-in_bare 'cd /opt/dm-smoke/dm-agent
-         for f in dm-agent _internal/libpython3.13.so.1.0 _internal/libssl.so.3 \
-                  _internal/python3.13/lib-dynload/_ssl.cpython-313-x86_64-linux-gnu.so; do
+in_bare "py=python$PY_MM; ext=cpython-${PY_MM/./}-x86_64-linux-gnu.so"'
+         cd /opt/dm-smoke/dm-agent
+         for f in dm-agent _internal/lib$py.so.1.0 _internal/libssl.so.3 \
+                  _internal/$py/lib-dynload/_ssl.$ext; do
            echo "== ldd $f"; ldd "$f" | sed "s/ (0x[0-9a-f]*)//"
          done' | tee "$TMP/ldd.txt"
 if sed -n '/== ldd dm-agent$/,/== ldd/p' "$TMP/ldd.txt" | grep -q 'not found'; then

@@ -3,12 +3,15 @@
 packaging/smoke-frozen.sh proves --version, --check-config, --once --dry-run, https with
 a private CA, psutil and --daemon there; this test adds a real registration: the frozen
 program in that root reaches the tests' real dockerd through its socket bound in, and
-the real master on the loopback it shares with the host.
+the real master on the loopback it shares with the host; and, with the loader's own
+trace (LD_DEBUG=libs), that every library the program loads there is its bundled copy in
+_internal/ whenever it bundles one (the payload has no RUNPATH to point elsewhere).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -91,3 +94,32 @@ def test_frozen_check_config_and_version_in_the_bare_root(bare_root: Path, docke
     proc = in_bare(bare_root, str(dockerd.socket_path),
                    ["/opt/dm-agent/dm-agent", "--check-config", "-t", "0"])
     assert proc.returncode == 78 and "invalid timeout = '0'" in proc.stderr
+
+
+def test_every_bundled_library_loads_from_internal(bare_root: Path, dockerd: Any) -> None:
+    internal = FROZEN / "_internal"
+    bundled = {f.name for f in internal.rglob("*") if f.is_file() and ".so" in f.name}
+    proc = in_bare(bare_root, str(dockerd.socket_path),
+                   ["/usr/bin/env", "LD_DEBUG=libs", "/opt/dm-agent/dm-agent", "--once",
+                    "--dry-run", "-d", "unix:///run/docker.sock"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # "  1234:\tcalling init: /opt/dm-agent/_internal/libssl.so.3"
+    loaded = set(re.findall(r"calling init: (\S+)", proc.stderr))
+    names = {Path(p).name for p in loaded}
+    for lib in ("libpython", "libssl.so.3", "libcrypto.so.3", "_ssl.", "_psutil_linux"):
+        assert any(n.startswith(lib) for n in names), f"{lib} was not loaded: {sorted(loaded)}"
+    # The bootloader's own libraries (DT_NEEDED of the executable: glibc's and libz) are
+    # loaded by ld.so before the bootloader runs, hence from the system (payload-deps.sh
+    # makes them the packages' dependencies); everything else bundled must come from
+    # _internal/.
+    dyn = subprocess.run(["readelf", "-d", str(FROZEN / "dm-agent")], capture_output=True,
+                         text=True, check=True).stdout
+    bootloader_needs = set(re.findall(r"\(NEEDED\)\s+Shared library: \[(\S+)\]", dyn))
+    assert bootloader_needs, dyn
+    foreign = sorted(p for p in loaded if Path(p).name in bundled - bootloader_needs
+                     and not p.startswith("/opt/dm-agent/_internal/"))
+    assert not foreign, f"bundled libraries loaded from outside _internal/: {foreign}"
+    system = sorted(p for p in loaded if not p.startswith("/opt/dm-agent/"))
+    print("\n".join(["from the system:", *system]))
+    glibc = r"/(libc|libm|libdl|libpthread|librt|libutil|ld-linux-x86-64)\.so"
+    assert all(re.search(glibc, p) or Path(p).name in bootloader_needs for p in system), system

@@ -9,10 +9,13 @@ Session fixtures build what the tests inspect, once per run, from this tree:
 
 Then: paths, modes, owners and conffile marks of both packages, their dependencies (the
 glibc floor is recomputed here from the payload's ELF files), the payload byte for byte,
-lintian (0 errors, 0 warnings) and rpmlint (0 errors), every override and filter with its
-reason, the repositories' signatures (and that a forged one fails), apt reading the signed
-repository, and the extracted program running on this host. Installing the packages into
-booted systems is the lifecycle tests' job.
+no RUNPATH or RPATH in it, lintian (0 errors, 0 warnings) and rpmlint (0 errors), every
+override and filter with its reason, the bill of materials (validated by CycloneDX's
+validator, complete, the same in every place it ships), the licence files, the
+repositories' signatures (and that a forged one fails), that a release refuses the
+throwaway key, apt reading the signed repository, and the extracted program running on
+this host. Installing the packages into booted systems is the lifecycle tests' job; that
+two builds are identical is test_reproducible.py's.
 
 Nothing is skipped: a missing tool fails the test, naming the Debian package to install.
 """
@@ -22,11 +25,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import marshal
 import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -61,6 +67,7 @@ TOOLS = {
     "cpio": "cpio",
     "apt-get": "apt",
     "man": "man-db",
+    "readelf": "binutils",
     "shellcheck": "shellcheck",
 }
 
@@ -73,6 +80,7 @@ def version() -> str:
 
 
 VERSION = version()
+SBOM = DIST / f"dm-agent-{VERSION}.cdx.json"
 DEB = DIST / f"dm-agent_{VERSION}_amd64.deb"
 RPM = DIST / f"dm-agent-{VERSION}-1.x86_64.rpm"
 TARBALL = DIST / f"dm-agent-{VERSION}-linux-x86_64.tar.gz"
@@ -140,10 +148,12 @@ def tools() -> None:
 
 @pytest.fixture(scope="session")
 def frozen(tools: None) -> Path:
-    """The onedir and tarball of this version; frozen here when absent or stale."""
+    """The onedir, its bill of materials and the tarball of this version; frozen here
+    when absent or stale."""
     program = FROZEN / "dm-agent"
     current = False
-    if os.access(program, os.X_OK) and TARBALL.is_file():
+    if os.access(program, os.X_OK) and TARBALL.is_file() and SBOM.is_file() and \
+            FROZEN.with_name("dm-agent.cdx.json").is_file():
         p = run([program, "--version"], check=False)
         current = p.returncode == 0 and p.stdout.strip() == f"dm-agent {VERSION}"
         # ... and the tarball holds the same program (both come from one freeze.sh run)
@@ -579,6 +589,169 @@ def test_tarball(frozen: Path) -> None:
 
 def test_scripts_are_shellcheck_clean() -> None:
     scripts = [PACKAGING / n for n in ("build-deb.sh", "build-rpm.sh", "build-repo.sh",
-                                       "payload-deps.sh", "package-common.sh")]
+                                       "payload-deps.sh", "package-common.sh", "build-env.sh",
+                                       "check-runpath.sh")]
     run(["shellcheck", "-x", *scripts], cwd=REPO)
     run(["shellcheck", "-s", "sh", REPO / "debian/dm-agent.postinst"])
+
+
+# --- the payload's ELF files, the bill of materials, the licence -----------------------
+
+
+def test_no_runpath_or_rpath_in_the_payload(deb_tree: Path, payload: Path) -> None:
+    elves = [f for f in sorted((deb_tree / "usr/lib/dm-agent").rglob("*"))
+             if f.is_file() and not f.is_symlink() and is_elf(f)]
+    assert len(elves) > 20, elves  # libpython, OpenSSL, lib-dynload, psutil, ...
+    found = {}
+    for f in elves:
+        dyn = run(["readelf", "-d", f]).stdout
+        if paths := re.findall(r"\((RUNPATH|RPATH)\)\s+Library r\w+: (\S+)", dyn):
+            found[str(f.relative_to(deb_tree))] = paths
+    assert not found, f"{len(found)} payload files carry a search path: {found}"
+    # and the build's own check agrees
+    p = run([PACKAGING / "check-runpath.sh", payload])
+    assert f"{len(elves)} ELF files" in p.stdout and "no RUNPATH, no RPATH" in p.stdout, p.stdout
+
+
+def pyz_modules(executable: Path) -> set[str]:
+    """The modules PyInstaller put into the executable, read from its archive here
+    (PyInstaller's CArchive format: a cookie at the end, a table of contents, one PYZ
+    entry whose own table of contents is a marshalled list of (module, entry))."""
+    data = executable.read_bytes()
+    cookie = data.rfind(b"MEI\014\013\012\013\016")
+    assert cookie > 0, f"{executable}: no PyInstaller archive"
+    fmt = "!8sIIII64s"
+    _magic, length, toc_offset, toc_length, _pyvers, _pylib = struct.unpack_from(fmt, data, cookie)
+    start = cookie + struct.calcsize(fmt) - length
+    toc = data[start + toc_offset:start + toc_offset + toc_length]
+    pos = 0
+    while pos < len(toc):
+        entry_length, offset, *_sizes, typecode = struct.unpack_from("!IIIIBc", toc, pos)
+        pos += entry_length
+        if typecode == b"z":
+            pyz = start + offset
+            assert data[pyz:pyz + 4] == b"PYZ\0"
+            (pyz_toc,) = struct.unpack_from("!i", data, pyz + 8)
+            return {name for name, _entry in marshal.loads(data[pyz + pyz_toc:])}
+    pytest.fail(f"{executable}: no PYZ archive in its table of contents")
+
+
+def bom_components(bom: dict) -> list[dict]:
+    """Every component of a CycloneDX document, nested ones and the described one too."""
+    out = []
+    todo = [bom["metadata"]["component"], *bom.get("components", [])]
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo.extend(c.get("components", []))
+    return out
+
+
+def lock_pins() -> dict[str, str]:
+    text = (PACKAGING / "requirements.lock").read_text()
+    return {re.sub(r"[-_.]+", "-", n).lower(): v
+            for n, v in re.findall(r"^([A-Za-z0-9][\w.-]*)==(\S+)", text, re.M)}
+
+
+def test_sbom_validates_and_lists_every_file_and_python_package(deb: Built, deb_tree: Path) -> None:
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    text = SBOM.read_text()
+    bom = json.loads(text)
+    assert bom["bomFormat"] == "CycloneDX" and bom["specVersion"] == "1.5"
+    error = JsonStrictValidator(SchemaVersion.V1_5).validate_str(text)
+    assert error is None, f"{SBOM} is not valid CycloneDX 1.5: {error}"
+
+    comps = bom_components(bom)
+    files = {c["name"]: c["hashes"][0]["content"] for c in comps if c["type"] == "file"}
+    libraries = [c for c in bom["components"] if c["type"] != "file"]
+    print(f"SBOM: {len(libraries)} components, {len(files)} files")
+    # every file of the shipped payload, ELF or not, with its sha256
+    onedir = deb_tree / "usr/lib/dm-agent"
+    for f in sorted(onedir.rglob("*")):
+        if f.is_file() and not f.is_symlink():
+            rel = str(f.relative_to(onedir))
+            kind = "ELF file" if is_elf(f) else "file"
+            assert rel in files, f"the bundled {kind} {rel} is missing from the SBOM"
+            assert files[rel] == hashlib.sha256(f.read_bytes()).hexdigest(), rel
+    # CPython and OpenSSL, from the tarballs pinned in build-env.sh
+    env = (PACKAGING / "build-env.sh").read_text()
+    pins = dict(re.findall(r"^(PY_VERSION|PY_SHA256|OSSL_VERSION|OSSL_SHA256)=(\S+)$", env, re.M))
+    by_name = {c["name"]: c for c in libraries}
+    for name, prefix in (("cpython", "PY"), ("openssl", "OSSL")):
+        c = by_name[name]
+        assert c["version"] == pins[f"{prefix}_VERSION"]
+        assert c["externalReferences"][0]["hashes"][0]["content"] == pins[f"{prefix}_SHA256"]
+        assert c.get("components"), f"{name}: no bundled files listed"
+    # Debian 11's libraries, by package name and version (libz.so.1 at least)
+    debs = [c for c in libraries if c["purl"].startswith("pkg:deb/debian/")]
+    assert "zlib1g" in {c["name"] for c in debs}, debs
+    for c in debs:
+        assert re.match(r"^\d", c["version"]) and c.get("components"), c
+    # every third-party module in the executable's archive belongs to a Python package
+    # of the lock, at the version it pins
+    pinned = lock_pins()
+    claimed: dict[str, str] = {}
+    for c in libraries:
+        if c["purl"].startswith("pkg:pypi/"):
+            assert pinned.get(c["name"]) == c["version"], f"{c['name']} {c['version']} unpinned"
+            for prop in c.get("properties", []):
+                if prop["name"] == "dm-agent:python:import":
+                    claimed.update(dict.fromkeys(prop["value"].split(), c["name"]))
+    tops = {m.split(".")[0] for m in pyz_modules(onedir / "dm-agent")}
+    third_party = sorted(t for t in tops if not t.startswith(("_", "pyimod")) and t != "dm_agent"
+                         and t not in sys.stdlib_module_names)
+    assert {"requests", "urllib3", "docker", "psutil", "daemon", "lockfile"} <= set(third_party)
+    missing = [t for t in third_party if t not in claimed]
+    assert not missing, f"modules in the executable that no SBOM component claims: {missing}"
+    assert {claimed[t] for t in ("requests", "docker", "daemon")} == \
+        {"requests", "docker", "python-daemon"}
+
+
+def test_sbom_ships_everywhere(deb: Built, deb_tree: Path, rpm_tree: Path, repo: Path,
+                               frozen: Path) -> None:
+    want = SBOM.read_bytes()
+    assert (deb_tree / "usr/share/doc/dm-agent/dm-agent.cdx.json").read_bytes() == want
+    assert (rpm_tree / "usr/share/doc/dm-agent/dm-agent.cdx.json").read_bytes() == want
+    assert (repo / SBOM.name).read_bytes() == want
+    run(["gpgv", "--keyring", repo / "dm-agent-archive-keyring.gpg",
+         repo / f"{SBOM.name}.asc", repo / SBOM.name])
+    with tarfile.open(TARBALL) as tf:
+        member = tf.extractfile(f"dm-agent-{VERSION}/dm-agent.cdx.json")
+        assert member is not None and member.read() == want
+
+
+def test_licence_files_agree(deb_tree: Path, rpm_tree: Path, rpm: Built, frozen: Path) -> None:
+    text = (REPO / "LICENSE").read_text()
+    assert re.match(r"\s*Apache License\s+Version 2\.0, January 2004", text), text[:200]
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert re.search(r"^license = Apache-2\.0$", (REPO / "setup.cfg").read_text(), re.M)
+    copyright_text = (deb_tree / "usr/share/doc/dm-agent/copyright").read_text()
+    assert re.search(r"^Files: \*\nCopyright: .*\nLicense: Apache-2\.0$", copyright_text, re.M)
+    assert rpmq(rpm.path, "--queryformat", "%{LICENSE}").startswith("Apache-2.0 AND ")
+    assert (rpm_tree / "usr/share/licenses/dm-agent/LICENSE").read_text() == text
+    with tarfile.open(TARBALL) as tf:
+        member = tf.extractfile(f"dm-agent-{VERSION}/LICENSE")
+        assert member is not None and member.read().decode() == text
+    bom = json.loads(SBOM.read_text())
+    assert bom["metadata"]["component"]["licenses"] == [{"license": {"id": "Apache-2.0"}}]
+
+
+def test_throwaway_repository_says_not_for_nodes(repo: Path) -> None:
+    for name in ("dm-agent.list", "dm-agent.repo"):
+        assert "throwaway key: not for nodes" in (repo / name).read_text(), name
+    assert "not for nodes" in (repo / "apt/dists/stable/Release").read_text()
+
+
+@pytest.mark.parametrize("release", [{"DM_REPO_URL": "https://packages.example.com/dm-agent"},
+                                     {"DM_RELEASE": "1"}])
+def test_release_refuses_the_throwaway_key(repo: Path, release: dict[str, str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DM_REPO")} | release
+    before = (repo / "apt/dists/stable/InRelease").read_bytes()
+    p = run([PACKAGING / "build-repo.sh"], check=False, env=env, timeout=600)
+    assert p.returncode == 1, p
+    assert "needs the release key" in p.stderr and "DM_REPO_KEY" in p.stderr, p.stderr
+    assert "DM_REPO_THROWAWAY=1" in p.stderr, p.stderr
+    # refused before anything was touched
+    assert (repo / "apt/dists/stable/InRelease").read_bytes() == before
