@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import pytest
 
 BIN = os.environ.get("DM_AGENT_BIN") or os.path.join(os.path.dirname(sys.executable), "dm-agent")
 
@@ -34,3 +37,15 @@ def popen(args: Sequence[str], home: Path, extra_env: Mapping[str, str] | None =
     kw.setdefault("stderr", subprocess.PIPE)
     return subprocess.Popen([BIN, *args], text=True, cwd=home, env=clean_env(home, extra_env),
                             stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM the agent and return its stderr; a test fails when it does not stop in 5 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"agent did not stop: {err[-2000:]}")
+    return err

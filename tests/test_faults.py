@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import popen
+from agentproc import popen, stop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.master import Master, parse_json_strict, validate_payload
@@ -31,17 +31,6 @@ from dm_agent.errors import DockerError
 
 NO_DOCKER = "unix:///nonexistent/docker.sock"
 LINE_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - ")
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        pytest.fail("agent did not stop")
-    return err
 
 
 # --- a mount that hangs: a real FUSE file system (bindfs) frozen with SIGSTOP ---------

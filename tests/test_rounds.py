@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import BIN, clean_env, popen
+from agentproc import BIN, clean_env, popen, stop
 from support.master import Master
 
 from dm_agent import agent as agent_mod
@@ -22,17 +22,6 @@ from dm_agent.agent import Agent, master_endpoint
 from dm_agent.config import Settings
 
 NO_DOCKER = "unix:///nonexistent/docker.sock"
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        pytest.fail(f"agent did not stop: {err[-2000:]}")
-    return err
 
 
 def test_a_dribbling_master_does_not_hold_the_round(tmp_path: Path) -> None:
