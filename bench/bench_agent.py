@@ -153,7 +153,11 @@ def main() -> int:
 
             # container started -> master has it
             def latency() -> float:
-                time.sleep(1.2)  # a lone change, not the tail of the previous one's burst
+                # A lone change, not the tail of the previous one's burst: the previous
+                # container's `start` event can make a round of its own, EVENT_SPACING (1 s)
+                # after the create's, when `docker start` takes longer than the 0.2 s
+                # debounce; a pause of 1.2 s then put the next create inside that spacing.
+                time.sleep(2.5)
                 name = f"lat-{time.monotonic_ns()}"
                 seen = len(master.requests)
                 t0 = time.monotonic()
