@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import SECRET_MASK
+from .reporter import redact
 
 if TYPE_CHECKING:  # the agent imports this module, not the other way round
     from .agent import Agent
@@ -35,12 +35,6 @@ def state_path(pidfile: str) -> str:
     """The state file of the daemon whose pidfile is ``pidfile``: same directory, same stem."""
     stem = pidfile[:-4] if pidfile.endswith(".pid") else pidfile
     return stem + ".state.json"
-
-
-def scrub(text: str, secret: str | None) -> str:
-    """``text`` (an error message) without the secret. (The master's URL carries no
-    password: config refuses credentials in it.)"""
-    return text.replace(secret, SECRET_MASK) if secret else text
 
 
 def _group_id() -> int:
@@ -79,7 +73,7 @@ class StateWriter:
         else:
             self.failures += 1
             kind, message = agent.last_error or ("unknown", "the round failed")
-            message = scrub(message, agent.settings.secret)
+            message = redact(message, agent.settings.secret)
             self.last_failure = {"kind": kind, "message": message, "time": now}
         self.write(agent, now)
 
@@ -93,7 +87,7 @@ class StateWriter:
                       "last_event": watcher.last_event}
         docker_error = None
         if agent.docker_outage.active:
-            docker_error = scrub(agent.docker_outage.message, s.secret)
+            docker_error = redact(agent.docker_outage.message, s.secret)
         return {
             "schema": SCHEMA,
             "pid": os.getpid(),
