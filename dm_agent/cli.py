@@ -59,6 +59,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def parse_command(p: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """``argv`` parsed by a subcommand's parser (a ``_Parser``), or the exit code to return:
+    64 after the usage and the error on stderr, 0 after ``--help``."""
+    try:
+        return p.parse_args(list(argv))
+    except UsageError as exc:
+        p.print_usage(sys.stderr)
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+
+
 def parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: the seed's flags are whole words, and an abbreviation that
     # works today would change meaning when a flag is added.

@@ -362,14 +362,11 @@ def run(args: argparse.Namespace, out: list[str]) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    try:
-        args = parser().parse_args(list(argv))
-    except UsageError as exc:
-        parser().print_usage(sys.stderr)
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    from .cli import parse_command
+
+    args = parse_command(parser(), argv)
+    if isinstance(args, int):
+        return args
     out: list[str] = []
     error = None
     try:

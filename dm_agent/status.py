@@ -22,13 +22,12 @@ import errno
 import json
 import os
 import stat
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from . import config
-from .errors import ConfigError, UsageError
+from .errors import ConfigError
 from .state import GROUP, state_path
 
 REGISTERED, FAILING, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
@@ -337,14 +336,11 @@ def to_json(res: Result, now: float) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> int:
-    try:
-        args = parser().parse_args(list(argv))
-    except UsageError as exc:
-        parser().print_usage(sys.stderr)
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    from .cli import parse_command
+
+    args = parse_command(parser(), argv)
+    if isinstance(args, int):
+        return args
     now = time.time()
     res = check(pidfile_of(args.pidfile, args.config), now)
     if args.json:
