@@ -39,13 +39,14 @@ def popen(args: Sequence[str], home: Path, extra_env: Mapping[str, str] | None =
                             stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
 
 
-def stop(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM the agent and return its stderr; a test fails when it does not stop in 5 s."""
-    proc.send_signal(signal.SIGTERM)
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
+    """Signal the agent (SIGTERM) and return its stderr; a test fails when it does not
+    stop within 5 s."""
+    proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
-        pytest.fail(f"agent did not stop: {err[-2000:]}")
+        pytest.fail(f"agent did not stop on {sig}: {err[-2000:]}")
     return err

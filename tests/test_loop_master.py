@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import agentproc
 import pytest
 from agentproc import popen, run
 from support.master import Master
@@ -36,14 +37,9 @@ def start(home: Path, master: Master, *args: str, extra_env: dict[str, str] | No
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[float, str]:
+    """How long the agent took to stop on ``sig``, and its stderr."""
     t0 = time.monotonic()
-    proc.send_signal(sig)
-    try:
-        _, err = proc.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        pytest.fail(f"agent did not stop on {sig}: {err[-2000:]}")
+    err = agentproc.stop(proc, sig)
     return time.monotonic() - t0, err
 
 
