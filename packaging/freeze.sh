@@ -63,7 +63,7 @@ safe_rm_tree "$ROOT/src"
 safe_rm_tree "$ROOT/tmp/dm-freeze"
 mkdir -p "$ROOT/src/packaging" "$ROOT/tmp/dm-freeze"
 tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -cf - dm_agent | tar -C "$ROOT/src" -xf -
-cp "$HERE/dm-agent.spec" "$HERE/smoke_frozen.py" "$HERE/sbom.py" "$HERE/requirements.lock" \
+cp "$HERE/freeze.spec" "$HERE/smoke_frozen.py" "$HERE/sbom.py" "$HERE/requirements.lock" \
   "$ROOT/src/packaging/"
 
 mount_api "$ROOT"
@@ -77,7 +77,7 @@ chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin HOME=/root LAN
   OSSL_SHA256="$OSSL_SHA256" /bin/bash -euo pipefail -s <<'EOF'
 cd /src
 "$PREFIX/venv/bin/pyinstaller" --noconfirm --clean --log-level WARN \
-  --distpath /tmp/dm-freeze/dist --workpath /tmp/dm-freeze/work packaging/dm-agent.spec
+  --distpath /tmp/dm-freeze/dist --workpath /tmp/dm-freeze/work packaging/freeze.spec
 if [ "$DM_FREEZE_SMOKE" = 0 ]; then
   "$PREFIX/venv/bin/python" packaging/sbom.py /tmp/dm-freeze/dist/dm-agent \
     >/tmp/dm-freeze/dm-agent.cdx.json
