@@ -4,6 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# The architectures the frozen program and the packages are built for: both by default;
+# `make packages ARCH=amd64` (or arm64) builds one. The two pipelines are independent
+# until the repository: `make -j2 repo` builds them side by side.
+ARCH ?= amd64 arm64
+FROZEN_ARCHES := $(addprefix frozen-,$(ARCH))
+PACKAGE_ARCHES := $(addprefix packages-,$(ARCH))
 
 .DEFAULT_GOAL := help
 
@@ -35,20 +41,28 @@ typecheck: venv ## mypy --strict over the package
 test: venv ## the test suite (root: it starts dockerd, boots systemd roots; needs `make frozen`)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-check: deps lint typecheck repo test ## everything CI runs: deps, lint, types, frozen program, packages, repo, the whole suite
+# (the two architectures' pipelines side by side: the arm64 root's debootstrap and
+# emulated steps overlap the amd64 build root and freeze)
+check: deps lint typecheck ## everything CI runs: deps, lint, types, frozen programs, packages, repo, the whole suite
+	$(MAKE) -j2 --output-sync=target repo
+	$(MAKE) test
 
-frozen: ## the frozen program in build/frozen/dm-agent/ and the tarball in dist/ (root; Debian 11 build root cached in /var/cache)
-	packaging/freeze.sh
+frozen: $(FROZEN_ARCHES) ## the frozen program in build/frozen[-arm64]/dm-agent/ and the tarballs in dist/ (root; Debian 11 build roots cached in /var/cache; ARCH=amd64 or arm64 for one)
 
-smoke-frozen: frozen ## run the frozen program in a bare Debian 11 root without Python
+$(FROZEN_ARCHES): frozen-%:
+	packaging/freeze.sh --arch $*
+
+smoke-frozen: frozen-amd64 ## run the frozen program in a bare Debian 11 root without Python
 	packaging/smoke-frozen.sh
 
-packages: frozen ## dist/: the .deb, the .rpm, the tarball and the bill of materials
-	packaging/build-deb.sh
-	packaging/build-rpm.sh
+packages: $(PACKAGE_ARCHES) ## dist/: the .deb, .rpm, tarball and bill of materials of amd64 and arm64 (ARCH=amd64 or ARCH=arm64 for one)
 
-repo: packages ## signed apt and yum repositories in dist/repo/ (throwaway key unless DM_REPO_KEY; refused for a release)
-	packaging/build-repo.sh
+$(PACKAGE_ARCHES): packages-%: frozen-%
+	packaging/build-deb.sh --arch $*
+	packaging/build-rpm.sh --arch $*
+
+repo: packages ## signed apt and yum repositories of the ARCH packages in dist/repo/ (throwaway key unless DM_REPO_KEY; refused for a release)
+	DM_REPO_ARCHES="$(ARCH)" packaging/build-repo.sh
 
 bench: venv frozen ## benchmarks of the frozen program with their targets (root: private dockerd)
 	$(BIN)/python bench/bench_agent.py $(BENCH_ARGS)
@@ -56,4 +70,5 @@ bench: venv frozen ## benchmarks of the frozen program with their targets (root:
 clean: ## remove build outputs and caches (not the cached build roots in /var/cache)
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
-.PHONY: help venv run deps lint typecheck test check clean frozen smoke-frozen packages repo bench
+.PHONY: help venv run deps lint typecheck test check clean frozen smoke-frozen packages repo bench \
+  $(FROZEN_ARCHES) $(PACKAGE_ARCHES)

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Build dist/dm-agent_<version>_amd64.deb from the frozen onedir (packaging/freeze.sh).
+# Build dist/dm-agent_<version>_<arch>.deb (amd64 or arm64) from the frozen onedir of that
+# architecture (packaging/freeze.sh --arch ARCH). The arm64 package is built on an amd64
+# host as dpkg-buildpackage's cross build (--host-arch): nothing is compiled, debhelper
+# only installs the payload.
 #
 # debhelper runs in a copy of the packaging inputs under build/deb/src/, never in the
 # checkout: dpkg-buildpackage writes debian/dm-agent/, debian/files, *.substvars and
 # stamps, which must not litter a tree other people work in. debian/changelog is written
 # there from dm_agent.__version__, the one place the version lives.
 #
-# Usage: packaging/build-deb.sh          prints the path of the .deb it made
-# Needs: dpkg-dev, debhelper (>= 13.1), binutils; the onedir in build/frozen/dm-agent/.
+# Usage: packaging/build-deb.sh [--arch amd64|arm64]   prints the path of the .deb it made
+# Needs: dpkg-dev, debhelper (>= 13.1), binutils; the onedir in build/frozen/dm-agent/
+#        (build/frozen-arm64/dm-agent/ for arm64).
 # Environment: SOURCE_DATE_EPOCH (default: the last commit's time: changelog date and
 #              file mtimes, so that one tree builds one .deb), DM_FROZEN (the onedir,
-#              default build/frozen/dm-agent; its bill of materials beside it,
+#              default build/frozen[-arm64]/dm-agent; its bill of materials beside it,
 #              DM_FROZEN.cdx.json, goes to /usr/share/doc/dm-agent/dm-agent.cdx.json).
 set -euo pipefail
 
@@ -22,9 +26,9 @@ need dpkg-buildpackage dpkg-dev
 need dh debhelper
 need objdump binutils
 
-WORK=$REPO/build/deb
+WORK=$REPO/build/deb$SUFFIX
 SRC=$WORK/src
-DEB=dm-agent_${VERSION}_amd64.deb
+DEB=dm-agent_${VERSION}_${ARCH}.deb
 rm -rf "$WORK"
 
 # --- the source package, staged --------------------------------------------------------
@@ -49,9 +53,9 @@ EOF
 find "$SRC" "$WORK/payload" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
 # --- build -----------------------------------------------------------------------------
-log "dpkg-buildpackage: dm-agent $VERSION"
+log "dpkg-buildpackage: dm-agent $VERSION $ARCH"
 # -b: binary only; -us -uc: unsigned (the repository's signature covers it, build-repo.sh).
-if ! (cd "$SRC" && FROZEN=$WORK/payload dpkg-buildpackage -b -us -uc --no-pre-clean \
+if ! (cd "$SRC" && FROZEN=$WORK/payload dpkg-buildpackage -b -us -uc --no-pre-clean --host-arch "$ARCH" \
   >"$WORK/build.log" 2>&1); then
   tail -n 40 "$WORK/build.log" >&2
   die "dpkg-buildpackage failed; the whole log is $WORK/build.log"

@@ -10,8 +10,12 @@
 #   PREFIX              where they are installed in the build root
 #   dm_version          the version rule (below)
 #   dm_source_date_epoch  the SOURCE_DATE_EPOCH rule (below)
-#   dm_buildroot        the build root's path: DM_BUILDROOT, else a cache directory named
-#                       after the root's recipe key, so roots of several recipes coexist
+#   dm_buildroot        the amd64 build root's path: DM_BUILDROOT, else a cache directory
+#                       named after the root's recipe key, so roots of several recipes coexist
+#   dm_buildroot_for ARCH  the build root of ARCH (amd64 or arm64; DM_BUILDROOT_ARM64, else
+#                       the same kind of cache directory)
+#   dm_arch_triplet ARCH  the machine name of a Debian architecture (amd64 -> x86_64,
+#                       arm64 -> aarch64): uname -m, rpm's arch, the tarball's name
 
 # Sources: Debian's .orig tarballs (identical to upstream's releases), checked by sha256.
 # When Debian drops one from its pool, take the current one from `apt-get source
@@ -58,10 +62,35 @@ dm_source_date_epoch() {
   echo "$t"
 }
 
+# The architectures the products are built for, by their Debian names.
+DM_ARCHES=(amd64 arm64)
+
 dm_buildroot() {
   if [[ -n ${DM_BUILDROOT:-} ]]; then
     echo "$DM_BUILDROOT"
   else
     echo "/var/cache/dm-agent/buildroot-bullseye-$("$HERE/buildroot.sh" --key | cut -c1-12)"
   fi
+}
+
+dm_buildroot_for() {
+  case $1 in
+    amd64) dm_buildroot ;;
+    arm64)
+      if [[ -n ${DM_BUILDROOT_ARM64:-} ]]; then
+        echo "$DM_BUILDROOT_ARM64"
+      else
+        echo "/var/cache/dm-agent/buildroot-bullseye-arm64-$("$HERE/buildroot-arm64.sh" --key | cut -c1-12)"
+      fi
+      ;;
+    *) die "unknown architecture '$1' (one of: ${DM_ARCHES[*]})" ;;
+  esac
+}
+
+dm_arch_triplet() {
+  case $1 in
+    amd64) echo x86_64 ;;
+    arm64) echo aarch64 ;;
+    *) die "unknown architecture '$1' (one of: ${DM_ARCHES[*]})" ;;
+  esac
 }

@@ -2,18 +2,23 @@
 # Build signed apt and yum repositories in dist/repo/ from the packages in dist/.
 #
 #   dist/repo/apt/                             apt repository (reprepro): suite "stable",
-#                                              component "main", amd64; Release signed
-#                                              (InRelease, Release.gpg)
-#   dist/repo/yum/                             yum/dnf repository (createrepo_c): the .rpm,
-#                                              signed (rpmsign), repodata/repomd.xml.asc
+#                                              component "main", binary-amd64 and
+#                                              binary-arm64; Release signed (InRelease,
+#                                              Release.gpg)
+#   dist/repo/yum/                             yum/dnf repository (createrepo_c): the .rpms
+#                                              in x86_64/ and aarch64/, signed (rpmsign),
+#                                              under one repodata/repomd.xml (dnf picks a
+#                                              node's own architecture from it), signed
+#                                              (repomd.xml.asc)
 #   dist/repo/dm-agent-archive-keyring.gpg     the public key, binary (apt's signed-by=)
 #   dist/repo/dm-agent-archive-keyring.asc     the same, armored (yum's gpgkey=, rpm --import)
 #   dist/repo/dm-agent.list, dist/repo/dm-agent.repo   what a node adds to its sources
-#   dist/repo/dm-agent-<version>.cdx.json      the payload's bill of materials (CycloneDX),
-#                                              and its detached signature (.asc)
+#   dist/repo/dm-agent-<version>[-aarch64].cdx.json  the payloads' bills of materials
+#                                              (CycloneDX), and their detached signatures (.asc)
 #
-# The repositories are made afresh from dist/dm-agent_<version>_amd64.deb and
-# dist/dm-agent-<version>-1.x86_64.rpm at every run (make packages builds them).
+# The repositories are made afresh at every run from the packages of every architecture
+# in DM_REPO_ARCHES (default "amd64 arm64"; make packages builds them):
+# dist/dm-agent_<version>_<arch>.deb and dist/dm-agent-<version>-1.<machine>.rpm.
 #
 # Signing key:
 #   default      a throwaway key, generated once into build/repo-gnupg/ (no passphrase),
@@ -26,7 +31,8 @@
 #   key must not publish a repository signed with the throwaway one. DM_REPO_THROWAWAY=1
 #   allows it anyway (a test of the release path).
 # Environment:   DM_REPO_URL (default https://packages.dm-agent.invalid/repo): the URL
-#                written into dm-agent.list and dm-agent.repo; DM_RELEASE, DM_REPO_THROWAWAY.
+#                written into dm-agent.list and dm-agent.repo; DM_RELEASE, DM_REPO_THROWAWAY;
+#                DM_REPO_ARCHES.
 # Needs: reprepro, createrepo-c, gnupg, rpm (rpmsign).
 set -euo pipefail
 
@@ -44,12 +50,24 @@ DIST=$REPO/dist
 OUT=$DIST/repo
 WORK=$REPO/build/repo
 URL=${DM_REPO_URL:-https://packages.dm-agent.invalid/repo}
-DEB=$DIST/dm-agent_${VERSION}_amd64.deb
-RPM=$DIST/dm-agent-$VERSION-1.x86_64.rpm
-[[ -f $DEB ]] || die "no $DEB: run packaging/build-deb.sh (or make packages)"
-[[ -f $RPM ]] || die "no $RPM: run packaging/build-rpm.sh (or make packages)"
-SBOM=$DIST/dm-agent-$VERSION.cdx.json
-[[ -f $SBOM ]] || die "no $SBOM: run packaging/freeze.sh (or make packages)"
+read -r -a ARCHES <<<"${DM_REPO_ARCHES:-${DM_ARCHES[*]}}"
+((${#ARCHES[@]})) || die "DM_REPO_ARCHES is empty"
+DEBS=()
+RPMS=()
+SBOMS=()
+for arch in "${ARCHES[@]}"; do
+  machine=$(dm_arch_triplet "$arch")
+  deb=$DIST/dm-agent_${VERSION}_$arch.deb
+  rpm=$DIST/dm-agent-$VERSION-1.$machine.rpm
+  sbom=$DIST/dm-agent-$VERSION.cdx.json
+  [[ $arch == amd64 ]] || sbom=$DIST/dm-agent-$VERSION-$machine.cdx.json
+  [[ -f $deb ]] || die "no $deb: run packaging/build-deb.sh --arch $arch (or make packages)"
+  [[ -f $rpm ]] || die "no $rpm: run packaging/build-rpm.sh --arch $arch (or make packages)"
+  [[ -f $sbom ]] || die "no $sbom: run packaging/freeze.sh --arch $arch (or make packages)"
+  DEBS+=("$deb")
+  RPMS+=("$rpm")
+  SBOMS+=("$sbom")
+done
 
 # --- the signing key -------------------------------------------------------------------
 rpmdb=""
@@ -115,22 +133,30 @@ Origin: dm-agent
 Label: dm-agent
 Suite: stable
 Codename: stable
-Architectures: amd64
+Architectures: ${ARCHES[*]}
 Components: main
 Description: $DESCRIPTION
 SignWith: $KEY
 EOF
-reprepro --silent --basedir "$WORK/apt" --outdir "$OUT/apt" includedeb stable "$DEB"
+for deb in "${DEBS[@]}"; do
+  reprepro --silent --basedir "$WORK/apt" --outdir "$OUT/apt" includedeb stable "$deb"
+done
 gpgv --keyring "$OUT/dm-agent-archive-keyring.gpg" "$OUT/apt/dists/stable/InRelease" 2>/dev/null ||
   die "the apt repository's InRelease does not verify with the exported key"
-log "apt: dist/repo/apt (stable/main/amd64, $(basename "$DEB"))"
+log "apt: dist/repo/apt (stable/main/{${ARCHES[*]}}: ${DEBS[*]##*/})"
 
 # --- yum: the signed .rpm, createrepo_c, a detached signature of repomd.xml -----------------
-mkdir -p "$OUT/yum/x86_64"
-cp "$RPM" "$OUT/yum/x86_64/"
+yum_rpms=()
+for rpm in "${RPMS[@]}"; do
+  machine=${rpm%.rpm}
+  machine=${machine##*.}
+  mkdir -p "$OUT/yum/$machine"
+  cp "$rpm" "$OUT/yum/$machine/"
+  yum_rpms+=("$machine/$(basename "$rpm")")
+done
 # (rpmsign warns that it cannot set GPG_TTY when stdin is no terminal: no prompt is needed.)
-rpmsign --define "__gpg $(command -v gpg)" --define "_gpg_name $KEY" \
-  --addsign "$OUT/yum/x86_64/$(basename "$RPM")" 2>&1 >/dev/null | { grep -v GPG_TTY >&2 || true; }
+(cd "$OUT/yum" && rpmsign --define "__gpg $(command -v gpg)" --define "_gpg_name $KEY" \
+  --addsign "${yum_rpms[@]}") 2>&1 >/dev/null | { grep -v GPG_TTY >&2 || true; }
 createrepo_c --quiet --no-database --set-timestamp-to-revision --revision "$SOURCE_DATE_EPOCH" \
   "$OUT/yum" >/dev/null
 gpg --batch --yes --local-user "$KEY" --armor --detach-sign "$OUT/yum/repodata/repomd.xml"
@@ -139,20 +165,24 @@ gpg --batch --verify "$OUT/yum/repodata/repomd.xml.asc" "$OUT/yum/repodata/repom
 cp "$OUT/dm-agent-archive-keyring.asc" "$OUT/yum/RPM-GPG-KEY-dm-agent"
 rpmdb=$(mktemp -d)
 rpm --dbpath "$rpmdb" --import "$OUT/dm-agent-archive-keyring.asc"
-rpm --dbpath "$rpmdb" -K "$OUT/yum/x86_64/$(basename "$RPM")" | grep -q 'signatures OK' ||
-  die "the signed .rpm does not verify with the exported key"
-log "yum: dist/repo/yum (x86_64/$(basename "$RPM"), signed; repodata/repomd.xml.asc)"
+for rpm in "${yum_rpms[@]}"; do
+  rpm --dbpath "$rpmdb" -K "$OUT/yum/$rpm" | grep -q 'signatures OK' ||
+    die "the signed $rpm does not verify with the exported key"
+done
+log "yum: dist/repo/yum (${yum_rpms[*]}, signed; repodata/repomd.xml.asc)"
 
 # --- the bill of materials, signed ----------------------------------------------------------
-cp "$SBOM" "$OUT/"
-gpg --batch --yes --local-user "$KEY" --armor --detach-sign "$OUT/$(basename "$SBOM")"
+for sbom in "${SBOMS[@]}"; do
+  cp "$sbom" "$OUT/"
+  gpg --batch --yes --local-user "$KEY" --armor --detach-sign "$OUT/$(basename "$sbom")"
+done
 
 # --- what a node adds to its sources -----------------------------------------------------
 warning=${NOTICE:+# $NOTICE
 }
 cat >"$OUT/dm-agent.list" <<EOF
 $warning# /etc/apt/sources.list.d/dm-agent.list (key: /usr/share/keyrings/dm-agent-archive-keyring.gpg)
-deb [arch=amd64 signed-by=/usr/share/keyrings/dm-agent-archive-keyring.gpg] $URL/apt stable main
+deb [signed-by=/usr/share/keyrings/dm-agent-archive-keyring.gpg] $URL/apt stable main
 EOF
 cat >"$OUT/dm-agent.repo" <<EOF
 $warning# /etc/yum.repos.d/dm-agent.repo
@@ -165,5 +195,5 @@ repo_gpgcheck=1
 gpgkey=$URL/yum/RPM-GPG-KEY-dm-agent
 EOF
 log "made dist/repo/ in $(($(date +%s) - T0))s: apt/, yum/, dm-agent-archive-keyring.{gpg,asc}," \
-  "dm-agent.list, dm-agent.repo, $(basename "$SBOM"){,.asc}${NOTICE:+ ($NOTICE)}"
+  "dm-agent.list, dm-agent.repo, ${SBOMS[*]##*/} (+ .asc)${NOTICE:+ ($NOTICE)}"
 echo "$OUT"

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build dist/dm-agent-<version>-1.x86_64.rpm from the frozen onedir (packaging/freeze.sh).
+# Build dist/dm-agent-<version>-1.<machine>.rpm (x86_64 or aarch64) from the frozen onedir
+# of that architecture (packaging/freeze.sh --arch ARCH); rpmbuild --target, as nothing
+# is compiled, builds the aarch64 one on an x86_64 host.
 #
 # rpmbuild runs with its _topdir in build/rpm/, on the sources staged there: the payload
 # (as a tar), the unit and sysusers snippet shared with the .deb (systemd/), the sample
@@ -7,9 +9,10 @@
 # texts freeze.sh collected into its tarball and the payload's bill of materials. rpm/dm-agent.spec gets the version and the payload's
 # dependencies by --define, so neither is written down twice.
 #
-# Usage: packaging/build-rpm.sh          prints the path of the .rpm it made
+# Usage: packaging/build-rpm.sh [--arch amd64|arm64]   prints the path of the .rpm it made
 # Needs: rpm (rpmbuild), binutils; the onedir in build/frozen/dm-agent/ and the tarball
-#        dist/dm-agent-<version>-linux-x86_64.tar.gz, both from packaging/freeze.sh.
+#        dist/dm-agent-<version>-linux-x86_64.tar.gz, both from packaging/freeze.sh (for
+#        arm64: build/frozen-arm64/dm-agent/, dist/dm-agent-<version>-linux-aarch64.tar.gz).
 # Environment: SOURCE_DATE_EPOCH (default: the last commit's time: build time and file
 #              mtimes), DM_FROZEN (the onedir, default build/frozen/dm-agent),
 #              DM_TARBALL (freeze.sh's tarball, default dist/dm-agent-<version>-linux-x86_64.tar.gz).
@@ -22,10 +25,10 @@ NAME=build-rpm
 need rpmbuild rpm
 need objdump binutils
 
-WORK=$REPO/build/rpm
+WORK=$REPO/build/rpm$SUFFIX
 SOURCES=$WORK/SOURCES
-RPM=dm-agent-$VERSION-1.x86_64.rpm
-TARBALL=${DM_TARBALL:-$REPO/dist/dm-agent-$VERSION-linux-x86_64.tar.gz}
+RPM=dm-agent-$VERSION-1.$MACHINE.rpm
+TARBALL=${DM_TARBALL:-$REPO/dist/dm-agent-$VERSION-linux-$MACHINE.tar.gz}
 rm -rf "$WORK"
 mkdir -p "$SOURCES"
 
@@ -61,7 +64,7 @@ fi
 log "rpmbuild: dm-agent $VERSION (Requires: $REQUIRES)"
 # _buildhost, use_source_date_epoch_as_buildtime and clamp_mtime: the same tree builds
 # the same .rpm, whichever host builds it and when.
-if ! rpmbuild -bb --target x86_64 \
+if ! rpmbuild -bb --target "$MACHINE" \
   --define "_topdir $WORK" \
   --define "_buildhost reproducible" \
   --define "use_source_date_epoch_as_buildtime 1" \
@@ -70,10 +73,10 @@ if ! rpmbuild -bb --target x86_64 \
   tail -n 40 "$WORK/build.log" >&2
   die "rpmbuild failed; the whole log is $WORK/build.log"
 fi
-[[ -f $WORK/RPMS/x86_64/$RPM ]] || die "rpmbuild made no $RPM (see $WORK/build.log)"
+[[ -f $WORK/RPMS/$MACHINE/$RPM ]] || die "rpmbuild made no $RPM (see $WORK/build.log)"
 
 mkdir -p "$REPO/dist"
-mv "$WORK/RPMS/x86_64/$RPM" "$REPO/dist/$RPM"
+mv "$WORK/RPMS/$MACHINE/$RPM" "$REPO/dist/$RPM"
 log "made dist/$RPM ($(du -h "$REPO/dist/$RPM" | cut -f1); installed" \
   "$(($(rpm -qp --queryformat '%{SIZE}' "$REPO/dist/$RPM" 2>/dev/null) / 1024)) KiB) in $(($(date +%s) - T0))s"
 echo "$REPO/dist/$RPM"

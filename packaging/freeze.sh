@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # Freeze dm-agent (dm_agent.cli:main) with PyInstaller, onedir, inside the cached Debian 11
-# build root (packaging/buildroot.sh, run first: reused in seconds when cached).
+# build root of the architecture (run first: reused in seconds when cached):
+# packaging/buildroot.sh for amd64, packaging/buildroot-arm64.sh for arm64 (there
+# PyInstaller runs under qemu-user; see that script).
 #
-# Outputs (relative to the repository):
+# Outputs (relative to the repository), for amd64:
 #   build/frozen/dm-agent/                      the onedir; build/frozen/dm-agent/dm-agent runs
 #   build/frozen/dm-agent.cdx.json              its bill of materials (CycloneDX, packaging/sbom.py)
 #   dist/dm-agent-<version>-linux-x86_64.tar.gz  the same, for hosts without a package manager:
 #                                               top directory dm-agent-<version>/
 #   dist/dm-agent-<version>.cdx.json            the bill of materials, beside the packages
+# and for arm64 the same at build/frozen-arm64/, dist/dm-agent-<version>-linux-aarch64.tar.gz
+# and dist/dm-agent-<version>-aarch64.cdx.json (the amd64 names predate arm64 and stay).
 # and then checks every ELF file in the onedir: the glibc floor (packaging/check-glibc.sh)
 # and no RUNPATH or RPATH (packaging/check-runpath.sh).
 #
 # The build root's lock is held for the whole freeze: two freezes (of this tree or of
 # another) never share the root's /src and /tmp/dm-freeze, nor write build/frozen at once.
 #
-# Usage: packaging/freeze.sh            the product
-#        packaging/freeze.sh --smoke    only the throwaway smoke program (build/smoke/),
-#                                       see packaging/smoke_frozen.py and smoke-frozen.sh
-# Environment: DM_BUILDROOT (see buildroot.sh), DM_GLIBC_MAX (default 2.31),
+# Usage: packaging/freeze.sh [--arch amd64|arm64]          the product (default amd64)
+#        packaging/freeze.sh [--arch amd64|arm64] --smoke  only the throwaway smoke program
+#                              (build/smoke/, build/smoke-arm64/), see packaging/smoke_frozen.py
+#                              and smoke-frozen.sh
+# Environment: DM_BUILDROOT, DM_BUILDROOT_ARM64 (see the build root scripts), DM_GLIBC_MAX (default 2.31),
 #              SOURCE_DATE_EPOCH (see packaging/build-env.sh: default the last commit's time).
 set -euo pipefail
 
@@ -25,11 +30,16 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 GLIBC_MAX=${DM_GLIBC_MAX:-2.31}
 MODE=product
-case ${1:-} in
-  "") ;;
-  --smoke) MODE=smoke ;;
-  *) echo "usage: $0 [--smoke]" >&2; exit 64 ;;
-esac
+ARCH=amd64
+while (($#)); do
+  case $1 in
+    --smoke) MODE=smoke ;;
+    --arch) ARCH=${2:-}; shift ;;
+    *) echo "usage: $0 [--arch amd64|arm64] [--smoke]" >&2; exit 64 ;;
+  esac
+  shift
+done
+[[ $ARCH =~ ^(amd64|arm64)$ ]] || { echo "freeze.sh: --arch must be amd64 or arm64, not '$ARCH'" >&2; exit 64; }
 
 T0=$(date +%s)
 log() { printf '[freeze %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
@@ -42,7 +52,22 @@ VERSION=$(dm_version)
 [[ $MODE == smoke || -f $REPO/dm_agent/cli.py ]] || die "dm_agent/cli.py (dm_agent.cli:main) does not exist yet"
 SOURCE_DATE_EPOCH=$(dm_source_date_epoch)
 export SOURCE_DATE_EPOCH
-ROOT=$(dm_buildroot)
+MACHINE=$(dm_arch_triplet "$ARCH")
+ROOT=$(dm_buildroot_for "$ARCH")
+# Output names: amd64's have no suffix (they predate arm64).
+SUFFIX=
+[[ $ARCH == amd64 ]] || SUFFIX=-$ARCH
+if [[ $ARCH == arm64 ]]; then
+  # shellcheck source=packaging/binfmt.sh
+  . "$HERE/binfmt.sh"
+  ensure_binfmt
+  BUILDROOT_SH=$HERE/buildroot-arm64.sh
+  # The aarch64 program runs here through qemu-user, its loader and libc from the root.
+  run_frozen() { QEMU_LD_PREFIX=$ROOT "$@"; }
+else
+  BUILDROOT_SH=$HERE/buildroot.sh
+  run_frozen() { "$@"; }
+fi
 
 mkdir -p "$(dirname "$ROOT")"
 exec 9>"$ROOT.lock"
@@ -50,7 +75,7 @@ if ! flock -n 9; then
   log "waiting for $ROOT.lock (another freeze or build of the root)"
   flock 9
 fi
-DM_BUILDROOT=$ROOT DM_BUILDROOT_LOCKED=$ROOT "$HERE/buildroot.sh"
+DM_BUILDROOT=$ROOT DM_BUILDROOT_ARM64=$ROOT DM_BUILDROOT_LOCKED=$ROOT "$BUILDROOT_SH"
 
 # --- mounts (undone on any exit; nothing is deleted while mounted) ---------------------
 # shellcheck source=packaging/mounts.sh
@@ -87,30 +112,33 @@ umount_all
 log "PyInstaller done ($MODE)"
 
 if [[ $MODE == smoke ]]; then
-  safe_rm_tree "$REPO/build/smoke"
-  mkdir -p "$REPO/build/smoke"
-  cp -a "$ROOT/tmp/dm-freeze/dist/dm-agent-smoke" "$REPO/build/smoke/"
-  "$HERE/check-glibc.sh" "$REPO/build/smoke/dm-agent-smoke" "$GLIBC_MAX"
-  "$HERE/check-runpath.sh" "$REPO/build/smoke/dm-agent-smoke"
-  log "smoke program: build/smoke/dm-agent-smoke/dm-agent-smoke in $(($(date +%s) - T0))s"
+  SMOKE_OUT=$REPO/build/smoke$SUFFIX
+  safe_rm_tree "$SMOKE_OUT"
+  mkdir -p "$SMOKE_OUT"
+  cp -a "$ROOT/tmp/dm-freeze/dist/dm-agent-smoke" "$SMOKE_OUT/"
+  "$HERE/check-elf-arch.sh" "$SMOKE_OUT/dm-agent-smoke" "$MACHINE"
+  "$HERE/check-glibc.sh" "$SMOKE_OUT/dm-agent-smoke" "$GLIBC_MAX"
+  "$HERE/check-runpath.sh" "$SMOKE_OUT/dm-agent-smoke"
+  log "smoke program: ${SMOKE_OUT#"$REPO/"}/dm-agent-smoke/dm-agent-smoke in $(($(date +%s) - T0))s"
   exit 0
 fi
 
-OUT=$REPO/build/frozen
+OUT=$REPO/build/frozen$SUFFIX
 safe_rm_tree "$OUT"
 mkdir -p "$OUT"
 cp -a "$ROOT/tmp/dm-freeze/dist/dm-agent" "$OUT/"
 cp "$ROOT/tmp/dm-freeze/dm-agent.cdx.json" "$OUT/dm-agent.cdx.json"
 # The frozen program must at least start here, on the build host.
-got=$("$OUT/dm-agent/dm-agent" --version 2>&1) || die "frozen dm-agent --version failed: $got"
+got=$(run_frozen "$OUT/dm-agent/dm-agent" --version 2>&1) || die "frozen dm-agent --version failed: $got"
 [[ $got == *"$VERSION"* ]] || die "frozen dm-agent --version says '$got', expected $VERSION"
 
+"$HERE/check-elf-arch.sh" "$OUT/dm-agent" "$MACHINE"
 "$HERE/check-glibc.sh" "$OUT/dm-agent" "$GLIBC_MAX"
 "$HERE/check-runpath.sh" "$OUT/dm-agent"
 
 # --- the tarball ---------------------------------------------------------------------------
 NAME=dm-agent-$VERSION
-STAGE=$REPO/build/tarball
+STAGE=$REPO/build/tarball$SUFFIX
 safe_rm_tree "$STAGE"
 mkdir -p "$STAGE/$NAME/licenses" "$REPO/dist"
 cp -a "$OUT/dm-agent/." "$STAGE/$NAME/"
@@ -139,11 +167,11 @@ for dist in psutil requests certifi idna urllib3 docker python_daemon \
   done
 done
 cat >"$STAGE/$NAME/README" <<EOF
-dm-agent $VERSION, the DockMaster node agent, frozen for x86_64 Linux (glibc $GLIBC_MAX or
+dm-agent $VERSION, the DockMaster node agent, frozen for $MACHINE Linux (glibc $GLIBC_MAX or
 newer: Debian 11+, Ubuntu 20.04+, RHEL/Rocky/Alma 9+). No Python is needed on the host.
 
 This directory is the whole program: keep dm-agent and _internal/ together.
-    tar -C /opt -xzf dm-agent-$VERSION-linux-x86_64.tar.gz
+    tar -C /opt -xzf dm-agent-$VERSION-linux-$MACHINE.tar.gz
     ln -s /opt/$NAME/dm-agent /usr/local/bin/dm-agent
     cp /opt/$NAME/dm-agent.ini.example /etc/dm-agent.ini   # then set master
     dm-agent --check-config && dm-agent --once
@@ -157,15 +185,17 @@ in licenses/. The PyInstaller bootloader is GPL-2.0 with an exception that allow
 use. dm-agent.cdx.json (CycloneDX) lists every bundled component with its version,
 licence, source and the sha256 of its files, for vulnerability scanners.
 EOF
-TARBALL=$REPO/dist/$NAME-linux-x86_64.tar.gz
+TARBALL=$REPO/dist/$NAME-linux-$MACHINE.tar.gz
 tar -C "$STAGE" --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 \
   --numeric-owner --mode='u+rwX,go+rX,go-w' -cf - "$NAME" | gzip -9n >"$TARBALL.part"
 mv "$TARBALL.part" "$TARBALL"
 safe_rm_tree "$STAGE"
-cp "$OUT/dm-agent.cdx.json" "$REPO/dist/$NAME.cdx.json"
+SBOM_NAME=$NAME.cdx.json
+[[ $ARCH == amd64 ]] || SBOM_NAME=$NAME-$MACHINE.cdx.json
+cp "$OUT/dm-agent.cdx.json" "$REPO/dist/$SBOM_NAME"
 
-log "onedir: build/frozen/dm-agent ($(du -sh "$OUT/dm-agent" | cut -f1)," \
+log "onedir: ${OUT#"$REPO/"}/dm-agent ($(du -sh "$OUT/dm-agent" | cut -f1)," \
   "$(find "$OUT/dm-agent" -type f | wc -l) files)"
 log "tarball: dist/$(basename "$TARBALL") ($(du -h "$TARBALL" | cut -f1))"
-log "bill of materials: dist/$NAME.cdx.json"
-log "frozen dm-agent $VERSION in $(($(date +%s) - T0))s"
+log "bill of materials: dist/$SBOM_NAME"
+log "frozen dm-agent $VERSION for $ARCH in $(($(date +%s) - T0))s"

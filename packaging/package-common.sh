@@ -1,10 +1,22 @@
 # shellcheck shell=bash
 # Shared by build-deb.sh, build-rpm.sh and build-repo.sh (sourced, not run).
-# Sets REPO, VERSION, SOURCE_DATE_EPOCH (the rules of packaging/build-env.sh); defines log,
-# die, normalise_modes, snapshot_payload.
-# The caller sets HERE (its own directory) and NAME (its name in log lines).
+# Sets REPO, VERSION, SOURCE_DATE_EPOCH (the rules of packaging/build-env.sh), and ARCH,
+# MACHINE, SUFFIX (the architecture the caller's `--arch amd64|arm64` argument names,
+# default amd64; its machine name, x86_64 or aarch64; "" or "-arm64" for build/ paths);
+# defines log, die, normalise_modes, snapshot_payload, run_frozen.
+# The caller sets HERE (its own directory) and NAME (its name in log lines), and
+# sources this with its own arguments.
 
 REPO=$(dirname "$HERE")
+ARCH=amd64
+case ${1:-} in
+  "") ;;
+  --arch) ARCH=${2:-} ;;
+  *) echo "usage: $0 [--arch amd64|arm64]" >&2; exit 64 ;;
+esac
+[[ $ARCH =~ ^(amd64|arm64)$ ]] || { echo "$0: --arch must be amd64 or arm64, not '$ARCH'" >&2; exit 64; }
+SUFFIX=
+[[ $ARCH == amd64 ]] || SUFFIX=-$ARCH
 T0=$(date +%s)
 log() { printf '[%s %3ss] %s\n' "$NAME" "$(($(date +%s) - T0))" "$*" >&2; }
 die() {
@@ -12,15 +24,16 @@ die() {
   exit 1
 }
 
-# One run of each script at a time in this tree (a second one waits): they rebuild
-# build/<name>/ from scratch.
+# One run of each script and architecture at a time in this tree (a second one waits):
+# they rebuild build/<name><suffix>/ from scratch.
 mkdir -p "$REPO/build"
-exec 8>"$REPO/build/.$NAME.lock"
+exec 8>"$REPO/build/.$NAME$SUFFIX.lock"
 flock 8
 
 # shellcheck source=packaging/build-env.sh
 . "$HERE/build-env.sh"
 VERSION=$(dm_version)
+MACHINE=$(dm_arch_triplet "$ARCH")
 SOURCE_DATE_EPOCH=$(dm_source_date_epoch)
 export SOURCE_DATE_EPOCH
 
@@ -38,7 +51,18 @@ normalise_modes() {
   find "$1" -type f ! -perm /0111 -exec chmod 0644 {} +
 }
 
-# snapshot_payload DEST: copy the frozen onedir (DM_FROZEN, default build/frozen/dm-agent)
+# run_frozen PROGRAM ARGS...: run a program of the payload here. An aarch64 one runs
+# through qemu-user (binfmt_misc), with the loader and libc of the arm64 build root.
+run_frozen() {
+  if [[ $ARCH == arm64 && $(uname -m) != aarch64 ]]; then
+    QEMU_LD_PREFIX=$(dm_buildroot_for arm64) "$@"
+  else
+    "$@"
+  fi
+}
+
+# snapshot_payload DEST: copy the frozen onedir (DM_FROZEN, default build/frozen/dm-agent,
+# build/frozen-arm64/dm-agent for arm64)
 # to DEST, its modes normalised, and its bill of materials (the file beside it,
 # dm-agent.cdx.json) to DEST.cdx.json; check that it is this tree's version and that the
 # bill is the onedir's. A packaging/freeze.sh that runs meanwhile replaces build/frozen
@@ -46,8 +70,8 @@ normalise_modes() {
 # never made of a half-replaced onedir.
 snapshot_payload() {
   local dest=$1 frozen lock got copy
-  frozen=$(realpath -m "${DM_FROZEN:-$REPO/build/frozen/dm-agent}")
-  lock=$(dm_buildroot).lock
+  frozen=$(realpath -m "${DM_FROZEN:-$REPO/build/frozen$SUFFIX/dm-agent}")
+  lock=$(dm_buildroot_for "$ARCH").lock
   rm -rf "$dest" "$dest.cdx.json"
   mkdir -p "$(dirname "$dest")"
   # shellcheck disable=SC2016 # (expanded by that sh)
@@ -62,7 +86,9 @@ snapshot_payload() {
   [[ -x $dest/dm-agent ]] || die "no executable $frozen/dm-agent: run packaging/freeze.sh first"
   grep -q "\"content\": \"$(sha256sum "$dest/dm-agent" | cut -d' ' -f1)\"" "$dest.cdx.json" ||
     die "$frozen.cdx.json is not the bill of materials of $frozen: run packaging/freeze.sh"
-  got=$("$dest/dm-agent" --version 2>&1) || die "$frozen/dm-agent --version failed: $got"
+  "$HERE/check-elf-arch.sh" "$dest" "$MACHINE" >/dev/null ||
+    die "$frozen holds ELF files of another machine than $MACHINE"
+  got=$(run_frozen "$dest/dm-agent" --version 2>&1) || die "$frozen/dm-agent --version failed: $got"
   [[ $got == "dm-agent $VERSION" ]] ||
     die "the onedir is stale: it says '$got', the tree is $VERSION (run packaging/freeze.sh)"
   log "payload: $frozen ($(du -sh "$dest" | cut -f1), $(find "$dest" -type f | wc -l) files)"

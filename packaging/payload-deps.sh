@@ -27,8 +27,9 @@ dir=${2:-}
 # Libraries of glibc itself: covered by the glibc dependency and its floor.
 declare -A glibc=()
 for s in libc.so.6 libm.so.6 libpthread.so.0 libdl.so.2 librt.so.1 libutil.so.1 \
-  libresolv.so.2 libanl.so.1 ld-linux-x86-64.so.2; do glibc[$s]=1; done
-# Other system libraries a payload may need, and their packages (Debian | RPM).
+  libresolv.so.2 libanl.so.1 ld-linux-x86-64.so.2 ld-linux-aarch64.so.1; do glibc[$s]=1; done
+# Other system libraries a payload may need, and their packages (Debian | RPM; the same
+# on x86_64 and aarch64, both LP64: rpm's "(64bit)" marks either).
 declare -A deb_pkg=([libz.so.1]=zlib1g [libcrypt.so.1]=libcrypt1 [libgcc_s.so.1]=libgcc-s1)
 declare -A rpm_pkg=([libz.so.1]='libz.so.1()(64bit)' [libcrypt.so.1]='libcrypt.so.1()(64bit)'
   [libgcc_s.so.1]='libgcc_s.so.1()(64bit)')

@@ -30,6 +30,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -50,7 +51,9 @@ SITE = Path(sysconfig.get_paths()["purelib"])
 SRC = Path(ENV.get("DM_AGENT_SRC", "/src"))
 LOCK = SRC / "packaging/requirements.lock"
 WHEELHOUSE = PREFIX / "wheelhouse"
-SYSTEM_LIBDIRS = [Path(d) for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu",
+# (the root's own multiarch directories: x86_64-linux-gnu or aarch64-linux-gnu)
+MULTIARCH = f"{platform.machine()}-linux-gnu"
+SYSTEM_LIBDIRS = [Path(d) for d in (f"/lib/{MULTIARCH}", f"/usr/lib/{MULTIARCH}",
                                     "/lib64", "/usr/lib64", "/lib", "/usr/lib")]
 DEBIAN_ARCHIVE = "https://deb.debian.org/debian"
 # Licences of the Debian source packages a payload may take libraries from (Debian's

@@ -1,5 +1,10 @@
 """The built packages: .deb, .rpm, the apt and yum repositories, as files.
 
+Every check of a package runs for both architectures, amd64 (x86_64) and arm64 (aarch64):
+the ``arch`` fixture parametrizes them. The arm64 payload's programs run here through
+qemu-user (binfmt_misc), with the loader and libc of the arm64 build root
+(QEMU_LD_PREFIX): that proves the program starts, not how it behaves on real hardware.
+
 Session fixtures build what the tests inspect, once per run, from this tree:
 
 - the frozen onedir and the tarball (``packaging/freeze.sh``) only when they are missing
@@ -22,6 +27,7 @@ Nothing is skipped: a missing tool fails the test, naming the Debian package to 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -46,7 +52,6 @@ pytestmark = pytest.mark.packages
 REPO = Path(__file__).resolve().parents[1]
 PACKAGING = REPO / "packaging"
 DIST = REPO / "dist"
-FROZEN = REPO / "build/frozen/dm-agent"
 GLIBC_SUPPORTED = (2, 31)  # Debian 11: the newest glibc the payload may need
 
 TOOLS = {
@@ -80,10 +85,60 @@ def version() -> str:
 
 
 VERSION = version()
-SBOM = DIST / f"dm-agent-{VERSION}.cdx.json"
-DEB = DIST / f"dm-agent_{VERSION}_amd64.deb"
-RPM = DIST / f"dm-agent-{VERSION}-1.x86_64.rpm"
-TARBALL = DIST / f"dm-agent-{VERSION}-linux-x86_64.tar.gz"
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture's products, by the names packaging/ gives them (amd64's have no
+    suffix: they predate arm64)."""
+
+    name: str  # Debian's name: amd64, arm64
+    machine: str  # uname -m, rpm's: x86_64, aarch64
+    e_machine: int  # the ELF header's: 62, 183
+
+    @property
+    def amd64(self) -> bool:
+        return self.name == "amd64"
+
+    @property
+    def frozen(self) -> Path:
+        return REPO / ("build/frozen" if self.amd64 else f"build/frozen-{self.name}") / "dm-agent"
+
+    @property
+    def deb(self) -> Path:
+        return DIST / f"dm-agent_{VERSION}_{self.name}.deb"
+
+    @property
+    def rpm(self) -> Path:
+        return DIST / f"dm-agent-{VERSION}-1.{self.machine}.rpm"
+
+    @property
+    def tarball(self) -> Path:
+        return DIST / f"dm-agent-{VERSION}-linux-{self.machine}.tar.gz"
+
+    @property
+    def sbom(self) -> Path:
+        return DIST / (f"dm-agent-{VERSION}.cdx.json" if self.amd64
+                       else f"dm-agent-{VERSION}-{self.machine}.cdx.json")
+
+    def env(self) -> dict[str, str]:
+        """An environment to run this architecture's programs here (without DM_AGENT_*
+        settings, so that only the file counts): an aarch64 one through qemu-user, with
+        the arm64 build root's loader and libc."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DM_AGENT_")}
+        if not self.amd64 and os.uname().machine != self.machine:
+            env["QEMU_LD_PREFIX"] = build_root(self)
+        return env
+
+
+ARCHES = (Arch("amd64", "x86_64", 62), Arch("arm64", "aarch64", 183))
+
+
+@functools.cache
+def build_root(arch: Arch) -> str:
+    script = "buildroot.sh" if arch.amd64 else f"buildroot-{arch.name}.sh"
+    return subprocess.run([PACKAGING / script, "--path"], capture_output=True, text=True,
+                          check=True, timeout=120).stdout.strip()
 
 
 def run(cmd: list[str | Path], *, check: bool = True, timeout: float = 600,
@@ -105,14 +160,17 @@ def run_bytes(cmd: list[str | Path], timeout: float = 600) -> bytes:
     return p.stdout
 
 
-def agent_env() -> dict[str, str]:
-    """This environment without DM_AGENT_* settings, so that only the file counts."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("DM_AGENT_")}
-
-
 def is_elf(path: Path) -> bool:
     with path.open("rb") as fh:
         return fh.read(4) == b"\x7fELF"
+
+
+def elf_machine(path: Path) -> tuple[int, int, int]:
+    """(EI_CLASS, EI_DATA, e_machine) of an ELF file: (2, 1, 62) is 64-bit little-endian
+    x86_64, (2, 1, 183) aarch64."""
+    with path.open("rb") as fh:
+        head = fh.read(20)
+    return head[4], head[5], struct.unpack_from("<H", head, 18)[0]
 
 
 def md5(path: Path) -> str:
@@ -146,27 +204,32 @@ def tools() -> None:
         pytest.fail(f"missing tools: apt-get install {' '.join(missing)}", pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def frozen(tools: None) -> Path:
+@pytest.fixture(scope="session", params=ARCHES, ids=[a.name for a in ARCHES])
+def arch(request: pytest.FixtureRequest) -> Arch:
+    return request.param  # type: ignore[no-any-return]
+
+
+@functools.cache
+def freeze(arch: Arch) -> Path:
     """The onedir, its bill of materials and the tarball of this version; frozen here
     when absent or stale."""
-    program = FROZEN / "dm-agent"
+    program = arch.frozen / "dm-agent"
     current = False
-    if os.access(program, os.X_OK) and TARBALL.is_file() and SBOM.is_file() and \
-            FROZEN.with_name("dm-agent.cdx.json").is_file():
-        p = run([program, "--version"], check=False)
+    if os.access(program, os.X_OK) and arch.tarball.is_file() and arch.sbom.is_file() and \
+            arch.frozen.with_name("dm-agent.cdx.json").is_file():
+        p = run([program, "--version"], check=False, env=arch.env())
         current = p.returncode == 0 and p.stdout.strip() == f"dm-agent {VERSION}"
         # ... and the tarball holds the same program (both come from one freeze.sh run)
-        with tarfile.open(TARBALL) as tf:
+        with tarfile.open(arch.tarball) as tf:
             member = tf.extractfile(f"dm-agent-{VERSION}/dm-agent")
             current = current and member is not None and member.read() == program.read_bytes()
     if not current:
         if os.geteuid() != 0:
             pytest.fail("the frozen program is missing or stale and packaging/freeze.sh "
                         "needs root: run the tests as root", pytrace=False)
-        run([PACKAGING / "freeze.sh"], timeout=3 * 3600)
-    assert os.access(program, os.X_OK) and TARBALL.is_file()
-    return FROZEN
+        run([PACKAGING / "freeze.sh", "--arch", arch.name], timeout=3 * 3600)
+    assert os.access(program, os.X_OK) and arch.tarball.is_file()
+    return arch.frozen
 
 
 @dataclass
@@ -175,22 +238,37 @@ class Built:
     log: str
 
 
-@pytest.fixture(scope="session")
-def deb(frozen: Path) -> Built:
-    p = run([PACKAGING / "build-deb.sh"], timeout=1800)
-    assert Path(p.stdout.strip()) == DEB and DEB.is_file(), p.stdout
-    return Built(DEB, p.stderr)
+@functools.cache
+def build(arch: Arch, kind: str) -> Built:
+    """build-deb.sh or build-rpm.sh for arch, once per session."""
+    freeze(arch)
+    want = arch.deb if kind == "deb" else arch.rpm
+    p = run([PACKAGING / f"build-{kind}.sh", "--arch", arch.name], timeout=1800)
+    assert Path(p.stdout.strip()) == want and want.is_file(), p.stdout
+    return Built(want, p.stderr)
 
 
 @pytest.fixture(scope="session")
-def rpm(frozen: Path) -> Built:
-    p = run([PACKAGING / "build-rpm.sh"], timeout=1800)
-    assert Path(p.stdout.strip()) == RPM and RPM.is_file(), p.stdout
-    return Built(RPM, p.stderr)
+def frozen(tools: None, arch: Arch) -> Path:
+    return freeze(arch)
 
 
 @pytest.fixture(scope="session")
-def repo(deb: Built, rpm: Built) -> Path:
+def deb(tools: None, arch: Arch) -> Built:
+    return build(arch, "deb")
+
+
+@pytest.fixture(scope="session")
+def rpm(tools: None, arch: Arch) -> Built:
+    return build(arch, "rpm")
+
+
+@pytest.fixture(scope="session")
+def repo(tools: None) -> Path:
+    """dist/repo/, of the packages of every architecture."""
+    for a in ARCHES:
+        build(a, "deb")
+        build(a, "rpm")
     p = run([PACKAGING / "build-repo.sh"], timeout=600)
     out = Path(p.stdout.strip())
     assert out == DIST / "repo"
@@ -198,9 +276,9 @@ def repo(deb: Built, rpm: Built) -> Path:
 
 
 @pytest.fixture(scope="session")
-def payload(deb: Built) -> Path:
+def payload(deb: Built, arch: Arch) -> Path:
     """The onedir the packages were built from (build-deb.sh's snapshot of build/frozen)."""
-    snap = REPO / "build/deb/payload"
+    snap = REPO / f"build/deb{'' if arch.amd64 else '-' + arch.name}/payload"
     assert (snap / "dm-agent").is_file()
     return snap
 
@@ -244,13 +322,13 @@ def deb_entries(path: Path) -> dict[str, Entry]:
     return entries
 
 
-def test_deb_control_fields(deb: Built, payload: Path) -> None:
+def test_deb_control_fields(deb: Built, payload: Path, arch: Arch) -> None:
     fields = run(["dpkg-deb", "-f", deb.path]).stdout
     print(fields)
     info = dict(re.findall(r"^(\S+): (.*)$", fields, re.M))
     assert info["Package"] == "dm-agent"
     assert info["Version"] == VERSION
-    assert info["Architecture"] == "amd64"
+    assert info["Architecture"] == arch.name
     floor = glibc_floor(payload)
     assert floor <= GLIBC_SUPPORTED, f"the payload needs GLIBC_{floor}, above Debian 11's"
     depends = [d.strip() for d in info["Depends"].split(",")]
@@ -356,18 +434,18 @@ def test_deb_payload_byte_for_byte(deb_tree: Path, payload: Path) -> None:
         assert sums[f"usr/lib/dm-agent/{rel}"] == digest
 
 
-def test_deb_program_runs_here(deb_tree: Path) -> None:
+def test_deb_program_runs_here(deb_tree: Path, arch: Arch) -> None:
     for exe in ("usr/lib/dm-agent/dm-agent", "usr/bin/dm-agent"):
-        p = run([deb_tree / exe, "--version"])
+        p = run([deb_tree / exe, "--version"], env=arch.env())
         assert p.stdout.strip() == f"dm-agent {VERSION}"
     # the shipped config: valid, but no master, so the unit's ExecCondition skips the start
     p = run([deb_tree / "usr/bin/dm-agent", "--check-config", "-f",
-             deb_tree / "etc/dm-agent.ini"], check=False, env=agent_env())
+             deb_tree / "etc/dm-agent.ini"], check=False, env=arch.env())
     assert p.returncode == 78, p
     assert "master" in p.stderr
     p = run([deb_tree / "usr/bin/dm-agent", "--once", "--dry-run", "-d",
              "unix:///nonexistent/docker.sock", "-f", deb_tree / "etc/dm-agent.ini"],
-            timeout=60, env=agent_env())
+            timeout=300, env=arch.env())
     body = json.loads(p.stdout)
     assert body["system"]["memory"]["total"] > 0
 
@@ -431,10 +509,10 @@ def rpmq(path: Path, *args: str) -> str:
     return run(["rpm", "-qp", *args, path]).stdout
 
 
-def test_rpm_header(rpm: Built, payload: Path) -> None:
+def test_rpm_header(rpm: Built, payload: Path, arch: Arch) -> None:
     fmt = "%{NAME}|%{VERSION}|%{RELEASE}|%{ARCH}|%{LICENSE}|%{SIGPGP:pgpsig}"
-    name, ver, rel, arch, lic, _sig = rpmq(rpm.path, "--queryformat", fmt).split("|")
-    assert (name, ver, rel, arch) == ("dm-agent", VERSION, "1", "x86_64")
+    name, ver, rel, rpm_arch, lic, _sig = rpmq(rpm.path, "--queryformat", fmt).split("|")
+    assert (name, ver, rel, rpm_arch) == ("dm-agent", VERSION, "1", arch.machine)
     assert "Apache-2.0" in lic
     requires = rpmq(rpm.path, "--requires").splitlines()
     print("\n".join(requires))
@@ -492,10 +570,11 @@ def test_rpm_scripts(rpm: Built) -> None:
     assert rpmq(rpm.path, "--qf", "[%{FILENAMES}\n]").count("80-dm-agent.preset") == 1
 
 
-def test_rpm_payload_and_program(rpm_tree: Path, payload: Path) -> None:
+def test_rpm_payload_and_program(rpm_tree: Path, payload: Path, arch: Arch) -> None:
     assert payload_md5s(rpm_tree / "usr/lib/dm-agent") == payload_md5s(payload)
     for exe in ("usr/lib/dm-agent/dm-agent", "usr/bin/dm-agent"):
-        assert run([rpm_tree / exe, "--version"]).stdout.strip() == f"dm-agent {VERSION}"
+        p = run([rpm_tree / exe, "--version"], env=arch.env())
+        assert p.stdout.strip() == f"dm-agent {VERSION}"
     assert (rpm_tree / "usr/lib/systemd/system-preset/80-dm-agent.preset").read_text() \
         .strip().endswith("enable dm-agent.service")
     lic = rpm_tree / "usr/share/licenses/dm-agent"
@@ -517,7 +596,7 @@ def test_rpmlint(rpm: Built) -> None:
 # --- repositories and tarball --------------------------------------------------------------
 
 
-def test_apt_repository_signed(repo: Path, deb: Built, tmp_path: Path) -> None:
+def test_apt_repository_signed(repo: Path, tmp_path: Path) -> None:
     keyring = repo / "dm-agent-archive-keyring.gpg"
     stable = repo / "apt/dists/stable"
     run(["gpgv", "--keyring", keyring, stable / "InRelease"])
@@ -529,35 +608,47 @@ def test_apt_repository_signed(repo: Path, deb: Built, tmp_path: Path) -> None:
     release = (stable / "Release").read_text()
     assert re.search(r"^Suite: stable$", release, re.M)
     assert re.search(r"^Components: main$", release, re.M)
-    assert re.search(r"^Architectures: amd64$", release, re.M)
-    packages = (stable / "main/binary-amd64/Packages").read_text()
-    assert f"Version: {VERSION}" in packages
-    assert hashlib.sha256(deb.path.read_bytes()).hexdigest() in packages
+    assert re.search(r"^Architectures: amd64 arm64$", release, re.M)
+    for a in ARCHES:
+        # the signed Release covers each architecture's index, which names its .deb
+        index = stable / f"main/binary-{a.name}/Packages"
+        packages = index.read_text()
+        assert f"Version: {VERSION}" in packages and f"Architecture: {a.name}" in packages
+        assert hashlib.sha256(build(a, "deb").path.read_bytes()).hexdigest() in packages
+        digest = hashlib.sha256(index.read_bytes()).hexdigest()
+        assert re.search(rf"^ {digest} +\d+ main/binary-{a.name}/Packages$", release, re.M), a
     assert (repo / "dm-agent-archive-keyring.asc").read_text().startswith(
         "-----BEGIN PGP PUBLIC KEY BLOCK-----")
-    assert "signed-by=/usr/share/keyrings/dm-agent-archive-keyring.gpg" in \
-        (repo / "dm-agent.list").read_text()
+    sources = (repo / "dm-agent.list").read_text()
+    assert "signed-by=/usr/share/keyrings/dm-agent-archive-keyring.gpg" in sources
+    assert "arch=" not in sources, "a node of any architecture uses the same line"
 
-    # apt itself, with a private configuration, reads the signed repository
-    etc = tmp_path / "etc"
-    (etc / "sources.list.d").mkdir(parents=True)
-    (etc / "preferences.d").mkdir()
-    (etc / "sources.list").write_text(
-        f"deb [arch=amd64 signed-by={keyring}] file://{repo / 'apt'} stable main\n")
-    opts = [f"-oDir::Etc={etc}", f"-oDir::Etc::sourcelist={etc / 'sources.list'}",
-            f"-oDir::Etc::sourceparts={etc / 'sources.list.d'}",
-            f"-oDir::State={tmp_path / 'state'}", f"-oDir::Cache={tmp_path / 'cache'}",
-            "-oDir::State::status=/dev/null", "-oAPT::Sandbox::User=root",
-            "-oDebug::NoLocking=1"]
-    (tmp_path / "state/lists/partial").mkdir(parents=True)
-    (tmp_path / "cache/archives/partial").mkdir(parents=True)
-    p = run(["apt-get", *opts, "update"])
-    assert "NO_PUBKEY" not in p.stderr and "not signed" not in p.stderr, p.stderr
-    policy = run(["apt-cache", *opts, "policy", "dm-agent"]).stdout
-    assert f"Candidate: {VERSION}" in policy, policy
+    # apt itself, with a private configuration, reads the signed repository as a node of
+    # each architecture would, from the same sources line
+    for a in ARCHES:
+        etc = tmp_path / a.name / "etc"
+        (etc / "sources.list.d").mkdir(parents=True)
+        (etc / "preferences.d").mkdir()
+        (etc / "sources.list").write_text(
+            f"deb [signed-by={keyring}] file://{repo / 'apt'} stable main\n")
+        state, cache = tmp_path / a.name / "state", tmp_path / a.name / "cache"
+        opts = [f"-oDir::Etc={etc}", f"-oDir::Etc::sourcelist={etc / 'sources.list'}",
+                f"-oDir::Etc::sourceparts={etc / 'sources.list.d'}",
+                f"-oDir::State={state}", f"-oDir::Cache={cache}",
+                "-oDir::State::status=/dev/null", "-oAPT::Sandbox::User=root",
+                "-oDebug::NoLocking=1", f"-oAPT::Architecture={a.name}",
+                f"-oAPT::Architectures={a.name}"]
+        (state / "lists/partial").mkdir(parents=True)
+        (cache / "archives/partial").mkdir(parents=True)
+        p = run(["apt-get", *opts, "update"])
+        assert "NO_PUBKEY" not in p.stderr and "not signed" not in p.stderr, p.stderr
+        policy = run(["apt-cache", *opts, "policy", "dm-agent"]).stdout
+        assert f"Candidate: {VERSION}" in policy, policy
+        show = run(["apt-cache", *opts, "show", f"dm-agent={VERSION}"]).stdout
+        assert f"Architecture: {a.name}" in show, show
 
 
-def test_yum_repository_signed(repo: Path, rpm: Built, tmp_path: Path) -> None:
+def test_yum_repository_signed(repo: Path, tmp_path: Path) -> None:
     yum = repo / "yum"
     keyring = repo / "dm-agent-archive-keyring.gpg"
     repodata = yum / "repodata"
@@ -565,23 +656,32 @@ def test_yum_repository_signed(repo: Path, rpm: Built, tmp_path: Path) -> None:
     repomd = (yum / "repodata/repomd.xml").read_text()
     for kind in ("primary", "filelists", "other"):
         assert f'<data type="{kind}">' in repomd
-    primary = next((yum / "repodata").glob("*-primary.xml.gz"))
-    assert f'ver="{VERSION}" rel="1"' in gzip.decompress(primary.read_bytes()).decode()
-    signed = yum / f"x86_64/{RPM.name}"
+    primary_file = next((yum / "repodata").glob("*-primary.xml.gz"))
+    # the signed repomd.xml pins primary.xml by its sha256
+    assert hashlib.sha256(primary_file.read_bytes()).hexdigest() in repomd
+    primary = gzip.decompress(primary_file.read_bytes()).decode()
     dbpath = tmp_path / "rpmdb"
     dbpath.mkdir()
     run(["rpm", "--dbpath", dbpath, "--import", repo / "dm-agent-archive-keyring.asc"])
-    check = run(["rpm", "--dbpath", dbpath, "-K", signed]).stdout
-    assert "signatures OK" in check, check
-    # the same payload as the unsigned build output
-    assert rpmq(signed, "--qf", "%{SHA256HEADER}") != ""
-    assert run_bytes(["rpm2cpio", signed]) == run_bytes(["rpm2cpio", rpm.path])
+    for a in ARCHES:
+        # one repository, one package per architecture: dnf takes the node's own
+        signed = yum / a.machine / a.rpm.name
+        assert re.search(rf'<arch>{a.machine}</arch>.*?ver="{re.escape(VERSION)}" rel="1".*?'
+                         rf'<location href="{a.machine}/{re.escape(a.rpm.name)}"/>',
+                         primary, re.S), a
+        check = run(["rpm", "--dbpath", dbpath, "-K", signed]).stdout
+        assert "signatures OK" in check, check
+        # the same payload as the unsigned build output
+        assert rpmq(signed, "--qf", "%{SHA256HEADER}") != ""
+        assert run_bytes(["rpm2cpio", signed]) == run_bytes(["rpm2cpio", build(a, "rpm").path])
+    assert len(re.findall(r"<package type=\"rpm\">", primary)) == len(ARCHES)
     text = (repo / "dm-agent.repo").read_text()
     assert "gpgcheck=1" in text and "repo_gpgcheck=1" in text
+    assert re.search(r"^baseurl=\S+/yum$", text, re.M), text
 
 
-def test_tarball(frozen: Path) -> None:
-    with tarfile.open(TARBALL) as tf:
+def test_tarball(frozen: Path, arch: Arch) -> None:
+    with tarfile.open(arch.tarball) as tf:
         names = tf.getnames()
     top = f"dm-agent-{VERSION}"
     assert f"{top}/dm-agent" in names and f"{top}/_internal" in names
@@ -590,7 +690,9 @@ def test_tarball(frozen: Path) -> None:
 def test_scripts_are_shellcheck_clean() -> None:
     scripts = [PACKAGING / n for n in ("build-deb.sh", "build-rpm.sh", "build-repo.sh",
                                        "payload-deps.sh", "package-common.sh", "build-env.sh",
-                                       "check-runpath.sh")]
+                                       "check-runpath.sh", "check-elf-arch.sh",
+                                       "buildroot-arm64.sh", "crossroot-arm64.sh",
+                                       "binfmt.sh")]
     run(["shellcheck", "-x", *scripts], cwd=REPO)
     run(["shellcheck", "-s", "sh", REPO / "debian/dm-agent.postinst"])
 
@@ -611,6 +713,28 @@ def test_no_runpath_or_rpath_in_the_payload(deb_tree: Path, payload: Path) -> No
     # and the build's own check agrees
     p = run([PACKAGING / "check-runpath.sh", payload])
     assert f"{len(elves)} ELF files" in p.stdout and "no RUNPATH, no RPATH" in p.stdout, p.stdout
+
+
+def test_payload_is_all_of_its_architecture(deb_tree: Path, rpm_tree: Path, arch: Arch) -> None:
+    """Every ELF file of the .deb and the .rpm is a 64-bit little-endian object of the
+    package's own machine, and needs glibc 2.31 at most."""
+    for tree in (deb_tree, rpm_tree):
+        elves = [f for f in sorted(tree.rglob("*"))
+                 if f.is_file() and not f.is_symlink() and is_elf(f)]
+        assert len(elves) > 20, elves
+        other = {str(f.relative_to(tree)): elf_machine(f) for f in elves
+                 if elf_machine(f) != (2, 1, arch.e_machine)}
+        assert not other, f"ELF files not for {arch.machine}: {other}"
+        floor = glibc_floor(tree / "usr/lib/dm-agent")
+        print(f"{arch.name} {tree.name}: {len(elves)} ELF files, glibc floor {floor}")
+        assert floor <= GLIBC_SUPPORTED, f"the payload needs GLIBC_{floor}, above Debian 11's"
+    # the build's own check agrees, and fails on the other machine
+    p = run([PACKAGING / "check-elf-arch.sh", deb_tree, arch.machine])
+    assert f"all {arch.machine}" in p.stdout, p.stdout
+    wrong = next(a for a in ARCHES if a != arch)
+    p = run([PACKAGING / "check-elf-arch.sh", deb_tree, wrong.machine], check=False)
+    assert p.returncode == 1 and f"{arch.machine} (class/data 2 1), expected {wrong.machine}" \
+        in p.stderr, p
 
 
 def pyz_modules(executable: Path) -> set[str]:
@@ -653,15 +777,17 @@ def lock_pins() -> dict[str, str]:
             for n, v in re.findall(r"^([A-Za-z0-9][\w.-]*)==(\S+)", text, re.M)}
 
 
-def test_sbom_validates_and_lists_every_file_and_python_package(deb: Built, deb_tree: Path) -> None:
+def test_sbom_validates_and_lists_every_file_and_python_package(deb: Built, deb_tree: Path,
+                                                                arch: Arch) -> None:
     from cyclonedx.schema import SchemaVersion
     from cyclonedx.validation.json import JsonStrictValidator
 
-    text = SBOM.read_text()
+    sbom = arch.sbom
+    text = sbom.read_text()
     bom = json.loads(text)
     assert bom["bomFormat"] == "CycloneDX" and bom["specVersion"] == "1.5"
     error = JsonStrictValidator(SchemaVersion.V1_5).validate_str(text)
-    assert error is None, f"{SBOM} is not valid CycloneDX 1.5: {error}"
+    assert error is None, f"{sbom} is not valid CycloneDX 1.5: {error}"
 
     comps = bom_components(bom)
     files = {c["name"]: c["hashes"][0]["content"] for c in comps if c["type"] == "file"}
@@ -710,19 +836,21 @@ def test_sbom_validates_and_lists_every_file_and_python_package(deb: Built, deb_
 
 
 def test_sbom_ships_everywhere(deb: Built, deb_tree: Path, rpm_tree: Path, repo: Path,
-                               frozen: Path) -> None:
-    want = SBOM.read_bytes()
+                               frozen: Path, arch: Arch) -> None:
+    sbom = arch.sbom
+    want = sbom.read_bytes()
     assert (deb_tree / "usr/share/doc/dm-agent/dm-agent.cdx.json").read_bytes() == want
     assert (rpm_tree / "usr/share/doc/dm-agent/dm-agent.cdx.json").read_bytes() == want
-    assert (repo / SBOM.name).read_bytes() == want
+    assert (repo / sbom.name).read_bytes() == want
     run(["gpgv", "--keyring", repo / "dm-agent-archive-keyring.gpg",
-         repo / f"{SBOM.name}.asc", repo / SBOM.name])
-    with tarfile.open(TARBALL) as tf:
+         repo / f"{sbom.name}.asc", repo / sbom.name])
+    with tarfile.open(arch.tarball) as tf:
         member = tf.extractfile(f"dm-agent-{VERSION}/dm-agent.cdx.json")
         assert member is not None and member.read() == want
 
 
-def test_licence_files_agree(deb_tree: Path, rpm_tree: Path, rpm: Built, frozen: Path) -> None:
+def test_licence_files_agree(deb_tree: Path, rpm_tree: Path, rpm: Built, frozen: Path,
+                             arch: Arch) -> None:
     text = (REPO / "LICENSE").read_text()
     assert re.match(r"\s*Apache License\s+Version 2\.0, January 2004", text), text[:200]
     assert "END OF TERMS AND CONDITIONS" in text
@@ -731,10 +859,10 @@ def test_licence_files_agree(deb_tree: Path, rpm_tree: Path, rpm: Built, frozen:
     assert re.search(r"^Files: \*\nCopyright: .*\nLicense: Apache-2\.0$", copyright_text, re.M)
     assert rpmq(rpm.path, "--queryformat", "%{LICENSE}").startswith("Apache-2.0 AND ")
     assert (rpm_tree / "usr/share/licenses/dm-agent/LICENSE").read_text() == text
-    with tarfile.open(TARBALL) as tf:
+    with tarfile.open(arch.tarball) as tf:
         member = tf.extractfile(f"dm-agent-{VERSION}/LICENSE")
         assert member is not None and member.read().decode() == text
-    bom = json.loads(SBOM.read_text())
+    bom = json.loads(arch.sbom.read_text())
     assert bom["metadata"]["component"]["licenses"] == [{"license": {"id": "Apache-2.0"}}]
 
 

@@ -96,16 +96,24 @@ class Packages:
 def build_packages() -> Packages:
     """Build the packages once per process, as tests/test_packages.py's fixtures do."""
     ver = version()
-    program = REPO / "build/frozen/dm-agent/dm-agent"
-    tarball = REPO / f"dist/dm-agent-{ver}-linux-x86_64.tar.gz"
-    current = False
-    if os.access(program, os.X_OK) and tarball.is_file():
-        p = subprocess.run([program, "--version"], capture_output=True, text=True)
-        current = p.returncode == 0 and p.stdout.strip() == f"dm-agent {ver}"
-    if not current:
-        _run([PACKAGING / "freeze.sh"], timeout=3 * 3600)
-    deb = Path(_run([PACKAGING / "build-deb.sh"]).strip())
-    rpm = Path(_run([PACKAGING / "build-rpm.sh"]).strip())
+    # The repository carries both architectures (build-repo.sh refuses a missing one):
+    # amd64 and arm64 are built, the latter's --version checked through qemu-user;
+    # amd64 last, so deb and rpm below are its (the lifecycle's nodes are amd64).
+    for arch, frozen, machine in (("arm64", "frozen-arm64", "aarch64"),
+                                  ("amd64", "frozen", "x86_64")):
+        program = REPO / f"build/{frozen}/dm-agent/dm-agent"
+        tarball = REPO / f"dist/dm-agent-{ver}-linux-{machine}.tar.gz"
+        env = dict(os.environ)
+        if arch == "arm64" and os.uname().machine != machine:
+            env["QEMU_LD_PREFIX"] = _run([PACKAGING / "buildroot-arm64.sh", "--path"]).strip()
+        current = False
+        if os.access(program, os.X_OK) and tarball.is_file():
+            p = subprocess.run([program, "--version"], capture_output=True, text=True, env=env)
+            current = p.returncode == 0 and p.stdout.strip() == f"dm-agent {ver}"
+        if not current:
+            _run([PACKAGING / "freeze.sh", "--arch", arch], timeout=3 * 3600)
+        deb = Path(_run([PACKAGING / "build-deb.sh", "--arch", arch]).strip())
+        rpm = Path(_run([PACKAGING / "build-rpm.sh", "--arch", arch]).strip())
     repo = Path(_run([PACKAGING / "build-repo.sh"], timeout=600).strip())
     if deb.name != f"dm-agent_{ver}_amd64.deb" or rpm.name != f"dm-agent-{ver}-1.x86_64.rpm":
         raise LifecycleError(f"unexpected package names: {deb}, {rpm}")
