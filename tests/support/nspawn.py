@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -382,27 +381,6 @@ class BootedRoot:
                 cursor = json.loads(line).get("__CURSOR")
                 return str(cursor) if cursor else None
         return None
-
-    def wait_journal(
-        self,
-        unit: str | None,
-        pattern: str,
-        *,
-        after: str | None = None,
-        timeout: float = 15.0,
-    ) -> str:
-        """Wait until the journal (of *unit*) has a message matching the regex *pattern*."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.journal(unit, output="cat", after=after)
-            if re.search(pattern, text, re.MULTILINE):
-                return text
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"no line matching {pattern!r} in the journal of {unit} after "
-                    f"{timeout:.0f} s:\n{text[-3000:]}"
-                )
-            time.sleep(0.2)
 
 
 @contextlib.contextmanager
