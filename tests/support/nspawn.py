@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -381,6 +382,15 @@ class BootedRoot:
                 cursor = json.loads(line).get("__CURSOR")
                 return str(cursor) if cursor else None
         return None
+
+
+def timespan(value: str) -> float:
+    """Seconds in a systemd time span as ``systemctl show`` prints it: "5s", "500ms",
+    "1min 30s"."""
+    units = {"min": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    total = sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(min|ms|us|s)", value))
+    assert total > 0, value
+    return total
 
 
 @contextlib.contextmanager
