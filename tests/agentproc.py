@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 BIN = os.environ.get("DM_AGENT_BIN") or os.path.join(os.path.dirname(sys.executable), "dm-agent")
+#: a Docker endpoint that is not there: the agent reports host figures only
+NO_DOCKER = "unix:///nonexistent/docker.sock"
 
 
 def clean_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

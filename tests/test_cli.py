@@ -9,13 +9,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from agentproc import BIN, clean_env, popen, run
+from agentproc import BIN, NO_DOCKER, clean_env, popen, run
 from support.master import Master
 
 from dm_agent import __version__
 
 SECRET = "Zq9-very-secret-token"
-NO_DOCKER = "unix:///nonexistent/docker.sock"
 
 
 def ini(home: Path, body: str, name: str = "dm-agent.ini") -> Path:

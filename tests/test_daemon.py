@@ -12,14 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import BIN, clean_env, run
+from agentproc import BIN, NO_DOCKER, clean_env, run
 from support.master import Master
 from support.scripted_docker import ScriptedDocker
 
 from dm_agent.pidfile import read_pid
 
 pytestmark = pytest.mark.daemon
-NO_DOCKER = "unix:///nonexistent/docker.sock"
 SECRET = "daemon-secret-77Q"
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import BIN, clean_env, run
+from agentproc import BIN, NO_DOCKER, clean_env, run
 from support.master import Master
 
 from dm_agent.config import Settings
@@ -27,7 +27,6 @@ from dm_agent.pidfile import read_pid
 from dm_agent.state import state_path
 
 pytestmark = pytest.mark.daemon
-NO_DOCKER = "unix:///nonexistent/docker.sock"
 SECRET = "status-secret-3xK"
 NOBODY = 65534
 
