@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import BIN, NO_DOCKER, clean_env, run
+from agentproc import BIN, NO_DOCKER, alive, clean_env, run, wait_gone
 from support.master import Master
 from support.scripted_docker import ScriptedDocker
 
@@ -20,24 +20,6 @@ from dm_agent.pidfile import read_pid
 
 pytestmark = pytest.mark.daemon
 SECRET = "daemon-secret-77Q"
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state != "Z"
-
-
-def wait_gone(pid: int, timeout: float) -> float:
-    t0 = time.monotonic()
-    while alive(pid):
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"PID {pid} still alive after {timeout}s")
-        time.sleep(0.02)
-    return time.monotonic() - t0
 
 
 class Daemon:

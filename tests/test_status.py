@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import BIN, NO_DOCKER, clean_env, run
+from agentproc import BIN, NO_DOCKER, clean_env, run, wait_gone
 from support.master import Master
 
 from dm_agent.config import Settings
@@ -102,19 +102,6 @@ def node(master: Master) -> Iterator[Node]:
     n.cleanup()
 
 
-def gone(pid: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        if Path(f"/proc/{pid}/stat").exists() and \
-                Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return
-        time.sleep(0.05)
-
-
 def test_registered_exit_0_with_summary_and_a_state_file_without_secrets(
         node: Node, master: Master) -> None:
     pid = node.start()
@@ -144,7 +131,7 @@ def test_registered_exit_0_with_summary_and_a_state_file_without_secrets(
     assert js["state"]["pid"] == pid and 0 <= js["last_success_age"] < 120
     # a clean stop removes the state with the pidfile: not running
     os.kill(pid, signal.SIGTERM)
-    gone(pid)
+    wait_gone(pid, 5)
     assert not node.state.exists()
     stopped = node.status()
     assert stopped.returncode == 3, stopped.stdout
@@ -222,7 +209,7 @@ def test_not_running_exit_3_after_sigkill_leaves_an_unlocked_pidfile(node: Node,
     pid = node.start()
     master.wait_for(1)
     os.kill(pid, signal.SIGKILL)
-    gone(pid)
+    wait_gone(pid, 5)
     assert node.pidfile.exists() and node.state.exists()  # both left behind
     proc = node.wait_status(3)
     assert proc.returncode == 3, proc.stdout
