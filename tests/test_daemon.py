@@ -175,10 +175,11 @@ def test_journal_stream_prefixes_and_broken_pipe_survival(daemon: Daemon, master
     assert alive(daemon.pid)
 
 
-#: sh -c script: a private /dev (a tmpfs in a private mount namespace; the host's null,
-#: zero, random and urandom bound in) whose /dev/log is the socket $2, or absent when $2
-#: is empty; then exec the rest. The host's /dev/log is not touched, whether or not it has
-#: one: the daemon sees the case the test asks for.
+#: sh -c script: a private /dev (a tmpfs in a private mount namespace, inside a user
+#: namespace so that no root is needed; the host's null, zero, random and urandom bound
+#: in) whose /dev/log is the socket $2, or absent when $2 is empty; then exec the rest.
+#: The host's /dev/log is not touched, whether or not it has one: the daemon sees the
+#: case the test asks for.
 PRIVATE_DEV = """set -e
 mkdir -p "$1"
 mount --rbind /dev "$1"
@@ -204,7 +205,8 @@ def test_daemon_without_journal_logs_to_syslog_else_log_file(
         receiver.bind(str(dev_log))
         receiver.settimeout(15)
         proc = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DEV, "sh",
+            ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private",
+             "sh", "-c", PRIVATE_DEV, "sh",
              str(tmp_path / "host-dev"), str(dev_log) if syslog else "",
              BIN, "--daemon", "-f", str(daemon.conf), "--pidfile", str(daemon.pidfile)],
             capture_output=True, text=True, cwd=daemon.home, env=clean_env(daemon.home),
