@@ -224,19 +224,20 @@ def _run(args: argparse.Namespace) -> int:
     logs.logger.info("Configs: %s", settings.config_file or "(none found)")
     from .agent import Agent
 
-    agent = Agent(settings, dry_run=args.dry_run, reload_settings=reload)
+    agent = Agent(settings, dry_run=args.dry_run)
     if args.once:
         ok = agent.register()
         agent.close()
         return EX_OK if ok else 1
-    from .signals import Signals
+    from . import loop
+    from .signals import Signals, Waker
 
-    signals = Signals(agent.waker)
+    signals = Signals(Waker())
     signals.install()
-    logs.logger.info("started: registering every %ds with %s", settings.timeout,
+    logs.logger.info("started: registering every %ds with %s", settings.interval,
                      settings.master or "(dry run)")
     try:
-        return agent.run(signals)
+        return loop.run(agent, signals, reload)
     finally:
         signals.restore()
 
