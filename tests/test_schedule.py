@@ -3,6 +3,7 @@ of dm_agent.schedule, deterministic, without waiting for a real second."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -168,7 +169,7 @@ def test_a_stream_of_events_makes_rounds_one_second_apart() -> None:
             rounds.append(clock.now)
             s.finished(True)
     assert rounds[0] - start == pytest.approx(EVENT_DEBOUNCE, abs=step)
-    gaps = [b - a for a, b in zip(rounds, rounds[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(rounds)]
     assert min(gaps) >= EVENT_SPACING - 1e-6, gaps
     assert max(gaps) <= EVENT_SPACING + step + 1e-6, gaps
     assert 19 <= len(rounds) <= 21
