@@ -23,7 +23,6 @@ from .reporter import redact
 from .rounds import Progress, timeouts
 from .sink import MasterSink, Printer
 from .source import NodeSource
-from .state import StateWriter
 
 log = logging.getLogger("dm_agent")
 
@@ -63,7 +62,6 @@ class Agent:
         self.last_error: tuple[str, str] | None = None
         self.node_name: str | None = None
         self.containers_reported = 0
-        self.state: StateWriter | None = None
         #: the master generation, for the state file: None, as the default body is read
         #: by both generations, so the agent never needs to find out (README, *Masters*)
         self.master_generation: str | None = None

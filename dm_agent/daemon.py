@@ -189,7 +189,7 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
     from .signals import Signals, Waker
 
     agent = Agent(settings, dry_run=dry_run)
-    agent.state = writer = StateWriter(state_path(pidpath))
+    writer = StateWriter(state_path(pidpath))
     signals = Signals(Waker())
     signals.install()
 
@@ -202,7 +202,8 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
 
     watchdog = Watchdog.from_env({starter_pid, os.getpid()})
     try:
-        return loop.run(agent, signals, reload, on_first=ready, watchdog=watchdog)
+        return loop.run(agent, signals, reload, on_first=ready, watchdog=watchdog,
+                        state=writer)
     except Exception as exc:  # a bug: say it where the operator looks, then exit 1
         _fatal(starter, exc, agent.settings)
         return EX_FAILURE

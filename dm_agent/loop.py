@@ -19,6 +19,7 @@ from .notify import Watchdog
 from .rounds import RoundThread
 from .schedule import Schedule
 from .signals import Signals
+from .state import StateWriter
 
 log = logging.getLogger("dm_agent")
 
@@ -50,10 +51,12 @@ class Dispatch:
 
 
 def run(agent: Agent, signals: Signals, reload: Callable[[], Settings] | None = None,
-        on_first: Callable[[], None] | None = None, watchdog: Watchdog | None = None) -> int:
+        on_first: Callable[[], None] | None = None, watchdog: Watchdog | None = None,
+        state: StateWriter | None = None) -> int:
     """Register on the schedule until asked to stop; returns the exit code (0).
 
-    ``reload`` re-reads the configuration on SIGHUP. With systemd's ``watchdog``, each
+    ``reload`` re-reads the configuration on SIGHUP; ``state`` records every round for
+    ``dm-agent status``. With systemd's ``watchdog``, each
     iteration pings it, and no wait is longer than its period: a loop that stops
     iterating is restarted by systemd."""
     waker = signals.waker
@@ -81,8 +84,8 @@ def run(agent: Agent, signals: Signals, reload: Callable[[], Settings] | None = 
             if ok is None:  # a stop came during the round
                 act(signals)
                 break
-            if agent.state is not None:
-                agent.state.round_done(agent, ok, time.monotonic() - began)
+            if state is not None:
+                state.round_done(agent, ok, time.monotonic() - began)
             schedule.finished(ok)
             continue
         wake, now = schedule.next()[0], time.monotonic()
