@@ -56,9 +56,8 @@ def run(agent: Agent, signals: Signals, reload: Callable[[], Settings] | None = 
     """Register on the schedule until asked to stop; returns the exit code (0).
 
     ``reload`` re-reads the configuration on SIGHUP; ``state`` records every round for
-    ``dm-agent status``. With systemd's ``watchdog``, each
-    iteration pings it, and no wait is longer than its period: a loop that stops
-    iterating is restarted by systemd."""
+    ``dm-agent status``. With systemd's ``watchdog``, each iteration pings it, and no
+    wait is longer than its period: a loop that stops iterating is restarted by systemd."""
     waker = signals.waker
 
     def on_change(action: str) -> None:  # from the event thread: a container changed
