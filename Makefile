@@ -27,6 +27,7 @@ deps: ## install the Debian packages the tests use (as root: docker.io, debootst
 lint: venv ## ruff over the code, tests and benchmarks; shellcheck over the scripts; ansible-lint over the role
 	$(BIN)/ruff check dm_agent tests bench
 	shellcheck -x .ci/run .ci/deps packaging/*.sh
+	shellcheck -s sh debian/dm-agent.postinst
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-lint --offline --strict deploy/ansible
 
 typecheck: venv ## mypy --strict over the package

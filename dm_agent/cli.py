@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -174,7 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dm-agent: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    """Ctrl-C where no loop handles it (``--once``, ``--check-config``, start-up): die of
+    SIGINT, as the shell expects of a command it interrupted, so that a script looping
+    over dm-agent stops too (a shell only breaks its loop on a child killed by SIGINT);
+    ``$?`` shows 130. The running loop treats SIGINT as a stop and exits 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    return 130  # 128 + SIGINT, should the signal reach another thread first
 
 
 def _warn_not_reloaded(running: config.Settings, new: config.Settings) -> None:

@@ -6,12 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 BIN = os.environ.get("DM_AGENT_BIN") or os.path.join(os.path.dirname(sys.executable), "dm-agent")
+#: a Docker endpoint that is not there: the agent reports host figures only
+NO_DOCKER = "unix:///nonexistent/docker.sock"
 
 
 def clean_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -50,3 +53,23 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
         _, err = proc.communicate()
         pytest.fail(f"agent did not stop on {sig}: {err[-2000:]}")
     return err
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: a daemon is nobody's child to reap here)."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pid: int, timeout: float) -> float:
+    """Seconds until ``pid`` is gone; a test fails when it is still there after ``timeout``."""
+    t0 = time.monotonic()
+    while alive(pid):
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"PID {pid} still alive after {timeout}s")
+        time.sleep(0.02)
+    return time.monotonic() - t0

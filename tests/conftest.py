@@ -11,6 +11,7 @@
   session dockerd's containers are shared by every test and must stay as populated).
 - ``master`` / ``master_factory``: a strict master per test.  After the test, any
   request that broke the contract fails the test, unless it set ``allow_invalid``.
+  ``master`` expects the secret of ``master_secret`` (none; a module overrides it).
 
 Nothing is skipped: if dockerd cannot start, these fixtures error loudly.
 """
@@ -149,8 +150,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def master(request: pytest.FixtureRequest) -> Iterator[Master]:
-    m = Master(expected_version=agent_version(), generation=request.param).start()
+def master_secret() -> str | None:
+    """The secret the ``master`` fixture expects: none; a module overrides this fixture
+    to give its own."""
+    return None
+
+
+@pytest.fixture
+def master(request: pytest.FixtureRequest, master_secret: str | None) -> Iterator[Master]:
+    m = Master(expected_version=agent_version(), generation=request.param,
+               secret=master_secret).start()
     yield m
     _finish(m)
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
-from agentproc import popen, run
+from agentproc import BIN, NO_DOCKER, clean_env, popen, run
 from support.master import Master
 
 from dm_agent import __version__
 
 SECRET = "Zq9-very-secret-token"
-NO_DOCKER = "unix:///nonexistent/docker.sock"
 
 
 def ini(home: Path, body: str, name: str = "dm-agent.ini") -> Path:
@@ -113,6 +115,28 @@ def test_once_fails_with_1_when_master_unreachable(tmp_path: Path) -> None:
     proc = run(["--once", "-d", NO_DOCKER, "-m", "127.0.0.1:9", "-t", "2"], tmp_path)
     assert proc.returncode == 1
     assert "- ERROR - cannot reach http://127.0.0.1:9: Connection refused" in proc.stderr
+
+
+def test_ctrl_c_during_once_dies_of_sigint(tmp_path: Path, master: Master) -> None:
+    """Ctrl-C outside the loop: killed by SIGINT as a shell expects (README, *Exit
+    codes*), which lets a script's loop over dm-agent stop; ``$?`` is 130; no traceback."""
+    master.set_mode("hang")  # the registration stays in flight
+    args = ["--once", "-d", NO_DOCKER, "-m", master.url, "-t", "60"]
+    proc = popen(args, tmp_path)
+    master.wait_for(1, timeout=15)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGINT, err  # a signal's death, not exit(130)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+    shell = subprocess.Popen(["sh", "-c", '"$@"; echo "status $?"', "sh", BIN, *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=tmp_path, env=clean_env(tmp_path), stdin=subprocess.DEVNULL)
+    master.wait_for(2, timeout=15)
+    (agent,) = psutil.Process(shell.pid).children()
+    agent.send_signal(signal.SIGINT)
+    out, err = shell.communicate(timeout=10)
+    assert out == "status 130\n", err
 
 
 @pytest.mark.parametrize("spelling", [

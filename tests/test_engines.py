@@ -164,7 +164,11 @@ def test_engine(running: tuple[str, Dockerd], tmp_path: Path,
             assert body["labels"] == (LABELS if kind == "docker" else {})  # Podman: null
             assert containers(first) == truth(d)
             assert {c["image"] for c in body["containers"]} == {IMAGE_AS_SENT[kind]}, g
-        time.sleep(0.5)  # both event streams are up
+        # Both event streams are up once a change reaches both masters with no round due
+        # for 60 s (-t 60, no jitter): only a stream can have brought it. Not timed.
+        warm = create("warm-up", {})
+        for m in masters.values():
+            wait_for(m, 1, lambda r: warm in containers(r), time.monotonic() + 30)
 
         ids: dict[str, str] = {}
         lat = {

@@ -29,6 +29,7 @@ from dm_agent.collectors import docker as dk
 from dm_agent.collectors.host import HostCollector
 from dm_agent.errors import DockerError
 
+pytestmark = pytest.mark.docker  # root: a dockerd, a FUSE mount
 NO_DOCKER = "unix:///nonexistent/docker.sock"
 LINE_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - ")
 

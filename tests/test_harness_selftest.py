@@ -1,6 +1,7 @@
 """The harness tests itself: the master must be able to say no, dockerd must be real.
 
-If these fail, every integration test built on the harness is meaningless.
+If these fail, every integration test built on the harness is meaningless. The master's
+need nothing; the dockerd's are marked ``docker`` (root, a real dockerd), as elsewhere.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def strict(master_factory: Callable[..., Master]) -> Master:
 
 
 def only_request(m: Master) -> Any:
-    reqs = m.wait_for(1, timeout=2)
+    reqs = m.wait_for(1, timeout=10)  # a deadline, not a window: it returns at once
     assert len(reqs) == 1
     return reqs[0]
 
@@ -483,6 +484,7 @@ def test_master_over_https(master_factory: Callable[..., Master]) -> None:
 # --------------------------------------------------------------------------- dockerd
 
 
+@pytest.mark.docker
 def test_dockerd_reports_the_daemon_labels_it_was_given(dockerd: Dockerd) -> None:
     info = dockerd.info()
     assert parse_labels(info["Labels"]) == SESSION_LABELS == dockerd.labels
@@ -492,6 +494,7 @@ def test_dockerd_reports_the_daemon_labels_it_was_given(dockerd: Dockerd) -> Non
     assert Path(info["DockerRootDir"]) == dockerd.data_root
 
 
+@pytest.mark.docker
 def test_dockerd_holds_exactly_the_fixture_containers(
     dockerd: Dockerd, docker_fixture_set: FixtureSet
 ) -> None:
@@ -516,6 +519,7 @@ def test_dockerd_holds_exactly_the_fixture_containers(
     assert [c["name"] for c in fs.expected_containers()] == sorted(fs.names)
 
 
+@pytest.mark.docker
 def test_dockerd_answers_on_tcp_and_through_the_sdk(dockerd: Dockerd) -> None:
     assert dockerd.tcp_address and dockerd.tcp_url == f"tcp://{dockerd.tcp_address}"
     host, port = dockerd.tcp_address.split(":")
@@ -532,6 +536,7 @@ def test_dockerd_answers_on_tcp_and_through_the_sdk(dockerd: Dockerd) -> None:
     assert dockerd.pid and Path(f"/proc/{dockerd.pid}/exe").resolve().name == "dockerd"
 
 
+@pytest.mark.docker
 def test_tls_dockerd_answers_only_with_the_client_cert(tls_dockerd: Dockerd) -> None:
     assert tls_dockerd.https_url and tls_dockerd.tls_dir
     assert {p.name for p in tls_dockerd.tls_dir.iterdir()} >= {"ca.pem", "cert.pem", "key.pem"}
@@ -581,6 +586,7 @@ def _mounts_under(d: Dockerd) -> list[str]:
     return [ln.split()[4] for ln in text.splitlines() if ln.split()[4].startswith(str(d.base_dir))]
 
 
+@pytest.mark.docker
 def test_dockerd_survives_kill_stop_and_restart(
     dockerd_factory: Callable[..., Dockerd],
 ) -> None:
@@ -605,6 +611,7 @@ def test_dockerd_survives_kill_stop_and_restart(
     assert not base.exists()
 
 
+@pytest.mark.docker
 def test_dockerd_start_failure_is_loud_and_clean() -> None:
     d = Dockerd(extra_args=["--no-such-flag"], start_timeout=10)
     try:
@@ -616,6 +623,7 @@ def test_dockerd_start_failure_is_loud_and_clean() -> None:
     assert not d.base_dir.exists()
 
 
+@pytest.mark.docker
 def test_create_and_remove_containers_in_bulk(dockerd_factory: Callable[..., Dockerd]) -> None:
     d = dockerd_factory()
     result = create_containers(d, 40, prefix="bench", labels={"bench": "yes"})

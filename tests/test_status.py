@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import BIN, clean_env, run
+from agentproc import BIN, NO_DOCKER, clean_env, run, wait_gone
 from support.master import Master
 
 from dm_agent.config import Settings
@@ -27,7 +27,6 @@ from dm_agent.pidfile import read_pid
 from dm_agent.state import state_path
 
 pytestmark = pytest.mark.daemon
-NO_DOCKER = "unix:///nonexistent/docker.sock"
 SECRET = "status-secret-3xK"
 NOBODY = 65534
 
@@ -92,10 +91,8 @@ class Node:
 
 
 @pytest.fixture
-def master() -> Iterator[Master]:
-    with Master(secret=SECRET) as m:
-        yield m
-        m.assert_valid()
+def master_secret() -> str:
+    return SECRET
 
 
 @pytest.fixture
@@ -103,19 +100,6 @@ def node(master: Master) -> Iterator[Node]:
     n = Node(master)
     yield n
     n.cleanup()
-
-
-def gone(pid: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        if Path(f"/proc/{pid}/stat").exists() and \
-                Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return
-        time.sleep(0.05)
 
 
 def test_registered_exit_0_with_summary_and_a_state_file_without_secrets(
@@ -147,7 +131,7 @@ def test_registered_exit_0_with_summary_and_a_state_file_without_secrets(
     assert js["state"]["pid"] == pid and 0 <= js["last_success_age"] < 120
     # a clean stop removes the state with the pidfile: not running
     os.kill(pid, signal.SIGTERM)
-    gone(pid)
+    wait_gone(pid, 5)
     assert not node.state.exists()
     stopped = node.status()
     assert stopped.returncode == 3, stopped.stdout
@@ -225,7 +209,7 @@ def test_not_running_exit_3_after_sigkill_leaves_an_unlocked_pidfile(node: Node,
     pid = node.start()
     master.wait_for(1)
     os.kill(pid, signal.SIGKILL)
-    gone(pid)
+    wait_gone(pid, 5)
     assert node.pidfile.exists() and node.state.exists()  # both left behind
     proc = node.wait_status(3)
     assert proc.returncode == 3, proc.stdout

@@ -383,26 +383,14 @@ class BootedRoot:
                 return str(cursor) if cursor else None
         return None
 
-    def wait_journal(
-        self,
-        unit: str | None,
-        pattern: str,
-        *,
-        after: str | None = None,
-        timeout: float = 15.0,
-    ) -> str:
-        """Wait until the journal (of *unit*) has a message matching the regex *pattern*."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.journal(unit, output="cat", after=after)
-            if re.search(pattern, text, re.MULTILINE):
-                return text
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"no line matching {pattern!r} in the journal of {unit} after "
-                    f"{timeout:.0f} s:\n{text[-3000:]}"
-                )
-            time.sleep(0.2)
+
+def timespan(value: str) -> float:
+    """Seconds in a systemd time span as ``systemctl show`` prints it: "5s", "500ms",
+    "1min 30s"."""
+    units = {"min": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    total = sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(min|ms|us|s)", value))
+    assert total > 0, value
+    return total
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ one answers the few requests the agent makes (``/version``, ``/info``,
 ``/containers/json``, ``/events``) on a unix socket or on TCP 127.0.0.1, with behaviours
 set per test: an event stream that it drops at once, ``/version`` answers that take
 ``version_delay`` seconds once the first event stream has been dropped. It records every
-request path and counts the event streams it holds open.
+request path (and each ``/version`` answered) and counts the event streams it holds open.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
             if docker.dropped.is_set():
                 docker.stopping.wait(docker.version_delay)
             self._json({"ApiVersion": "1.41", "Version": "20.10.0"})
+            docker.record(path, answered=True)
         elif path == "/info":
             self._json({"Name": "scripted", "Labels": []})
         elif path == "/containers/json":
@@ -101,6 +102,7 @@ class ScriptedDocker:
         self.dropped = threading.Event()
         self.stopping = threading.Event()
         self.paths: list[tuple[float, str]] = []
+        self.answered: list[tuple[float, str]] = []
         self.open_streams = 0
         self._lock = threading.Lock()
         self._server: socketserver.BaseServer
@@ -115,17 +117,18 @@ class ScriptedDocker:
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.1}, daemon=True)
 
-    def record(self, path: str) -> None:
+    def record(self, path: str, *, answered: bool = False) -> None:
         with self._lock:
-            self.paths.append((time.monotonic(), path))
+            (self.answered if answered else self.paths).append((time.monotonic(), path))
 
     def streams_changed(self, delta: int) -> None:
         with self._lock:
             self.open_streams += delta
 
-    def count(self, path: str) -> int:
+    def count(self, path: str, *, answered: bool = False) -> int:
+        """How many requests for *path* arrived (or, ``answered``, were answered)."""
         with self._lock:
-            return sum(1 for _, p in self.paths if p == path)
+            return sum(1 for _, p in (self.answered if answered else self.paths) if p == path)
 
     def __enter__(self) -> ScriptedDocker:
         self._thread.start()
