@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__, config, logs
+from .command import Parser
 from .errors import EX_OK, AgentError, UsageError
 
 EPILOG = """\
@@ -55,29 +56,11 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {"status": _status, "migrate":
 _SECRET_ENV = "DM_AGENT__CLI_SECRET"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def parse_command(p: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
-    """``argv`` parsed by a subcommand's parser (a ``_Parser``), or the exit code to return:
-    64 after the usage and the error on stderr, 0 after ``--help``."""
-    try:
-        return p.parse_args(list(argv))
-    except UsageError as exc:
-        p.print_usage(sys.stderr)
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-
-
 def parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: the seed's flags are whole words, and an abbreviation that
     # works today would change meaning when a flag is added.
-    p = _Parser(prog="dm-agent", description="DockMaster node agent.", epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = Parser(prog="dm-agent", description="DockMaster node agent.", epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("-d", "--docker", help="Docker endpoint: host:port, tcp://host:port, "
                    "unix:///path or https://host:port (default unix:///var/run/docker.sock)")
     p.add_argument("-m", "--master", help="IP and port (or URL) of dockmaster service")
@@ -235,19 +218,20 @@ def _run(args: argparse.Namespace) -> int:
     logs.logger.info("Configs: %s", settings.config_file or "(none found)")
     from .agent import Agent
 
-    agent = Agent(settings, dry_run=args.dry_run, reload_settings=reload)
+    agent = Agent(settings, dry_run=args.dry_run)
     if args.once:
         ok = agent.register()
         agent.close()
         return EX_OK if ok else 1
-    from .signals import Signals
+    from . import loop
+    from .signals import Signals, Waker
 
-    signals = Signals(agent.waker)
+    signals = Signals(Waker())
     signals.install()
-    logs.logger.info("started: registering every %ds with %s", settings.timeout,
+    logs.logger.info("started: registering every %ds with %s", settings.interval,
                      settings.master or "(dry run)")
     try:
-        return agent.run(signals)
+        return loop.run(agent, signals, reload)
     finally:
         signals.restore()
 

@@ -222,29 +222,35 @@ class Key(NamedTuple):
     name: str
     convert: Callable[[str], Any]
     default: str
-    help: str
     secret: bool = False
+    #: the Settings field, when it is not the key's name: the seed's ``timeout`` is
+    #: the interval between registrations, and the code calls it that
+    field: str = ""
+
+    @property
+    def attr(self) -> str:
+        return self.field or self.name
 
 
 # The one table of settings. ``default`` is the text form, converted like any input.
 KEYS: tuple[Key, ...] = (
-    Key("docker", parse_docker, DEFAULT_DOCKER, "Docker endpoint"),
-    Key("master", parse_master, "", "master endpoint: host:port or http(s)://host:port[/prefix]"),
-    Key("timeout", parse_interval, "60", "seconds between registrations"),
-    Key("secret", parse_secret, "", "value of the X-Auth-Node header", secret=True),
-    Key("secret_file", parse_existing_file, "", "file holding the secret"),
-    Key("log_level", parse_log_level, "0", "0 WARNING, 1 INFO, 2 DEBUG"),
-    Key("address", parse_address, "", "Docker address announced to the master"),
-    Key("pidfile", parse_optional_path, "", "pidfile of --daemon"),
-    Key("log_file", parse_optional_path, "", "log file of --daemon when there is no syslog"),
-    Key("docker_tls_ca", parse_existing_file, "", "CA that signed Docker's certificate"),
-    Key("docker_tls_cert", parse_existing_file, "", "client certificate for Docker"),
-    Key("docker_tls_key", parse_existing_file, "", "client key for Docker"),
-    Key("master_ca", parse_existing_file, "", "CA file for an https master"),
-    Key("time_format", parse_time_format, "utc", "'utc' or 'local'"),
-    Key("net_exclude", parse_patterns, "lo, veth*", "interfaces left out of system.net"),
-    Key("jitter", parse_bool, "yes", "start the schedule at a random offset"),
-    Key("docker_events", parse_bool, "yes", "register at once when a container changes"),
+    Key("docker", parse_docker, DEFAULT_DOCKER),
+    Key("master", parse_master, ""),
+    Key("timeout", parse_interval, "60", field="interval"),
+    Key("secret", parse_secret, "", secret=True),
+    Key("secret_file", parse_existing_file, ""),
+    Key("log_level", parse_log_level, "0"),
+    Key("address", parse_address, ""),
+    Key("pidfile", parse_optional_path, ""),
+    Key("log_file", parse_optional_path, ""),
+    Key("docker_tls_ca", parse_existing_file, ""),
+    Key("docker_tls_cert", parse_existing_file, ""),
+    Key("docker_tls_key", parse_existing_file, ""),
+    Key("master_ca", parse_existing_file, ""),
+    Key("time_format", parse_time_format, "utc"),
+    Key("net_exclude", parse_patterns, "lo, veth*"),
+    Key("jitter", parse_bool, "yes"),
+    Key("docker_events", parse_bool, "yes"),
 )
 _BY_NAME = {k.name: k for k in KEYS}
 #: Keys holding a path: made absolute before use, since a daemon runs in ``/``.
@@ -257,7 +263,7 @@ class Settings(NamedTuple):
 
     docker: str = DEFAULT_DOCKER
     master: str | None = None
-    timeout: int = 60
+    interval: int = 60
     secret: Secret | None = None
     secret_file: str | None = None
     log_level: int = 0
@@ -278,7 +284,7 @@ class Settings(NamedTuple):
     @property
     def ttl(self) -> int:
         """Seconds the master keeps the node: twice the interval, as the original did."""
-        return 2 * self.timeout
+        return 2 * self.interval
 
     def require_master(self) -> str:
         if not self.master:
@@ -395,7 +401,7 @@ def load(
         except ValueError as exc:
             shown = "" if key.secret else f" = {redact_userinfo(raw.strip())!r}"
             raise ConfigError(f"{where}: invalid {key.name}{shown}: {exc}") from None
-        values[key.name] = value if value != "" else None
+        values[key.attr] = value if value != "" else None
         sources[key.name] = where
     _resolve_secret(values, sources, env)
     tls = [values[k] for k in ("docker_tls_cert", "docker_tls_key")]
@@ -476,7 +482,7 @@ def render(settings: Settings) -> str:
     """The effective settings as INI text, the secret masked, each with its source."""
     lines = [f"# config file: {settings.config_file or '(none found)'}", f"[{SECTION}]"]
     for key in KEYS:
-        value = getattr(settings, key.name)
+        value = getattr(settings, key.attr)
         if key.secret:
             text = SECRET_MASK if value else ""
         elif isinstance(value, bool):

@@ -47,7 +47,7 @@ def preload() -> None:
     import requests.adapters  # noqa: F401
     import urllib3  # noqa: F401
 
-    from . import agent, signals  # noqa: F401
+    from . import agent, loop, signals  # noqa: F401
     from .collectors import events  # noqa: F401
 
     if not logs.under_journal(sys.stderr):
@@ -183,25 +183,27 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
     for warning in warnings:
         logs.logger.warning("%s", warning)
 
+    from . import loop
     from .agent import Agent
     from .notify import Watchdog
-    from .signals import Signals
+    from .signals import Signals, Waker
 
-    agent = Agent(settings, dry_run=dry_run, reload_settings=reload)
-    agent.state = writer = StateWriter(state_path(pidpath))
-    signals = Signals(agent.waker)
+    agent = Agent(settings, dry_run=dry_run)
+    writer = StateWriter(state_path(pidpath))
+    signals = Signals(Waker())
     signals.install()
 
     def ready() -> None:
         writer.write(agent)  # running, not registered yet
         logs.logger.info("started as daemon (PID %d, pidfile %s): registering every %ds "
-                         "with %s", os.getpid(), pidpath, settings.timeout,
+                         "with %s", os.getpid(), pidpath, settings.interval,
                          settings.master or "(dry run)")
         starter.tell("OK")
 
     watchdog = Watchdog.from_env({starter_pid, os.getpid()})
     try:
-        return agent.run(signals, on_first=ready, watchdog=watchdog)
+        return loop.run(agent, signals, reload, on_first=ready, watchdog=watchdog,
+                        state=writer)
     except Exception as exc:  # a bug: say it where the operator looks, then exit 1
         _fatal(starter, exc, agent.settings)
         return EX_FAILURE

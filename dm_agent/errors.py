@@ -53,7 +53,6 @@ class ReportError(AgentError):
     ``connection``, ``timeout``, ``tls``.
     """
 
-    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+    def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-        self.status = status

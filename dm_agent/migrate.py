@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from . import config
+from .command import Parser, parse_command
 from .errors import EX_FAILURE, EX_OK, AgentError, ConfigError, UsageError
 
 UNIT_DIR = "/etc/systemd/system"
@@ -71,10 +72,8 @@ class Setting(NamedTuple):
 
 
 def parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
-
-    p = _Parser(prog="dm-agent migrate", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="dm-agent migrate", description=DESCRIPTION, epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan, change nothing")
     p.add_argument("--name", help="the old agent's name (<name>.service), when there are several")
@@ -362,8 +361,6 @@ def run(args: argparse.Namespace, out: list[str]) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    from .cli import parse_command
-
     args = parse_command(parser(), argv)
     if isinstance(args, int):
         return args

@@ -20,7 +20,7 @@ from collections.abc import Collection, Mapping
 log = logging.getLogger("dm_agent")
 
 #: The loop pings at least this many times per WatchdogSec, so one slow iteration
-#: (a round is bounded to half of the unit's WatchdogSec, see agent.ROUND_MAX) never
+#: (a round is bounded to half of the unit's WatchdogSec, see rounds.ROUND_MAX) never
 #: misses.
 PINGS_PER_PERIOD = 4
 #: systemd learns a forking daemon's PID from its pidfile once the starter has exited,

@@ -57,8 +57,3 @@ class Encoder:
                                                  else _dumps(value))
                  for key, value in body.items()]
         return b"{" + b",".join(parts) + b"}"
-
-
-def encode(body: dict[str, Any]) -> bytes:
-    """Compact UTF-8 JSON of a body, without caching."""
-    return _dumps(body)

@@ -130,10 +130,9 @@ class Reporter:
                 + ("check 'secret' in the config (or -s / DM_AGENT_SECRET)"
                    if self._secret else "the master wants one; set 'secret' in the config")
                 + (f"; master said: {detail}" if detail else ""),
-                status=401,
             )
         raise ReportError("http", f"master {self.master} answered HTTP {resp.status_code}"
-                          + (f": {detail}" if detail else ""), status=resp.status_code)
+                          + (f": {detail}" if detail else ""))
 
 
     def _read(self, resp: requests.Response, deadline: float | None) -> str:

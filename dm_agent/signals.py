@@ -41,13 +41,6 @@ class Waker:
             pass
         return True
 
-    def close(self) -> None:
-        for fd in (self.rfd, self.wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
 
 class Signals:
     """Installs the handlers; ``take()`` hands the loop what arrived since last time."""

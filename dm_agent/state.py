@@ -96,7 +96,7 @@ class StateWriter:
             "written": now,
             "config_file": s.config_file,
             "master": s.master,
-            "interval": s.timeout,
+            "interval": s.interval,
             "ttl": s.ttl,
             "node": agent.node_name,
             "last_success": self.last_success,

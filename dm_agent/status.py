@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from . import config
+from .command import Parser, parse_command
 from .errors import ConfigError
 from .state import GROUP, state_path
 
@@ -60,10 +61,8 @@ class Result(NamedTuple):
 
 
 def parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
-
-    p = _Parser(prog="dm-agent status", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="dm-agent status", description=DESCRIPTION, epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true",
                    help="print the state as JSON for monitoring systems (schema in the README)")
     p.add_argument("--pidfile", help="pidfile of the daemon (default: the config's pidfile, "
@@ -336,8 +335,6 @@ def to_json(res: Result, now: float) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> int:
-    from .cli import parse_command
-
     args = parse_command(parser(), argv)
     if isinstance(args, int):
         return args

@@ -1,4 +1,5 @@
-"""Unit tests of the loop's pure parts: backoff, schedule spread, log flood control."""
+"""Unit tests of the loop's pure parts: backoff, round limits, fleet spread, log flood
+control, the node source's re-read policy. (The schedule itself: test_schedule.py.)"""
 
 from __future__ import annotations
 
@@ -8,43 +9,63 @@ from pathlib import Path
 
 import pytest
 
-from dm_agent import agent
+from dm_agent import rounds, schedule
+from dm_agent.outage import Outage, fmt_duration
 
 
 def test_backoff_grows_exponentially_and_is_capped_at_the_interval() -> None:
-    lo = [agent.backoff(n, 60, rand=lambda: 0.0) for n in range(1, 10)]
-    hi = [agent.backoff(n, 60, rand=lambda: 0.999999) for n in range(1, 10)]
+    lo = [schedule.backoff(n, 60, rand=lambda: 0.0) for n in range(1, 10)]
+    hi = [schedule.backoff(n, 60, rand=lambda: 0.999999) for n in range(1, 10)]
     assert lo == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
     assert all(h <= 60 for h in hi) and hi[-1] > 59.9
-    assert max(agent.backoff(20, 5) for _ in range(200)) <= 5
+    assert max(schedule.backoff(20, 5) for _ in range(200)) <= 5
 
 
 def test_backoff_is_jittered() -> None:
     rng = random.Random(7)
-    delays = {round(agent.backoff(4, 60, rng.random), 3) for _ in range(50)}
+    delays = {round(schedule.backoff(4, 60, rng.random), 3) for _ in range(50)}
     assert len(delays) > 40
 
 
 def test_timeouts_are_shorter_than_the_interval() -> None:
     for interval in (1, 2, 5, 60, 3600):
-        t = agent.timeouts(interval)
+        t = rounds.timeouts(interval)
         assert t["docker"] < interval or t["docker"] <= 0.8 * interval + 1e-9
         assert t["http"][0] < interval and t["http"][1] < interval
         assert t["disk"] < interval
         assert t["round"] < t["abandon"] < interval  # the whole round, DNS included
-        assert t["abandon"] <= agent.ROUND_MAX
+        assert t["abandon"] <= rounds.ROUND_MAX
     # the unit's WatchdogSec is twice the longest round
     unit = (Path(__file__).parents[1] / "systemd/dm-agent.service").read_text()
-    assert f"\nWatchdogSec={2 * agent.ROUND_MAX:g}\n" in unit
+    assert f"\nWatchdogSec={2 * rounds.ROUND_MAX:g}\n" in unit
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_thousand_agents_started_together_spread_evenly() -> None:
-    """1,000 agents started in the same second: their periodic rounds cover the
-    interval evenly (chi-square over 10 buckets), and without jitter they collide."""
+    """1,000 agents (their real Schedule, each with its own random source) started in
+    the same second: their periodic rounds cover the interval evenly (chi-square over
+    10 buckets); without jitter they all tick one interval after their start."""
     interval = 60.0
     rng = random.Random(2026)
-    starts = [rng.random() for _ in range(1000)]  # all within the same second
-    phases = [agent.first_tick(s, interval, True, rng.random) % interval for s in starts]
+    phases, lockstep = [], []
+    for seed in range(1000):
+        start = 1000.0 + rng.random()  # all within the same second
+        for jitter, out in ((True, phases), (False, lockstep)):
+            s = schedule.Schedule(interval, jitter, clock=Clock(start),
+                                  rand=random.Random(seed).random)
+            assert s.due() == "requested"  # the node appears at once
+            s.finished(True)
+            at, why = s.next()
+            assert why == "tick"
+            out.append(at - start)
+    assert all(0 <= p < interval for p in phases)
     buckets = [0] * 10
     for phase in phases:
         buckets[int(phase / interval * 10)] += 1
@@ -55,22 +76,13 @@ def test_thousand_agents_started_together_spread_evenly() -> None:
     for phase in phases:
         per_second[int(phase)] += 1
     assert max(per_second) < 35, max(per_second)
-    lockstep = [agent.first_tick(s, interval, False) % interval for s in starts]
-    assert max(lockstep) - min(lockstep) < 1.0  # what jitter = no would do
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+    assert lockstep == pytest.approx([interval] * 1000)  # what jitter = no does
 
 
 def test_outage_logs_first_error_summarises_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, "dm_agent")
     clock = Clock()
-    outage = agent.Outage("registration", clock)
+    outage = Outage("registration", clock)
     for _ in range(50):
         outage.failed("connection", "cannot reach http://m:1: Connection refused")
         clock.now += 5
@@ -89,7 +101,7 @@ def test_outage_kind_change_warns_once_and_hourly_summary(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "dm_agent")
     clock = Clock()
-    outage = agent.Outage("registration", clock)
+    outage = Outage("registration", clock)
     kinds = ["connection", "http", "connection", "http"] * 500
     for kind in kinds:
         outage.failed(kind, f"failure of kind {kind}")
@@ -102,34 +114,34 @@ def test_outage_kind_change_warns_once_and_hourly_summary(
 
 
 def test_fmt_duration() -> None:
-    assert agent.fmt_duration(5) == "5s"
-    assert agent.fmt_duration(125) == "2m05s"
-    assert agent.fmt_duration(7322) == "2h02m"
+    assert fmt_duration(5) == "5s"
+    assert fmt_duration(125) == "2m05s"
+    assert fmt_duration(7322) == "2h02m"
 
 
-def test_info_is_reused_only_between_periodic_rounds_of_a_connected_stream(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_info_is_reused_only_between_periodic_rounds_of_a_connected_stream() -> None:
     """An event-triggered round within half an interval of the last /info read keeps its
     name and labels; a periodic round (an interval later), a reconnect of the event
     stream, or a stream that is down read /info again."""
     from dm_agent.collectors.events import EventWatcher
     from dm_agent.config import Settings
+    from dm_agent.rounds import Progress
+    from dm_agent.source import NodeSource
 
-    a = agent.Agent(Settings(timeout=60), dry_run=True)
-    clock = [1000.0]
-    monkeypatch.setattr(agent.time, "monotonic", lambda: clock[0])
-    assert a._reinfo() == (True, -1)  # no stream
+    clock = Clock()
+    source = NodeSource(Settings(interval=60), Progress(), Outage("Docker"), clock=clock)
+    assert source.reinfo() == (True, -1)  # no stream
     events = EventWatcher(lambda: None, lambda action: None)  # never started
-    a.events = events
+    source.events = events
     events.connected, events.connects = True, 1
-    assert a._reinfo() == (True, 1)  # never read with this connection
-    a._info_connects, a._info_at = 1, clock[0]
-    clock[0] += 29
-    assert a._reinfo()[0] is False  # an event round, 29 s after the read
-    clock[0] += 31
-    assert a._reinfo()[0] is True  # the next periodic round
-    clock[0] -= 31
+    assert source.reinfo() == (True, 1)  # never read with this connection
+    source._info_connects, source._info_at = 1, clock.now
+    clock.now += 29
+    assert source.reinfo()[0] is False  # an event round, 29 s after the read
+    clock.now += 31
+    assert source.reinfo()[0] is True  # the next periodic round
+    clock.now -= 31
     events.connects = 2
-    assert a._reinfo() == (True, 2)  # reconnected: the Engine may have restarted
+    assert source.reinfo() == (True, 2)  # reconnected: the Engine may have restarted
     events.connected = False
-    assert a._reinfo() == (True, -1)
+    assert source.reinfo() == (True, -1)

@@ -95,13 +95,13 @@ def test_search_path_first_existing_wins(tmp_path: Path, monkeypatch: pytest.Mon
     env = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(xdg)}
     write(xdg / "dm-agent.ini", "[main]\ntimeout = 7\n")
     settings, _ = config.load({}, None, env)
-    assert settings.timeout == 7
+    assert settings.interval == 7
     assert settings.config_file == str(xdg / "dm-agent.ini")
     # the CWD file takes over, and only it is read: its missing timeout is the default
     write(cwd / "dm-agent.ini", "[main]\nmaster = m:1\n")
     settings, _ = config.load({}, None, env)
     assert settings.config_file == str(cwd / "dm-agent.ini")
-    assert settings.timeout == 60
+    assert settings.interval == 60
     assert settings.master == "http://m:1"
 
 
@@ -111,14 +111,14 @@ def test_home_config_without_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (home / ".config").mkdir(parents=True)
     write(home / ".config" / "dm-agent.ini", "[main]\ntimeout = 9\n")
     settings, _ = config.load({}, None, {"HOME": str(home)})
-    assert settings.timeout == 9
+    assert settings.interval == 9
 
 
 def test_precedence_cli_env_file_default(tmp_path: Path) -> None:
     path = write(tmp_path / "a.ini", "[main]\ntimeout = 10\nmaster = file:1\nlog_level = 1\n")
     env = {"DM_AGENT_TIMEOUT": "20", "DM_AGENT_MASTER": "env:2"}
     settings, _ = config.load(config.cli_overrides(timeout="30"), path, env)
-    assert settings.timeout == 30
+    assert settings.interval == 30
     assert settings.sources["timeout"] == "command line"
     assert settings.master == "http://env:2"
     assert settings.sources["master"] == "environment DM_AGENT_MASTER"

@@ -235,16 +235,16 @@ def test_daemon_without_journal_logs_to_syslog_else_log_file(
 
 
 # A bug that ends the loop cannot be produced on purpose, so one is injected: the real
-# daemon (real forks, real pipe, real journal stream) runs with Agent.run replaced by a
+# daemon (real forks, real pipe, real journal stream) runs with loop.run replaced by a
 # function that reports readiness, lets the readiness pipe's descriptor number be
 # reused by a file, and raises.
 DIES_AFTER_READINESS = """
 import os, sys
-from dm_agent import agent
+from dm_agent import loop
 REUSED = sys.argv.pop()
 
-def pipes(a):
-    own = {0, 1, 2, a.waker.rfd, a.waker.wfd}
+def pipes(signals):
+    own = {0, 1, 2, signals.waker.rfd, signals.waker.wfd}
     found = set()
     for fd in map(int, os.listdir("/proc/self/fd")):
         try:
@@ -254,14 +254,14 @@ def pipes(a):
             pass
     return found
 
-def run(self, signals, on_first=None, **kw):
-    before = pipes(self)
+def run(agent, signals, reload=None, on_first=None, **kw):
+    before = pipes(signals)
     on_first()
-    (fd,) = before - pipes(self)  # the readiness pipe, closed now
+    (fd,) = before - pipes(signals)  # the readiness pipe, closed now
     os.dup2(os.open(REUSED, os.O_WRONLY | os.O_CREAT, 0o600), fd)
     raise RuntimeError("injected bug after readiness")
 
-agent.Agent.run = run
+loop.run = run
 from dm_agent.cli import main
 sys.exit(main())
 """

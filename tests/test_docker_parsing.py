@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dm_agent.collectors import docker as dk
+from dm_agent.collectors.jsonarray import decode_array
 from dm_agent.errors import DockerError
 
 
@@ -110,16 +111,16 @@ def test_decode_array_streams_any_chunking(size: int) -> None:
     doc = [{"Id": "a", "Names": ["/ü"], "Labels": {"k": "v=w"}}, 12, "s", [1, [2]], None,
            True, {"x": {"Id": 1}}, 3.5e10, {}]
     data = json.dumps(doc, ensure_ascii=False).encode()
-    assert dk.decode_array(chunked(data, size), lambda o: o) == doc
-    assert dk.decode_array(chunked(b"  [ ]  ", size), lambda o: o) == []
-    assert dk.decode_array(chunked(b'{"message": "x"}', size), lambda o: o) == {"message": "x"}
+    assert decode_array(chunked(data, size), lambda o: o) == doc
+    assert decode_array(chunked(b"  [ ]  ", size), lambda o: o) == []
+    assert decode_array(chunked(b'{"message": "x"}', size), lambda o: o) == {"message": "x"}
     for bad in (b"[1,", b"[1 2]", b"[1,]", b"[", b"[{", b"", b"nul"):
         with pytest.raises(ValueError):
-            dk.decode_array(chunked(bad, size), lambda o: o)
+            decode_array(chunked(bad, size), lambda o: o)
 
 
 @settings(max_examples=300, deadline=None)
 @given(doc=json_values, size=st.integers(1, 50))
 def test_decode_array_equals_json_loads(doc: Any, size: int) -> None:
     data = json.dumps(doc).encode()
-    assert dk.decode_array(chunked(data, size), lambda o: o) == json.loads(data)
+    assert decode_array(chunked(data, size), lambda o: o) == json.loads(data)

@@ -47,10 +47,14 @@ def events_dockerd(dockerd_factory: Any) -> Dockerd:
 @pytest.fixture
 def agent(tmp_path: Path, events_dockerd: Dockerd,
           master: Master) -> Iterator[subprocess.Popen[str]]:
-    proc = popen(["-d", events_dockerd.unix_url, "-m", master.url, "-t", "60", "-vv"], tmp_path,
-                 {"DM_AGENT_JITTER": "no"})  # only events register within the test
+    # -t 600 without jitter: only events register within a test
+    proc = popen(["-d", events_dockerd.unix_url, "-m", master.url, "-t", "600", "-vv"],
+                 tmp_path, {"DM_AGENT_JITTER": "no"})
     master.wait_for(1)
-    time.sleep(0.5)  # the stream is up
+    # The stream is up once a change reaches the master (one made before the stream
+    # connected is replayed: it resumes from the watcher's start).
+    create_containers(events_dockerd, 1, prefix="ready")
+    wait_until(master, lambda r: "ready-00000" in names(r), 30)
     yield proc
     proc.send_signal(signal.SIGTERM)
     try:
@@ -81,7 +85,8 @@ def test_created_container_reaches_master_within_a_second(
     t0 = time.monotonic()
     create_containers(events_dockerd, 1, prefix="fresh")
     req = wait_until(master, lambda r: "fresh-00000" in names(r), 5)
-    assert req.time - t0 < 1.0, req.time - t0
+    # the README promises a lone change at the master within 1 s; twice that here
+    assert req.time - t0 < 2.0, req.time - t0
 
 
 def test_burst_coalesces_into_a_handful(events_dockerd: Dockerd, master: Master,
@@ -99,13 +104,11 @@ def test_burst_coalesces_into_a_handful(events_dockerd: Dockerd, master: Master,
 def test_stream_resumes_after_dockerd_restart(events_dockerd: Dockerd, master: Master,
                                               agent: subprocess.Popen[str]) -> None:
     events_dockerd.stop()
-    time.sleep(1)
     events_dockerd.start()
-    time.sleep(3)  # backoff: the watcher reconnects within a few seconds
-    t0 = time.monotonic()
+    # Created whenever the watcher's backoff (1, 2, 4 … s) lets it reconnect: it resumes
+    # since the last event it saw, so the change arrives, long before the periodic round.
     create_containers(events_dockerd, 1, prefix="after-restart")
-    req = wait_until(master, lambda r: "after-restart-00000" in names(r), 5)
-    assert req.time - t0 < 1.5
+    wait_until(master, lambda r: "after-restart-00000" in names(r), 60)
 
 
 def test_events_can_be_turned_off(tmp_path: Path, events_dockerd: Dockerd,

@@ -75,7 +75,8 @@ def test_hanging_mount_keeps_the_schedule_and_is_reported_once(
             err = stop(proc)
         master.assert_valid()
     gaps = [b.time - a.time for a, b in itertools.pairwise(reqs)]
-    assert all(g < 1.5 for g in gaps), gaps  # rounds keep their schedule
+    # rounds keep their schedule: one a second, none skipped (twice the interval)
+    assert all(g < 2.0 for g in gaps), gaps
     assert all(str(mnt) not in r.json["system"]["disks"] for r in reqs[1:])
     assert "/" in reqs[-1].json["system"]["disks"]  # the other filesystems still reported
     assert str(mnt) in back[-1].json["system"]["disks"]
@@ -145,7 +146,8 @@ def test_long_refusal_stays_alive_bounded_quiet_and_recovers(tmp_path: Path) -> 
             master.resume("ok")
             t0 = time.monotonic()
             first = master.wait_for(1, timeout=5)[0]
-            assert first.time - t0 <= 1.2
+            # within one interval (the backoff's cap, test_schedule.py), twice that here
+            assert first.time - t0 <= 2.0
             master.wait_for(2, timeout=5)  # the first one's answer has been read and logged
         finally:
             err = stop(proc)
@@ -161,7 +163,7 @@ def test_long_refusal_stays_alive_bounded_quiet_and_recovers(tmp_path: Path) -> 
                 and "Docker" not in ln and (m := LINE_TIME.match(ln))]
     assert len(attempts) >= 20  # it kept trying, backing off no further than the interval
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
-    assert max(gaps) <= 1.3, max(gaps)
+    assert max(gaps) <= 2.0, max(gaps)  # the backoff's cap, 1 s, with 2× margin
 
 
 # --- a long run: memory does not grow ------------------------------------------------

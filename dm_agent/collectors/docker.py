@@ -8,13 +8,12 @@ returns plain JSON-able data or raises :class:`DockerError` — never anything e
 
 from __future__ import annotations
 
-import codecs
-import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from ..errors import DockerError
+from .jsonarray import decode_array
 
 _API_RE = re.compile(r"^\d+\.\d+$")
 
@@ -246,71 +245,6 @@ def list_containers(client: Any, node: str) -> Any:
 
 
 CHUNK = 64 * 1024
-
-
-def decode_array(chunks: Iterable[bytes], hook: Callable[[dict[str, Any]], Any]) -> Any:
-    """Decode a JSON array element by element as its bytes arrive, so neither the whole
-    body nor its text is ever held (2 MB each at 3,000 containers). Anything that is not
-    an array is decoded whole. Raises ValueError on malformed JSON."""
-    decoder = json.JSONDecoder(object_hook=hook)
-    utf8 = codecs.getincrementaldecoder("utf-8")()
-    it = iter(chunks)
-    buf, pos, eof = "", 0, False
-
-    def more() -> bool:
-        """Drop what was decoded, append the next chunk; False at the end."""
-        nonlocal buf, pos, eof
-        if eof:
-            return False
-        buf, pos = buf[pos:], 0
-        for chunk in it:
-            if chunk:
-                buf += utf8.decode(chunk)
-                return True
-        buf += utf8.decode(b"", final=True)
-        eof = True
-        return False
-
-    def skip_space() -> bool:
-        """Move past white space; False when the input ends."""
-        nonlocal pos
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n":
-                pos += 1
-            if pos < len(buf):
-                return True
-            if not more():
-                return False
-
-    if not skip_space() or buf[pos] != "[":
-        while more():
-            pass
-        return decoder.decode(buf)
-    pos += 1
-    out: list[Any] = []
-    while True:
-        if not skip_space():
-            raise ValueError("JSON array ends early")
-        if buf[pos] == "]" and not out:
-            return out
-        try:
-            value, end = decoder.raw_decode(buf, pos)
-        except json.JSONDecodeError:
-            if more():
-                continue  # the element is not complete yet
-            raise
-        if buf[pos] not in "[{\"" and (end == len(buf) or buf[end] not in " \t\r\n,]") \
-                and more():
-            continue  # a bare number ("0" of "0.5") may go on in the next chunk
-        out.append(value)
-        pos = end
-        if not skip_space():
-            raise ValueError("JSON array ends early")
-        if buf[pos] == "]":
-            return out
-        if buf[pos] != ",":
-            raise ValueError(f"expected ',' or ']' in the array, got {buf[pos]!r}")
-        pos += 1
 
 
 class DockerCollector:

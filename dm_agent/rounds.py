@@ -1,0 +1,115 @@
+"""Every round is bounded: its limits, what it is doing, and the thread that runs it.
+
+A round runs in a worker thread under a wall-clock deadline shorter than the interval.
+Past it, the round is abandoned: its thread is left to its blocked call (a DNS lookup,
+a peer that dribbles its answer), and what it does when it wakes up is neither logged
+nor kept (``Progress.live``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .outage import fmt_duration
+from .signals import Signals
+
+# The longest a round may take, in seconds, whatever the interval: the unit's
+# WatchdogSec (60 s) is twice that, so only a hung agent misses the watchdog.
+ROUND_MAX = 30.0
+# Rounds abandoned at their deadline whose threads are still blocked (in a DNS lookup
+# or on a peer that dribbles its answer): past this many no new round is started, so
+# threads never pile up on a peer that holds each one for ever.
+MAX_STUCK = 2
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(high, value))
+
+
+def timeouts(interval: int) -> dict[str, Any]:
+    """Bounds of every network call and probe of a round, all shorter than the interval.
+
+    ``round`` bounds the whole exchange with the master (the body it sends back
+    included); ``abandon`` bounds the whole round as the loop sees it — DNS lookups of
+    the master and of a TCP Docker, which no socket timeout covers, included."""
+    return {
+        "docker": _clamp(0.8 * interval, 0.5, 10.0),
+        "http": (_clamp(0.4 * interval, 0.4, 5.0), _clamp(0.5 * interval, 0.5, 15.0)),
+        "disk": _clamp(0.25 * interval, 0.2, 1.0),
+        "round": _clamp(0.8 * interval, 0.8, ROUND_MAX - 5.0),
+        "abandon": _clamp(0.95 * interval, 0.95, ROUND_MAX),
+    }
+
+
+class Progress:
+    """The round in progress: which thread runs it, and what it is doing (for the
+    message when its deadline passes)."""
+
+    def __init__(self) -> None:
+        self.worker: threading.Thread | None = None
+        self.stage = "starting"
+
+    def live(self) -> bool:
+        """False in a round abandoned at its deadline: its outcome is no one's business."""
+        current = threading.current_thread()
+        return current is self.worker or current is threading.main_thread()
+
+    def doing(self, stage: str) -> None:
+        if self.live():
+            self.stage = stage
+
+
+class RoundThread:
+    """Runs each round in a worker thread, waiting for it, a stop, or its deadline."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.stuck: list[tuple[threading.Thread, str]] = []
+
+    def run(self, register: Callable[[float], bool], interval: int, signals: Signals,
+            failed: Callable[[str, str], None], abandoned: Callable[[], None]) -> bool | None:
+        """``register(deadline)``'s outcome; None when a stop came first.
+
+        Past the deadline it is a failed round (``failed(kind, message)``), and
+        ``abandoned()`` gives the next rounds fresh clients."""
+        self.stuck = [(t, what) for t, what in self.stuck if t.is_alive()]
+        if len(self.stuck) >= MAX_STUCK:
+            failed("stuck", f"registration not attempted: {MAX_STUCK} earlier rounds are "
+                   "still blocked, " + "; ".join(what for _, what in self.stuck))
+            return False
+        limits, waker = timeouts(interval), signals.waker
+        started = time.monotonic()
+        give_up = started + limits["abandon"]
+        result: list[bool] = []
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                result.append(register(started + limits["round"]))
+            finally:
+                done.set()  # before the wake-up: the loop below must see it when it wakes
+                waker.wake()
+
+        worker = threading.Thread(target=work, name="round", daemon=True)
+        self.progress.worker = worker
+        worker.start()
+        while not done.is_set():
+            now = time.monotonic()
+            if now >= give_up:
+                stage = self.progress.stage
+                self.progress.worker = None
+                self.stuck.append((worker, f"{stage} (since {fmt_duration(now - started)})"))
+                failed("timeout", f"registration abandoned: not done within "
+                       f"{limits['abandon']:g}s, while {stage}")
+                abandoned()
+                return False
+            # Wakes for the round's end or any signal; a kick that arrives meanwhile is
+            # in the schedule and a signal in the pending list, so draining loses nothing.
+            waker.wait(min(0.5, give_up - now))
+            if signals.stop_requested():  # other signals wait until the round is over
+                return None
+        self.progress.worker = None
+        return bool(result and result[0])

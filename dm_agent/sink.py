@@ -1,0 +1,83 @@
+"""Where a round's registration goes: printed for ``--dry-run``, else sent to the master."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import IO, Any
+
+from . import payload
+from .config import Settings
+from .errors import ReportError
+from .outage import Outage
+from .reporter import Reporter
+from .rounds import Progress, timeouts
+
+log = logging.getLogger("dm_agent")
+
+#: A failed delivery: (kind, message), as the state file reports it.
+Failure = tuple[str, str]
+
+
+class Printer:
+    """``--dry-run``: the registration JSON on stdout; a closed stdout is not a failure."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def send(self, body: dict[str, Any], deadline: float | None = None) -> Failure | None:
+        try:
+            self.out.write(json.dumps(body, ensure_ascii=False, indent=2) + "\n")
+            self.out.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+        return None
+
+    def renew(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MasterSink:
+    """The master: the encoder, the reporter and the master's outage (which outlives a
+    reload: it is the agent's)."""
+
+    def __init__(self, settings: Settings, progress: Progress, outage: Outage) -> None:
+        self.settings = settings
+        self.progress = progress
+        self.outage = outage
+        self.encoder = payload.Encoder()
+        self.reporter = self._reporter()
+
+    def _reporter(self) -> Reporter:
+        s = self.settings
+        assert s.master is not None  # a MasterSink is built only with a master
+        return Reporter(s.master, s.secret, s.master_ca, timeouts(s.interval)["http"])
+
+    def send(self, body: dict[str, Any], deadline: float | None = None) -> Failure | None:
+        """Deliver ``body`` by ``deadline`` (monotonic); the failure, or None."""
+        reporter, doing = self.reporter, self.progress.doing
+        doing("encoding the registration")
+        data = self.encoder.encode(body)
+        doing(f"sending the registration to {reporter.master}")
+        try:
+            reporter.send(body["name"], self.settings.ttl, data, deadline=deadline)
+        except ReportError as exc:
+            if self.progress.live():
+                self.outage.failed(exc.kind, str(exc))
+            return exc.kind, str(exc)
+        if self.progress.live():
+            self.outage.recovered()
+            log.debug("registered %s with ttl=%d", body["name"], self.settings.ttl)
+        return None
+
+    def renew(self) -> None:
+        """A fresh client after a round was abandoned: the old one is cut and closed."""
+        self.reporter.abort()
+        self.reporter.close()
+        self.reporter = self._reporter()
+
+    def close(self) -> None:
+        self.reporter.close()
