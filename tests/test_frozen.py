@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import roots
 from support.master import Master
 
 pytestmark = pytest.mark.packages
@@ -43,25 +43,9 @@ def bare_root() -> Path:
 
 
 def in_bare(root: Path, socket: str, command: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run in a private mount namespace: the onedir, /proc and the Docker socket are
-    bound into the cached root only for this process, and vanish with it."""
-    for path in ("opt/dm-agent", "run/docker.sock"):
-        target = root / path
-        if path.endswith(".sock"):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.touch()
-        else:
-            target.mkdir(parents=True, exist_ok=True)
-    script = " && ".join([
-        "mount --make-rprivate /",
-        f"mount --bind {shlex.quote(str(FROZEN))} {shlex.quote(str(root / 'opt/dm-agent'))}",
-        f"mount -t proc proc {shlex.quote(str(root / 'proc'))}",
-        f"mount --bind {shlex.quote(socket)} {shlex.quote(str(root / 'run/docker.sock'))}",
-        "exec chroot " + shlex.quote(str(root)) + " /usr/bin/env -i PATH=/usr/bin:/bin "
-        "HOME=/root " + " ".join(shlex.quote(c) for c in command),
-    ])
-    return subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    """Run in the cached root, the onedir and the Docker socket bound in for this process."""
+    return roots.chroot_run(root, command, binds={FROZEN: "/opt/dm-agent",
+                                                  socket: "/run/docker.sock"})
 
 
 def test_no_python_in_the_bare_root(bare_root: Path) -> None:

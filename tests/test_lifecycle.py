@@ -161,8 +161,9 @@ def test_install(node: Node, pkgs: lifecycle.Packages) -> None:
         assert node.run(["dm-agent", "--version"]).stdout.strip() == f"dm-agent {pkgs.version}"
 
 
-def install_deb(node: Node, pkgs: lifecycle.Packages) -> str:
-    """Install from the signed repository as operators do; apt-get install's output."""
+def install_deb(node: Node, pkgs: lifecycle.Packages, arch: str = "amd64") -> str:
+    """Install from the signed repository as operators do; apt-get install's output.
+    *arch*: the node's architecture (tests/test_arm64.py installs the arm64 package)."""
     node.box.copy_in(pkgs.repo, REPO_IN_ROOT)
     node.box.copy_in(pkgs.keyring, KEYRING_IN_ROOT, mode=0o644)
     # The source line build-repo.sh ships (dm-agent.list), its URL pointed at the copy.
@@ -183,7 +184,7 @@ def install_deb(node: Node, pkgs: lifecycle.Packages) -> str:
     status = node.run(["dpkg-query", "-W", "-f", "${Status} ${Version}", "dm-agent"]).stdout
     assert status == f"install ok installed {pkgs.version}"
     policy = node.run(["apt-cache", "policy", "dm-agent"]).stdout
-    assert f"file:{REPO_IN_ROOT}/apt stable/main amd64 Packages" in policy, policy
+    assert f"file:{REPO_IN_ROOT}/apt stable/main {arch} Packages" in policy, policy
     return out
 
 

@@ -16,12 +16,15 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from . import binfmt
 
 RELEASES = ("bullseye", "bookworm", "trixie")
 
@@ -44,6 +47,17 @@ FLAVOURS: dict[str, tuple[str, tuple[str, ...]]] = {
 #: journalctl, systemd-analyze, systemd-sysusers all come with ``systemd``), and what an
 #: apt/yum-style repository test needs to verify signatures and TLS.
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "ca-certificates", "gnupg")
+
+#: Roots of another architecture, whose programs run through qemu-user (``binfmt.ensure``),
+#: each under its own name: name -> (release, Debian architecture, packages on top of
+#: minbase). ``bookworm-arm64`` boots like bookworm (tests/test_arm64.py installs the arm64
+#: package in it); ``bullseye-arm64-bare`` is minbase alone, no systemd and no Python, where
+#: the arm64 frozen program runs through ``chroot`` (the arm64 twin of the bare root of
+#: packaging/smoke-frozen.sh).
+FOREIGN: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "bookworm-arm64": ("bookworm", "arm64", PACKAGES),
+    "bullseye-arm64-bare": ("bullseye", "arm64", ()),
+}
 
 #: Bump when the recipe changes in a way the fields below do not show (the post-build steps).
 RECIPE_FORMAT = 3
@@ -72,8 +86,11 @@ def recipe(release: str) -> dict[str, object]:
     if release in FLAVOURS:
         base, extra = FLAVOURS[release]
         return {**recipe(base), "flavour": release, "packages": sorted({*PACKAGES, *extra})}
+    if release in FOREIGN:
+        base, arch, packages = FOREIGN[release]
+        return {**recipe(base), "flavour": release, "arch": arch, "packages": sorted(packages)}
     if release not in RELEASES:
-        names = ", ".join((*RELEASES, *FLAVOURS))
+        names = ", ".join((*RELEASES, *FLAVOURS, *FOREIGN))
         raise RootError(f"unknown release {release!r}: expected one of {names}")
     return {
         "format": RECIPE_FORMAT,
@@ -125,9 +142,11 @@ def ensure_root(release: str = "bookworm", *, log: bool = True) -> Path:
     costs one key comparison. A rebuild waits for the boots using the old root.
     """
     root = cache_dir() / release
+    wanted = recipe(release)
+    if wanted["arch"] != _host_arch():  # building and running it both need qemu-user
+        binfmt.ensure(str(wanted["arch"]))
     if is_current(release):
         return root
-    wanted = recipe(release)
     with _lock(release, fcntl.LOCK_EX):
         if is_current(release):
             return root
@@ -189,7 +208,7 @@ def _debootstrap(wanted: dict[str, object], target: Path) -> None:
         "debootstrap",
         f"--variant={wanted['variant']}",
         f"--arch={wanted['arch']}",
-        "--include=" + ",".join(packages),
+        *(["--include=" + ",".join(packages)] if packages else []),
         str(wanted["release"]),
         str(target),
         str(wanted["mirror"]),
@@ -210,6 +229,8 @@ def _finish(root: Path) -> None:
     )
     for lists in (root / "var/lib/apt/lists").glob("*_*"):
         lists.unlink()
+    if not (root / "etc/systemd/system").is_dir():  # a bare root: nothing boots in it
+        return
     # Nothing to log into inside a test boot, and nothing that wakes up on its own to
     # compete with a test (timers fire late, on a boot that lasts seconds, but may).
     for unit in ("console-getty.service", "getty@tty1.service", "apt-daily.timer",
@@ -268,6 +289,36 @@ def throwaway(root: Path, *, copy: bool = False) -> Iterator[Path]:
         if mounted:
             _unmount(merged)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def chroot_run(
+    root: Path,
+    command: list[str],
+    *,
+    binds: Mapping[str | os.PathLike[str], str],
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run *command* with ``chroot`` in *root* (never booted), in a private mount
+    namespace: /proc and *binds* (host path -> absolute path in the root, a file or a
+    directory) are mounted for this process only and vanish with it. Their mount points
+    are made in *root* when missing (empty)."""
+    mounts = ["mount --make-rprivate /"]
+    for host, path in binds.items():
+        target = root / path.lstrip("/")
+        if Path(host).is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+        mounts.append(f"mount --bind {shlex.quote(str(host))} {shlex.quote(str(target))}")
+    mounts.append(f"mount -t proc proc {shlex.quote(str(root / 'proc'))}")
+    script = " && ".join([
+        *mounts,
+        "exec chroot " + shlex.quote(str(root)) + " /usr/bin/env -i PATH=/usr/bin:/bin "
+        "HOME=/root " + " ".join(shlex.quote(c) for c in command),
+    ])
+    return subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def _unmount(path: Path) -> None:
