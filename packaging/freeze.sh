@@ -75,7 +75,14 @@ if ! flock -n 9; then
   log "waiting for $ROOT.lock (another freeze or build of the root)"
   flock 9
 fi
-DM_BUILDROOT=$ROOT DM_BUILDROOT_ARM64=$ROOT DM_BUILDROOT_LOCKED=$ROOT "$BUILDROOT_SH"
+# Only this architecture's root is named: the arm64 root's build starts from the amd64 one
+# (crossroot-arm64.sh reads DM_BUILDROOT), so naming the arm64 root there too would make
+# the cross root take that root, and its lock, which this script holds, as the amd64 one.
+if [[ $ARCH == arm64 ]]; then
+  DM_BUILDROOT_ARM64=$ROOT DM_BUILDROOT_LOCKED=$ROOT "$BUILDROOT_SH"
+else
+  DM_BUILDROOT=$ROOT DM_BUILDROOT_LOCKED=$ROOT "$BUILDROOT_SH"
+fi
 
 # --- mounts (undone on any exit; nothing is deleted while mounted) ---------------------
 # shellcheck source=packaging/mounts.sh
