@@ -17,7 +17,8 @@
 # README.md ("Architectures") says so.
 #
 # Cache: /var/cache/dm-agent/buildroot-bullseye-arm64-<key>, key = sha256 of this script,
-# the lock and the cross root's key; rebuilt beside the old one, swapped in when complete.
+# root-common.sh, the lock and the cross root's key; rebuilt beside the old one, swapped
+# in when complete.
 #
 # Environment: DM_BUILDROOT_ARM64 (the root's path), DM_BUILDROOT_FORCE=1, DM_DEBIAN_MIRROR,
 #              DM_SRC_CACHE; DM_BUILDROOT_LOCKED=<root> when the caller holds <root>.lock.
@@ -33,20 +34,13 @@ MIRROR=${DM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SRC_CACHE=${DM_SRC_CACHE:-/var/cache/dm-agent/src}
 LOCK=$HERE/requirements.lock
 
-T0=$(date +%s)
-step_start=$T0
-log() { printf '[buildroot-arm64 %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
-step() {
-  local now
-  now=$(date +%s)
-  log "$* (previous step took $((now - step_start))s)"
-  step_start=$now
-}
-die() { log "ERROR: $*"; exit 1; }
+ROOT_TAG=buildroot-arm64
+# shellcheck source=packaging/root-common.sh
+. "$HERE/root-common.sh"
 
 cache_key() {
   {
-    sha256sum "$HERE/buildroot-arm64.sh" "$LOCK" | awk '{print $1}'
+    sha256sum "$HERE/buildroot-arm64.sh" "$HERE/root-common.sh" "$LOCK" | awk '{print $1}'
     "$HERE/crossroot-arm64.sh" --key
   } | sha256sum | awk '{print $1}'
 }
@@ -67,22 +61,7 @@ ensure_binfmt
 ROOT=$(dm_buildroot_for arm64)
 KEY=$(cache_key)
 
-# shellcheck source=packaging/mounts.sh
-. "$HERE/mounts.sh"
-in_root() {
-  local r=$1
-  shift
-  chroot "$r" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
-    HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@" /bin/bash -euo pipefail -s
-}
-
-mkdir -p "$(dirname "$ROOT")"
-if [[ ${DM_BUILDROOT_LOCKED:-} != "$ROOT" ]]; then
-  exec 9>"$ROOT.lock"
-  flock 9
-fi
-trap 'umount_all' EXIT
-trap 'exit 130' INT TERM
+hold_root "$ROOT"
 
 if [[ ${DM_BUILDROOT_FORCE:-0} != 1 && -f $ROOT/.dm-buildroot-key &&
   $(cat "$ROOT/.dm-buildroot-key") == "$KEY" && -x $ROOT$PREFIX/venv/bin/pyinstaller ]]; then

@@ -21,9 +21,10 @@
 # root, ld.so finds the private prefixes through /etc/ld.so.conf.d/dm-build.conf; on a
 # node, PyInstaller's bootloader points the loader at _internal/.
 #
-# Cache: the root is reused when its recorded key (sha256 of this script, the lock and the
-# source tarballs' names and hashes) matches; otherwise it is rebuilt beside the old one and
-# swapped in only when complete, so an interrupted build never leaves a half root behind.
+# Cache: the root is reused when its recorded key (sha256 of this script, root-common.sh,
+# the lock and the source tarballs' names and hashes) matches; otherwise it is rebuilt
+# beside the old one and swapped in only when complete, so an interrupted build never
+# leaves a half root behind.
 # Its default path carries the key, so that roots of several recipes (branches, CI caches)
 # coexist; remove old /var/cache/dm-agent/buildroot-bullseye-* by hand.
 #
@@ -59,20 +60,13 @@ OSSL_URL=$MIRROR/$OSSL_POOL/$OSSL_TARBALL
 ROOT_PACKAGES=(gcc make libc6-dev binutils perl pkg-config xz-utils
   zlib1g-dev libffi-dev libbz2-dev liblzma-dev uuid-dev)
 
-T0=$(date +%s)
-step_start=$T0
-log() { printf '[buildroot %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
-step() {
-  local now
-  now=$(date +%s)
-  log "$* (previous step took $((now - step_start))s)"
-  step_start=$now
-}
-die() { log "ERROR: $*"; exit 1; }
+ROOT_TAG=buildroot
+# shellcheck source=packaging/root-common.sh
+. "$HERE/root-common.sh"
 
 cache_key() {
   {
-    sha256sum "$HERE/buildroot.sh" "$LOCK" | awk '{print $1}'
+    sha256sum "$HERE/buildroot.sh" "$HERE/root-common.sh" "$LOCK" | awk '{print $1}'
     printf '%s %s\n' "$PY_TARBALL" "$PY_SHA256" "$OSSL_TARBALL" "$OSSL_SHA256"
   } | sha256sum | awk '{print $1}'
 }
@@ -90,25 +84,7 @@ for tool in debootstrap chroot mount umount flock sha256sum curl python3; do
 done
 python3 -m pip --version >/dev/null 2>&1 || die "missing host tool: pip (apt-get install python3-pip)"
 
-# --- mounts (packaging/mounts.sh: undone on exit, failure or interrupt) ----------------
-# shellcheck source=packaging/mounts.sh
-. "$HERE/mounts.sh"
-# Runs a bash script (stdin) inside root $1 with a clean environment; extra NAME=value
-# arguments are exported to it.
-in_root() {
-  local r=$1
-  shift
-  chroot "$r" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
-    HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@" /bin/bash -euo pipefail -s
-}
-
-mkdir -p "$(dirname "$ROOT")"
-if [[ ${DM_BUILDROOT_LOCKED:-} != "$ROOT" ]]; then
-  exec 9>"$ROOT.lock"
-  flock 9
-fi
-trap 'umount_all' EXIT
-trap 'exit 130' INT TERM
+hold_root "$ROOT"
 
 KEY=$(cache_key)
 if [[ ${DM_BUILDROOT_FORCE:-0} != 1 && -f $ROOT/.dm-buildroot-key &&

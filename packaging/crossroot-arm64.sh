@@ -26,8 +26,8 @@
 # linked without any RUNPATH (ld.so.conf.d finds them there; _internal/ on a node).
 #
 # Cache: /var/cache/dm-agent/crossroot-bullseye-arm64-<key>, key = sha256 of this script,
-# the x86_64 root's key and the source tarballs' names and hashes; rebuilt beside the old
-# one and swapped in when complete.
+# root-common.sh, the x86_64 root's key and the source tarballs' names and hashes; rebuilt
+# beside the old one and swapped in when complete.
 #
 # Environment: DM_CROSSROOT (the root's path), DM_CROSSROOT_FORCE=1, DM_JOBS, and those of
 #              buildroot.sh (DM_BUILDROOT, DM_DEBIAN_MIRROR, DM_SRC_CACHE).
@@ -43,20 +43,13 @@ MIRROR=${DM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 JOBS=${DM_JOBS:-$(nproc)}
 TRIPLET=aarch64-linux-gnu
 
-T0=$(date +%s)
-step_start=$T0
-log() { printf '[crossroot-arm64 %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
-step() {
-  local now
-  now=$(date +%s)
-  log "$* (previous step took $((now - step_start))s)"
-  step_start=$now
-}
-die() { log "ERROR: $*"; exit 1; }
+ROOT_TAG=crossroot-arm64
+# shellcheck source=packaging/root-common.sh
+. "$HERE/root-common.sh"
 
 cache_key() {
   {
-    sha256sum "$HERE/crossroot-arm64.sh" | awk '{print $1}'
+    sha256sum "$HERE/crossroot-arm64.sh" "$HERE/root-common.sh" | awk '{print $1}'
     "$HERE/buildroot.sh" --key
     printf '%s %s\n' "$PY_TARBALL" "$PY_SHA256" "$OSSL_TARBALL" "$OSSL_SHA256"
   } | sha256sum | awk '{print $1}'
@@ -75,20 +68,7 @@ esac
 ROOT=$(root_path)
 KEY=$(cache_key)
 
-# shellcheck source=packaging/mounts.sh
-. "$HERE/mounts.sh"
-in_root() {
-  local r=$1
-  shift
-  chroot "$r" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
-    HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@" /bin/bash -euo pipefail -s
-}
-
-mkdir -p "$(dirname "$ROOT")"
-exec 7>"$ROOT.lock"
-flock 7
-trap 'umount_all' EXIT
-trap 'exit 130' INT TERM
+hold_root "$ROOT"
 
 if [[ ${DM_CROSSROOT_FORCE:-0} != 1 && -f $ROOT/.dm-crossroot-key &&
   $(cat "$ROOT/.dm-crossroot-key") == "$KEY" && -x $ROOT/stage$PREFIX/python/bin/python$PY_MM ]]; then

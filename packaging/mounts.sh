@@ -1,9 +1,9 @@
 # shellcheck shell=bash
-# Mount bookkeeping shared by buildroot.sh, freeze.sh and smoke-frozen.sh (sourced, not
-# run). The caller defines log and die. Every mount made through mount_api is recorded
-# in MOUNTS and undone by umount_all, the last made first; a tree is never deleted while
-# anything is mounted below it (rm -rf through a bind mount of /dev would empty the
-# host's /dev).
+# Mount bookkeeping shared by the build roots (through root-common.sh), freeze.sh and
+# smoke-frozen.sh (sourced, not run). The caller defines log and die. Every mount made
+# through mount_api is recorded in MOUNTS and undone by umount_all, the last made first; a
+# tree is never deleted while anything is mounted below it (rm -rf through a bind mount of
+# /dev would empty the host's /dev).
 
 MOUNTS=()
 

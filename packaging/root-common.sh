@@ -1,0 +1,46 @@
+# shellcheck shell=bash
+# What the three build-root scripts share: buildroot.sh, buildroot-arm64.sh and
+# crossroot-arm64.sh (sourced, not run). It is part of each one's cache key, because
+# in_root shapes what is built. The caller sets HERE (packaging/) and ROOT_TAG (the tag of
+# its log lines), then sources this file.
+#
+#   log MSG, step MSG, die MSG  timed lines on stderr ("[TAG  12s] MSG"); step adds how long
+#                               the previous step took; die exits 1
+#   in_root R [NAME=value...]   runs a bash script (stdin) inside root R, in a clean
+#                               environment with these variables exported
+#   hold_root R                 takes R.lock for the rest of the script, unless the caller
+#                               already holds it (DM_BUILDROOT_LOCKED=R), and undoes every
+#                               mount on exit, failure or interrupt
+#   mount_api, umount_stale, safe_rm_tree  from packaging/mounts.sh
+
+T0=$(date +%s)
+step_start=$T0
+log() { printf '[%s %4ss] %s\n' "$ROOT_TAG" "$(($(date +%s) - T0))" "$*" >&2; }
+step() {
+  local now
+  now=$(date +%s)
+  log "$* (previous step took $((now - step_start))s)"
+  step_start=$now
+}
+die() { log "ERROR: $*"; exit 1; }
+
+# shellcheck source=packaging/mounts.sh
+. "$HERE/mounts.sh"
+
+in_root() {
+  local r=$1
+  shift
+  chroot "$r" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
+    HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@" /bin/bash -euo pipefail -s
+}
+
+hold_root() {
+  mkdir -p "$(dirname "$1")"
+  if [[ ${DM_BUILDROOT_LOCKED:-} != "$1" ]]; then
+    # The descriptor stays open, and the lock held, until the script exits.
+    exec {root_lock_fd}>"$1.lock"
+    flock "$root_lock_fd"
+  fi
+  trap 'umount_all' EXIT
+  trap 'exit 130' INT TERM
+}
