@@ -119,26 +119,8 @@ print("ssl:", ssl.OPENSSL_VERSION, "machine:", platform.machine())
 assert ssl.OPENSSL_VERSION.startswith("OpenSSL 3."), ssl.OPENSSL_VERSION
 assert platform.machine() == "aarch64", platform.machine()
 PY
-"$PREFIX/python/bin/python$PY_MM" -m venv "$PREFIX/venv"
-"$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check --no-index \
-  --find-links "$PREFIX/wheelhouse" --require-hashes --only-binary=:all: \
-  -r "$PREFIX/requirements.lock"
-"$PREFIX/venv/bin/pip" check
-{
-  echo "built: $(date -u +%FT%TZ) on Debian $(cat /etc/debian_version) $(dpkg --print-architecture)"
-  echo "glibc: $(ldd --version | head -1)"
-  "$PREFIX/venv/bin/python" -c 'import sys, ssl; print("python:", sys.version.split()[0]); print("openssl:", ssl.OPENSSL_VERSION)'
-  echo "pyinstaller: $("$PREFIX/venv/bin/pyinstaller" --version)"
-  echo "packages:"
-  "$PREFIX/venv/bin/pip" freeze --all | sed 's/^/  /'
-} >"$PREFIX/BUILDINFO"
-cat "$PREFIX/BUILDINFO"
 EOF
+root_venv "$NEW"
 step "venv with the locked aarch64 wheels ready (under qemu)"
 
-umount_all
-echo "$KEY" >"$NEW/.dm-buildroot-key"
-umount_stale "$ROOT"
-safe_rm_tree "$ROOT"
-mv "$NEW" "$ROOT"
-log "arm64 build root ready: $ROOT ($(du -sh "$ROOT" | cut -f1)) in $(($(date +%s) - T0))s"
+swap_in "$NEW" "$ROOT" .dm-buildroot-key "$KEY"

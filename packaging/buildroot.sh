@@ -201,27 +201,7 @@ EOF
 step "stripped"
 
 # --- the locked build environment --------------------------------------------------------
-in_root "$NEW" PREFIX="$PREFIX" PY_MM="$PY_MM" <<'EOF'
-"$PREFIX/python/bin/python$PY_MM" -m venv "$PREFIX/venv"
-"$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check --no-index \
-  --find-links "$PREFIX/wheelhouse" --require-hashes --only-binary=:all: \
-  -r "$PREFIX/requirements.lock"
-"$PREFIX/venv/bin/pip" check
-{
-  echo "built: $(date -u +%FT%TZ) on Debian $(cat /etc/debian_version)"
-  echo "glibc: $(ldd --version | head -1)"
-  "$PREFIX/venv/bin/python" -c 'import sys, ssl; print("python:", sys.version.split()[0]); print("openssl:", ssl.OPENSSL_VERSION)'
-  echo "pyinstaller: $("$PREFIX/venv/bin/pyinstaller" --version)"
-  echo "packages:"
-  "$PREFIX/venv/bin/pip" freeze --all | sed 's/^/  /'
-} >"$PREFIX/BUILDINFO"
-cat "$PREFIX/BUILDINFO"
-EOF
+root_venv "$NEW"
 step "venv with the locked dependencies ready"
 
-umount_all
-echo "$KEY" >"$NEW/.dm-buildroot-key"
-umount_stale "$ROOT"
-safe_rm_tree "$ROOT"
-mv "$NEW" "$ROOT"
-log "build root ready: $ROOT ($(du -sh "$ROOT" | cut -f1)) in $(($(date +%s) - T0))s"
+swap_in "$NEW" "$ROOT" .dm-buildroot-key "$KEY"

@@ -171,10 +171,5 @@ du -sh /stage"$PREFIX"
 EOF
 step "CPython $PY_VERSION cross-compiled"
 
-umount_all
-echo "$KEY" >"$NEW/.dm-crossroot-key"
-umount_stale "$ROOT"
-safe_rm_tree "$ROOT"
-mv "$NEW" "$ROOT"
-log "cross root ready: $ROOT ($(du -sh "$ROOT" | cut -f1)) in $(($(date +%s) - T0))s"
+swap_in "$NEW" "$ROOT" .dm-crossroot-key "$KEY"
 echo "$ROOT"

@@ -226,15 +226,7 @@ def test_configured_start(node: Node) -> None:
 def test_reload(node: Node) -> None:
     """A new interval applies on reload (ttl = 2 × timeout), same process."""
     with node.step("reload", needs=["configured"]):
-        pid = node.main_pid()
-        mark = node.cursor()
-        since = time.monotonic()
-        node.configure(timeout=2)
-        node.run(["systemctl", "reload", UNIT], timeout=SLOW)
-        node.wait_registration(since, ttl=4, timeout=SLOW)
-        node.wait_lines(r"configuration reloaded from /etc/dm-agent\.ini: interval 2s",
-                        after=mark, timeout=SLOW)
-        assert node.main_pid() == pid
+        node.reload_interval(2, timeout=SLOW)
 
 
 def test_reboot(node: Node) -> None:

@@ -337,6 +337,23 @@ class Node:
         shipped = self.run(["cat", "/usr/share/doc/dm-agent/dm-agent.ini"]).stdout
         self.edit_ini(shipped + self.settings_block(timeout=timeout, extra=extra))
 
+    def reload_interval(self, interval: int, *, timeout: float = 15.0) -> RecordedRequest:
+        """Configure *interval* and ``systemctl reload``: the same process logs the reload and
+        registers with ttl = 2 × interval. Returns that registration."""
+        pid = self.main_pid()
+        mark = self.cursor()
+        since = time.monotonic()
+        self.configure(timeout=interval)
+        self.run(["systemctl", "reload", UNIT], timeout=timeout)
+        reg = self.wait_registration(since, ttl=2 * interval, timeout=timeout)[0]
+        self.wait_lines(rf"configuration reloaded from /etc/dm-agent\.ini: interval {interval}s",
+                        after=mark, timeout=timeout)
+        assert self.show("ActiveState", "MainPID") == {"ActiveState": "active",
+                                                       "MainPID": str(pid)}
+        assert self.messages(mark, priority="err") == []
+        self.notes["reload_to_ttl_seconds"] = round(reg.time - since, 2)
+        return reg
+
     def stat(self, path: str) -> str:
         return self.run(["stat", "-c", "%a %U:%G", path]).stdout.strip()
 
