@@ -63,7 +63,8 @@ class Agent:
         self.node_name: str | None = None
         self.containers_reported = 0
         #: the master generation, for the state file: None, as the default body is read
-        #: by both generations, so the agent never needs to find out (docs/registration.md, Masters and engines)
+        #: by both generations, so the agent never needs to find out (docs/registration.md,
+        #: Masters and engines)
         self.master_generation: str | None = None
         self._refused_name: str | None = None
         self.parts = self._build(settings, None)

@@ -11,7 +11,8 @@ import fnmatch
 import json
 import subprocess
 
-#: interfaces that are not "real" (docs/registration.md, *address*): loopback, containers' and bridges'
+#: interfaces that are not "real" (docs/registration.md, *address*): loopback,
+#: containers' and bridges'
 NOT_REAL = ("lo", "veth*", "docker*", "br-*")
 
 

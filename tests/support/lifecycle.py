@@ -420,7 +420,8 @@ PSEUDO_FS = {"tmpfs", "devtmpfs", "overlay", "squashfs", "proc", "sysfs", "cgrou
 
 
 def df_real(node: Node) -> dict[str, dict[str, Any]]:
-    """The node's disks as docs/design.md §1 and docs/registration.md define them, from ``df -a`` inside
+    """The node's disks as docs/design.md §1 and docs/registration.md define them, from
+    ``df -a`` inside
     the root: real filesystems mounted on directories, one mount point per filesystem
     (device number), the shortest. Mount point → source, type, device, size, used.
 
