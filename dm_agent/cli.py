@@ -238,7 +238,7 @@ def _run(args: argparse.Namespace) -> int:
     for warning in warnings:
         logs.logger.warning("%s", warning)
     logs.logger.info("Configs: %s", settings.config_file or "(none found)")
-    from .agent import Agent
+    from .agent import Agent, describe
 
     agent = Agent(settings, dry_run=args.dry_run)
     if args.once:
@@ -250,8 +250,7 @@ def _run(args: argparse.Namespace) -> int:
 
     signals = Signals(Waker())
     signals.install()
-    logs.logger.info("started: registering every %ds with %s", settings.interval,
-                     settings.master or "(dry run)")
+    logs.logger.info("started: %s", describe(settings))
     try:
         return loop.run(agent, signals, reload)
     finally:

@@ -184,7 +184,7 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
         logs.logger.warning("%s", warning)
 
     from . import loop
-    from .agent import Agent
+    from .agent import Agent, describe
     from .notify import Watchdog
     from .signals import Signals, Waker
 
@@ -195,9 +195,8 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
 
     def ready() -> None:
         writer.write(agent)  # running, not registered yet
-        logs.logger.info("started as daemon (PID %d, pidfile %s): registering every %ds "
-                         "with %s", os.getpid(), pidpath, settings.interval,
-                         settings.master or "(dry run)")
+        logs.logger.info("started as daemon (PID %d, pidfile %s): %s", os.getpid(), pidpath,
+                         describe(settings))
         starter.tell("OK")
 
     watchdog = Watchdog.from_env({starter_pid, os.getpid()})
