@@ -15,17 +15,13 @@ The node's Docker is a private real dockerd of this test, its socket bound at
 
 from __future__ import annotations
 
-import functools
-import http.server
 import re
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import lifecycle, nspawn
+from support import fleet, lifecycle, nspawn
 from support.dockerd import Dockerd, populate
 from support.lifecycle import INI, Node
 from support.master import Master
@@ -78,23 +74,11 @@ def test_the_readme_path_is_what_this_test_runs() -> None:
     assert steps[("Verify", "sh")] == ["dm-agent status", "journalctl -u dm-agent"]
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def repo_url(pkgs: lifecycle.Packages) -> Iterator[str]:
     """dist/repo served over HTTP on loopback, which the booted root shares."""
-    handler = functools.partial(_Quiet, directory=str(pkgs.repo))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with fleet.serve(pkgs.repo) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +125,7 @@ def test_operator_path_as_written(node: Node, pkgs: lifecycle.Packages, repo_url
     subst = {EXAMPLE_REPO: repo_url, EXAMPLE_MASTER: node.master.address}
 
     # Install: the key, its fingerprint shown, the source line, apt update and install
-    shown = subprocess.run(["gpg", "--show-keys", "--with-colons", str(pkgs.keyring)],
-                           capture_output=True, text=True, check=True).stdout
-    fingerprint = re.findall(r"^fpr:+([0-9A-F]{40}):", shown, re.M)[0]
+    fingerprint = fleet.key_fingerprint(pkgs.keyring)
     outs = run_block(node, steps[("Debian and Ubuntu", "sh")], subst)
     assert fingerprint in outs[1].replace(" ", ""), outs[1]
     status = node.run(["dpkg-query", "-W", "-f", "${Status} ${Version}", "dm-agent"]).stdout
