@@ -37,13 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.support import lifecycle, nspawn, roots
-from tests.support.dockerd import Dockerd, populate
-from tests.support.elf import EM_AARCH64, elf_machine
-from tests.support.lifecycle import INI, PIDFILE, UNIT, Node
-from tests.support.master import Master
-from tests.test_lifecycle import SKIP_LINE, install_deb
+from support import lifecycle, nspawn, roots
+from support.dockerd import Dockerd, populate
+from support.elf import EM_AARCH64, elf_machine
+from support.lifecycle import INI, PIDFILE, UNIT, Node
+from support.master import Master
+from test_lifecycle import SKIP_LINE, install_deb
 
 pytestmark = pytest.mark.system
 

@@ -29,12 +29,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.support import nspawn, roots
-from tests.support.dockerd import Dockerd
-from tests.support.frozen import FROZEN, require_frozen
-from tests.support.hostnet import first_real_ipv4
-from tests.support.master import Master
+from support import nspawn, roots
+from support.dockerd import Dockerd
+from support.frozen import FROZEN, require_frozen
+from support.hostnet import first_real_ipv4
+from support.master import Master
 
 pytestmark = pytest.mark.system
 

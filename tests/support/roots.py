@@ -334,7 +334,7 @@ def _unmount(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tests.support.roots [RELEASE...]``: build (or check) the cached roots."""
+    """``python -m support.roots [RELEASE...]`` (from tests/): build (or check) the cached roots."""
     import sys
 
     for release in (argv if argv is not None else sys.argv[1:]) or ["bookworm"]:
