@@ -18,8 +18,8 @@ from .collectors.docker import NodeInfo
 from .collectors.events import EventWatcher
 from .collectors.host import HostCollector
 from .config import Settings
+from .net import redact
 from .outage import Outage
-from .reporter import redact
 from .rounds import Progress, timeouts
 from .sink import MasterSink, Printer
 from .source import NodeSource

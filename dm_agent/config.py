@@ -19,10 +19,10 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from .errors import ConfigError
+from .net import SECRET_MASK, USERINFO, redact_userinfo
 
 SECTION = "main"
 ENV_PREFIX = "DM_AGENT_"
-SECRET_MASK = "********"
 DEFAULT_DOCKER = "unix:///var/run/docker.sock"
 
 
@@ -69,15 +69,6 @@ def parse_docker(text: str) -> str:
     )
 
 
-_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?)([^/@]*)@")
-
-
-def redact_userinfo(text: str) -> str:
-    """The URL with a ``user:password@`` part masked, for messages (a token may be the
-    user name alone, so the whole part goes)."""
-    return _USERINFO.sub(lambda m: f"{m.group(1)}{SECRET_MASK}@", text, count=1)
-
-
 def parse_master(text: str) -> str | None:
     """Normalise the master endpoint to a base URL without a trailing slash.
 
@@ -88,7 +79,7 @@ def parse_master(text: str) -> str | None:
     text = text.strip()
     if not text:
         return None
-    if _USERINFO.match(text):
+    if USERINFO.match(text):
         raise ValueError(
             "the master URL must not carry credentials (user:password@): the node "
             "authenticates with the 'secret' setting (X-Auth-Node header)"

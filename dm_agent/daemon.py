@@ -22,8 +22,8 @@ from collections.abc import Callable
 from . import config, logs
 from .config import Settings
 from .errors import EX_FAILURE, EX_OK, AgentError
+from .net import redact
 from .pidfile import LockedPidfile
-from .reporter import redact
 from .state import StateWriter, state_path
 
 READY_TIMEOUT = 30.0

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .reporter import redact
+from .net import redact
 
 if TYPE_CHECKING:  # the agent imports this module, not the other way round
     from .agent import Agent
