@@ -3,6 +3,7 @@ the IP of the interface that routes to the master (docs/design.md §1)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from .config import Settings
@@ -20,6 +21,8 @@ class Announcer:
 
     def address(self) -> str:
         s = self.settings
+        if s.gateway:
+            return self.gateway_url()
         tcp = tcp_address(s.docker)
         if tcp:
             return s.address or tcp
@@ -30,3 +33,35 @@ class Announcer:
             if self._found is None:
                 return socket.gethostname()
         return self._found
+
+    def gateway_url(self) -> str:
+        """``https://ADDR:PORT`` of the gateway (docs/design.md §6): a configured
+        ``address`` wins (a bare host gets the gateway's port, an ``https://`` URL is taken
+        as it is), then the gateway's own listen host when it is one address, then the
+        address that routes to the master. The master keeps the first address a node
+        registers, so this is all a node with a gateway ever registers."""
+        s = self.settings
+        assert s.gateway
+        host, _, port = s.gateway.rpartition(":")
+        if s.address:
+            if s.address.startswith("https://"):
+                return s.address
+            if s.address.count(":") == 1 or s.address.startswith("["):
+                return "https://" + s.address
+            return f"https://{s.address}:{port}"
+        bare = host.strip("[]")
+        if bare and bare not in WILDCARDS and not is_loopback(bare):
+            return f"https://{host}:{port}"
+        found = self._found = self._found or route_address(s.master)
+        found = found or socket.gethostname()
+        return f"https://[{found}]:{port}" if ":" in found else f"https://{found}:{port}"
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from . import nodename, payload
@@ -62,6 +63,7 @@ class Agent:
         self.last_error: tuple[str, str] | None = None
         self.node_name: str | None = None
         self.containers_reported = 0
+        self.address_reported: str | None = None
         #: the master generation, for the state file: None, as the default body is read
         #: by both generations, so the agent never needs to find out (README, *Masters*)
         self.master_generation: str | None = None
@@ -76,6 +78,30 @@ class Agent:
     @property
     def events(self) -> EventWatcher | None:
         return self.parts.source.events
+
+    def follow_events(self, on_change: Callable[[str], None]) -> None:
+        """Follow Docker's event stream of the current configuration's source."""
+        self.parts.source.start_events(on_change)
+
+    def report(self) -> dict[str, Any]:
+        """What the state file says of the agent itself (``dm-agent status``)."""
+        s = self.settings
+        docker_error = None
+        if self.docker_outage.active:
+            docker_error = redact(self.docker_outage.message, s.secret)
+        return {
+            "config_file": s.config_file,
+            "master": s.master,
+            "interval": s.interval,
+            "ttl": s.ttl,
+            "node": self.node_name,
+            "address": self.address_reported,
+            "containers": self.containers_reported,
+            "docker": {"reachable": docker_error is None, "error": docker_error},
+            "stuck_mounts": self.host.disks.stuck,
+            "time_format": self.time_format,
+            "master_generation": self.master_generation,
+        }
 
     def _build(self, s: Settings, last: NodeInfo | None) -> Parts:
         source = NodeSource(s, self.progress, self.docker_outage, last)
@@ -128,6 +154,7 @@ class Agent:
         body = self.build_body(parts)
         if self.progress.live():
             self.node_name, self.containers_reported = body["name"], len(body["containers"])
+            self.address_reported = body["address"]
         self._check_name(body["name"])
         if log.isEnabledFor(logging.DEBUG):
             log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))

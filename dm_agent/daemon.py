@@ -24,7 +24,7 @@ from .config import Settings
 from .errors import EX_FAILURE, EX_OK, AgentError
 from .net import redact
 from .pidfile import LockedPidfile
-from .state import StateWriter, state_path
+from .state import state_path
 
 READY_TIMEOUT = 30.0
 
@@ -47,7 +47,7 @@ def preload() -> None:
     import requests.adapters  # noqa: F401
     import urllib3  # noqa: F401
 
-    from . import agent, loop, signals  # noqa: F401
+    from . import runner  # noqa: F401  (the agent, the loop, the services)
     from .collectors import events  # noqa: F401
 
     if not logs.under_journal(sys.stderr):
@@ -183,31 +183,17 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
     for warning in warnings:
         logs.logger.warning("%s", warning)
 
-    from . import loop
-    from .agent import Agent
+    from . import runner
     from .notify import Watchdog
-    from .signals import Signals, Waker
-
-    agent = Agent(settings, dry_run=dry_run)
-    writer = StateWriter(state_path(pidpath))
-    signals = Signals(Waker())
-    signals.install()
-
-    def ready() -> None:
-        writer.write(agent)  # running, not registered yet
-        logs.logger.info("started as daemon (PID %d, pidfile %s): registering every %ds "
-                         "with %s", os.getpid(), pidpath, settings.interval,
-                         settings.master or "(dry run)")
-        starter.tell("OK")
 
     watchdog = Watchdog.from_env({starter_pid, os.getpid()})
     try:
-        return loop.run(agent, signals, reload, on_first=ready, watchdog=watchdog,
-                        state=writer)
+        return runner.serve(settings, reload, dry_run=dry_run, state_file=state_path(pidpath),
+                            watchdog=watchdog, on_ready=lambda: starter.tell("OK"),
+                            started=f"started as daemon (PID {os.getpid()}, pidfile {pidpath})")
     except Exception as exc:  # a bug: say it where the operator looks, then exit 1
-        _fatal(starter, exc, agent.settings)
+        _fatal(starter, exc, settings)
         return EX_FAILURE
     finally:
-        writer.remove()
         logs.logger.info("stopped")
         context.close()  # leaves the pidfile context: unlocks and removes it

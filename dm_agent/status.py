@@ -76,19 +76,17 @@ def pidfile_of(explicit: str | None, config_path: str | None) -> str:
     is passed over (a non-member of dm-agent cannot read /etc/dm-agent.ini)."""
     if explicit:
         return explicit
-    if env := os.environ.get(config.ENV_PREFIX + "PIDFILE", "").strip():
-        return env
     path = config.find_config(config_path)
-    if path is not None:
-        try:
-            values, _ = config.read_file(path)
-        except ConfigError:
-            values = {}
-        if values.get("pidfile", "").strip():  # relative: to the file's directory
-            return os.path.join(os.path.dirname(path), values["pidfile"].strip())
+    try:
+        values = config.read_file(path)[0] if path is not None else {}
+    except ConfigError:
+        values = {}
+    raw = config.raw_value(config.BY_NAME["pidfile"], {}, os.environ, values, path, os.getcwd())
+    if raw.text.strip():
+        return raw.text.strip()
     if os.geteuid() == 0 or os.path.isdir(os.path.dirname(SYSTEM_PIDFILE)):
         return SYSTEM_PIDFILE
-    return config.pidfile_path(config.Settings())
+    return config.pidfile_path(config.DEFAULTS)
 
 
 def lock_holder(path: str, st: os.stat_result) -> tuple[bool | None, int | None]:
