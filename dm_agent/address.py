@@ -65,3 +65,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def unmanaged(settings: Settings) -> str | None:
+    """Why the master can list this node but not manage it, and the fix; None when it
+    can (a gateway, or Docker on TCP), or when no master is set."""
+    if settings.gateway or not settings.master or tcp_address(settings.docker):
+        return None
+    if settings.gateway_off_reason:
+        why = "the gateway is off: " + settings.gateway_off_reason
+    else:
+        why = (f"Docker is on a unix socket ({settings.docker.partition('://')[2]}), which "
+               "the master cannot reach, and the gateway is off")
+    return (f"the master cannot manage this node's Docker: {why}; set gateway = 0.0.0.0:8771 "
+            "and gateway_password_hash (docs/operator-guide.md, \"Let the master manage "
+            "this node\")")

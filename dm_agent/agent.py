@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from . import nodename, payload
-from .address import Announcer
+from .address import Announcer, unmanaged
 from .collectors.docker import NodeInfo
 from .collectors.events import EventWatcher
 from .collectors.host import HostCollector
@@ -101,6 +101,7 @@ class Agent:
             "stuck_mounts": self.host.disks.stuck,
             "time_format": self.time_format,
             "master_generation": self.master_generation,
+            "unmanaged": unmanaged(s),
         }
 
     def _build(self, s: Settings, last: NodeInfo | None) -> Parts:

@@ -206,6 +206,10 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(config.render(settings))
         if not args.dry_run:
             settings.require_master()
+        from .address import unmanaged
+
+        if note := unmanaged(settings):
+            print(f"dm-agent: note: {note}", file=sys.stderr)
         print(f"dm-agent: configuration OK ({settings.config_file or 'no file'})",
               file=sys.stderr)
         return EX_OK

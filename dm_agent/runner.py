@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 
 from . import loop
+from .address import unmanaged
 from .agent import Agent
 from .config import Settings
 from .notify import Watchdog
@@ -48,6 +49,8 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None, *, dry_run:
             writer.write(agent)  # running, not registered yet
         log.info("%s: registering every %ds with %s; %s", started, settings.interval,
                  settings.master or "(dry run)", gateway_line(agent))
+        if note := unmanaged(settings):
+            log.warning("%s", note)
         if on_ready is not None:
             on_ready()
 

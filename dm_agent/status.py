@@ -228,6 +228,37 @@ def _last_error(state: dict[str, Any], now: float) -> str | None:
     return f"last error{at}: {failure.get('kind')}: {failure.get('message')}"
 
 
+def _gateway(state: dict[str, Any], now: float) -> list[str]:
+    """The gateway's lines (docs/design.md §6), or why the master cannot manage the node."""
+    gw = state.get("gateway")
+    lines: list[str] = []
+    if isinstance(gw, dict) and gw.get("listen"):
+        if gw.get("error"):
+            lines.append(f"gateway: NOT listening: {gw.get('error')}")
+        else:
+            lines.append(f"gateway: listening on {gw.get('listen')} ({gw.get('access')} "
+                         f"access), {gw.get('connections', 0)} open connections")
+        cert = gw.get("certificate")
+        if isinstance(cert, dict):
+            expires = _num(cert.get("not_after"))
+            left = f", expires {clock(expires, now)} ({ago(expires - now)})" if expires else ""
+            own = " (self-issued)" if cert.get("self_issued") else ""
+            lines.append(f"gateway certificate{own}: {cert.get('fingerprint')}{left}")
+        fails = gw.get("auth_failures")
+        if isinstance(fails, dict) and fails.get("failures_total"):
+            recent = fails.get("recent") or []
+            last = recent[0] if recent and isinstance(recent[0], dict) else {}
+            when = _num(last.get("last"))
+            lines.append(f"gateway authentication failures: {fails.get('failures_total')}"
+                         + (f", last from {last.get('client')} {ago(now - when)} ago"
+                            if when else ""))
+    elif isinstance(gw, dict) and gw.get("off_reason"):
+        lines.append(f"gateway off: {gw.get('off_reason')}")
+    if state.get("unmanaged"):
+        lines.append(str(state["unmanaged"]))
+    return lines
+
+
 def judge(state: dict[str, Any], now: float) -> tuple[int, str, str]:
     """(exit code, status word, summary) of a running agent's state."""
     master = state.get("master") or "(no master)"
@@ -308,8 +339,9 @@ def check(pidfile: str, now: float | None = None) -> Result:
                       f"PID {state.get('pid')}'s (the agent is starting; ask again)", pid, state)
     code, status, message = judge(state, now)
     error = _last_error(state, now)
-    if error:
-        message += "\n" + error
+    for line in (error, *_gateway(state, now)):
+        if line:
+            message += "\n" + line
     return result(code, status, message, pid or state.get("pid"), state)
 
 
