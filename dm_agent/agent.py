@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 from collections.abc import Callable
 from typing import IO, Any
@@ -26,6 +27,14 @@ from .sink import MasterSink, Printer
 from .source import NodeSource
 
 log = logging.getLogger("dm_agent")
+
+
+def describe(settings: Settings) -> str:
+    """What the start line says at INFO (docs/design.md §4): the master, the host, the
+    interval; the runner adds the gateway's part. The node's name is Docker's, known at
+    the first registration, which its own line names; no Docker call delays the start."""
+    return (f"master {settings.master or '(dry run)'}, host {socket.gethostname()}, "
+            f"interval {settings.interval}s")
 
 
 class Parts:
@@ -65,9 +74,12 @@ class Agent:
         self.containers_reported = 0
         self.address_reported: str | None = None
         #: the master generation, for the state file: None, as the default body is read
-        #: by both generations, so the agent never needs to find out (README, *Masters*)
+        #: by both generations, so the agent never needs to find out (docs/registration.md,
+        #: Masters and engines)
         self.master_generation: str | None = None
         self._refused_name: str | None = None
+        #: (node, master, ttl) of the last registration logged at INFO
+        self._registered_as: tuple[str, str, int] | None = None
         self.parts = self._build(settings, None)
 
     @property
@@ -162,7 +174,18 @@ class Agent:
         failure = parts.sink.send(body, deadline)
         if failure is not None and self.progress.live():
             self.last_error = failure
+        elif failure is None and isinstance(parts.sink, MasterSink) and self.progress.live():
+            self._accepted(body["name"], parts.sink.settings)
         return failure is None
+
+    def _accepted(self, name: str, s: Settings) -> None:
+        """The first accepted registration at INFO, and again only when what the master
+        knows changes (the node's name, the master, the ttl): never a line a round, so a
+        healthy node's journal says it is registered in a handful of lines a day."""
+        now = (name, s.master or "", s.ttl)
+        if now != self._registered_as:
+            self._registered_as = now
+            log.info("registered as %s with %s (ttl %ds)", name, s.master, s.ttl)
 
     def _check_name(self, name: str) -> None:
         """Say once, at ERROR, that the master will refuse this node name, and why."""

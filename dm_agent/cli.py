@@ -13,20 +13,37 @@ from . import __version__, config, logs
 from .command import Parser
 from .errors import EX_OK, AgentError, UsageError
 
-EPILOG = """\
+#: what an empty default means, where it is not "unset"
+_EMPTY_DEFAULTS = {
+    "pidfile": "/run/dm-agent/dm-agent.pid (root), $XDG_RUNTIME_DIR/dm-agent.pid (others)",
+    "address": "(found at run time)",
+    "master_ca": "(the system CA store)",
+}
+
+
+def _defaults() -> str:
+    """Every key of [main] with its default, one per line, for --help."""
+    return "\n".join(f"  {k.name} = {k.default or _EMPTY_DEFAULTS.get(k.name, '(unset)')}"
+                     for k in config.KEYS)
+
+
+EPILOG = f"""\
 Example:
-  dm-agent -d 172.31.0.11:2375 -m 172.31.0.3:8763 -t 2 -vv
-Sample config:
+  dm-agent -m 10.0.0.3:8761 -t 10 -v
+Sample config (/etc/dm-agent.ini):
   [main]
-  docker = 172.31.0.12:2375
-  master = 172.31.0.3:8762
-  timeout = 10
-  log_level = 2
-By default find config in:
+  master = 10.0.0.3:8761
+  docker = unix:///var/run/docker.sock
+  timeout = 60
+  log_level = 1
+Keys of [main] with their defaults (DM_AGENT_<KEY> overrides the file; docs/configuration.md):
+{_defaults()}
+By default find config in (the first that exists, and only it):
         $CWD/dm-agent.ini
-        $HOME/.config/dm-agent.ini
+        ${{XDG_CONFIG_HOME:-$HOME/.config}}/dm-agent.ini
         /etc/dm-agent.ini
-Exit codes: 0 success, 1 failure, 64 usage, 75 pidfile locked, 78 configuration.
+Exit codes: 0 success, 1 failure, 64 usage, 75 pidfile locked, 78 configuration,
+  130 interrupted (Ctrl-C) outside the loop.
 Commands (see dm-agent COMMAND --help):
   dm-agent status [--json]   is the daemon registered? exit 0 registered within its
                              ttl, 1 running but stale, failing or hung, 3 not running,
@@ -61,13 +78,14 @@ _SECRET_ENV = "DM_AGENT__CLI_SECRET"
 KEY_FLAGS: tuple[tuple[str | None, str, str, str], ...] = (
     ("-d", "--docker", "docker", "Docker endpoint: host:port, tcp://host:port, unix:///path "
      "or https://host:port (default unix:///var/run/docker.sock)"),
-    ("-m", "--master", "master", "IP and port (or URL) of dockmaster service"),
+    ("-m", "--master", "master", "IP and port (or URL) of dockmaster service "
+     "(default: unset, nothing is sent)"),
     ("-t", "--timeout", "timeout", "timeout in seconds between node registration updates "
-     "(the interval; default 60)"),
-    ("-s", "--secret", "secret", "node secret sent as X-Auth-Node (prefer the config file: "
-     "a command line is visible to every user)"),
-    (None, "--pidfile", "pidfile", "pidfile (default /run/dm-agent/dm-agent.pid for root, "
-     "$XDG_RUNTIME_DIR/dm-agent.pid otherwise)"),
+     "(default 60; the ttl sent is twice this)"),
+    ("-s", "--secret", "secret", "node secret sent as X-Auth-Node (default: unset; prefer "
+     "the config file: a command line is visible to every user)"),
+    (None, "--pidfile", "pidfile", "pidfile of --daemon, or of the foreground agent when set "
+     "(default /run/dm-agent/dm-agent.pid for root, $XDG_RUNTIME_DIR/dm-agent.pid otherwise)"),
     (None, "--gateway", "gateway", "serve this node's Docker API to the master on HOST:PORT "
      "over TLS (the ecosystem's port is 8771; default off)"),
 )
@@ -85,9 +103,12 @@ def parser() -> argparse.ArgumentParser:
         names = (short, long) if short else (long,)
         p.add_argument(*names, dest=key, help=text)
     p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="logging level, -v is INFO, -vv is DEBUG (default WARNING)")
-    p.add_argument("-f", "--config", help="path to the configuration file")
-    p.add_argument("--daemon", action="store_true", help="detach and run in the background")
+                   help="logging level, -v is INFO, -vv is DEBUG (default WARNING, "
+                   "or log_level of the config)")
+    p.add_argument("-f", "--config", help="path to the configuration file (default: the "
+                   "search path below)")
+    p.add_argument("--daemon", action="store_true", help="detach and run in the background "
+                   "(default: the foreground)")
     p.add_argument("--once", action="store_true",
                    help="register once, then exit 0 on success, 1 on failure")
     p.add_argument("--dry-run", action="store_true",

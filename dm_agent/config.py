@@ -621,11 +621,20 @@ def pidfile_path(settings: Settings) -> str:
     return settings.pidfile or _pidfile_default()
 
 
+#: what an empty setting means, for --check-config: the effective value is found at run time
+_EMPTY_MEANS = {
+    "address": "default: the Docker TCP host:port, else the IP that routes to the master",
+    "master_ca": "default: the system CA store",
+}
+
+
 def render(settings: Settings) -> str:
     """The effective settings as INI text, the secret masked, each with its source."""
     lines = [f"# config file: {settings.config_file or '(none found)'}", f"[{SECTION}]"]
     for key in KEYS:
         value = getattr(settings, key.attr)
+        if key.name == "pidfile":  # the file a daemon would really use
+            value = pidfile_path(settings)
         if key.secret:
             text = SECRET_MASK if value else ""
         elif isinstance(value, bool):
@@ -637,6 +646,8 @@ def render(settings: Settings) -> str:
         else:
             text = str(value)
         source = settings.sources.get(key.name, "default")
+        if not text and source == "default":
+            source = _EMPTY_MEANS.get(key.name, source)
         lines.append(f"{key.name} = {text}".rstrip() + f"  ; {source}")
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""The registration body, exactly as the master's NodeAgentData DTO reads it (DESIGN §1)."""
+"""The registration body, exactly as the master's NodeAgentData DTO reads it (docs/design.md §1)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from . import loop
 from .address import unmanaged
-from .agent import Agent
+from .agent import Agent, describe
 from .config import Settings
 from .notify import Watchdog
 from .services import EventsService, Services
@@ -47,8 +47,7 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None, *, dry_run:
     def ready() -> None:
         if writer is not None:
             writer.write(agent)  # running, not registered yet
-        log.info("%s: registering every %ds with %s; %s", started, settings.interval,
-                 settings.master or "(dry run)", gateway_line(agent))
+        log.info("%s: %s, %s", started, describe(settings), gateway_line(agent))
         if note := unmanaged(settings):
             log.warning("%s", note)
         if on_ready is not None:

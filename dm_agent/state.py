@@ -7,7 +7,7 @@ runs as root (the unit runs it as that group already), and it holds no secret: t
 master's URL cannot hold a password (config refuses one). ``status`` reads it without asking
 the agent anything, so a hung agent is judged by the file's age.
 
-Times are Unix times (float seconds, UTC); the schema is in the README (*Status*).
+Times are Unix times (float seconds, UTC); the schema is in docs/operator-guide.md (Status).
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(prog="dm-agent status", description=DESCRIPTION, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true",
-                   help="print the state as JSON for monitoring systems (schema in the README)")
+                   help="print the state as JSON for monitoring systems "
+                   "(schema in docs/operator-guide.md)")
     p.add_argument("--pidfile", help="pidfile of the daemon (default: the config's pidfile, "
                    f"else {SYSTEM_PIDFILE} when that directory exists or for root)")
     p.add_argument("-f", "--config", help="config file whose pidfile setting to use")

@@ -26,7 +26,7 @@
 #                read says so
 #   real key     DM_REPO_GNUPGHOME=/path/to/gnupghome DM_REPO_KEY=<fingerprint>; the key
 #                must sign without a prompt (gpg-agent with the passphrase preset, or a
-#                signing subkey on a token), see README
+#                signing subkey on a token), see docs/packaging.md
 #   A release (DM_REPO_URL or DM_RELEASE set) without DM_REPO_KEY is refused: a forgotten
 #   key must not publish a repository signed with the throwaway one. DM_REPO_THROWAWAY=1
 #   allows it anyway (a test of the release path).
@@ -87,7 +87,7 @@ if [[ -n ${DM_REPO_KEY:-} ]]; then
 else
   if [[ -n ${DM_REPO_URL:-}${DM_RELEASE:-} && ${DM_REPO_THROWAWAY:-} != 1 ]]; then
     die "a release (DM_REPO_URL or DM_RELEASE is set) needs the release key:" \
-      "set DM_REPO_GNUPGHOME and DM_REPO_KEY (README: Signing with the real key);" \
+      "set DM_REPO_GNUPGHOME and DM_REPO_KEY (docs/packaging.md: Signing with the real key);" \
       "DM_REPO_THROWAWAY=1 signs with the throwaway test key anyway"
   fi
   export GNUPGHOME=$REPO/build/repo-gnupg

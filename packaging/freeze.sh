@@ -183,7 +183,7 @@ This directory is the whole program: keep dm-agent and _internal/ together.
     cp /opt/$NAME/dm-agent.ini.example /etc/dm-agent.ini   # then set master
     dm-agent --check-config && dm-agent --once
 Where a package manager exists, prefer the .deb or .rpm: they add the systemd unit and
-the dm-agent user. See README.md in the source for configuration and operation.
+the dm-agent user. See README.md and docs/ in the source for configuration and operation.
 
 dm-agent is licensed under the Apache License 2.0 (LICENSE). It bundles CPython (PSF
 licence), OpenSSL (Apache-2.0), libraries of Debian 11, and the Python packages psutil,

@@ -118,7 +118,7 @@ def test_once_fails_with_1_when_master_unreachable(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_during_once_dies_of_sigint(tmp_path: Path, master: Master) -> None:
-    """Ctrl-C outside the loop: killed by SIGINT as a shell expects (README, *Exit
+    """Ctrl-C outside the loop: killed by SIGINT as a shell expects (docs/configuration.md, *Exit
     codes*), which lets a script's loop over dm-agent stop; ``$?`` is 130; no traceback."""
     master.set_mode("hang")  # the registration stays in flight
     args = ["--once", "-d", NO_DOCKER, "-m", master.url, "-t", "60"]

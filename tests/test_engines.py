@@ -27,7 +27,7 @@ from support.master import GENERATIONS, Master, RecordedRequest
 
 pytestmark = pytest.mark.docker
 
-#: The documented bound: a change is at the master within a second (README, *Live
+#: The documented bound: a change is at the master within a second (docs/registration.md, *Live
 #: inventory*); asserted with a 2x margin, as the machine is shared.
 BOUND = 2.0
 LABELS = {"role": "compat", "eq": "a=b"}

@@ -536,7 +536,7 @@ def test_disks(node: Node) -> None:
         expected = lifecycle.df_real(node)
         node.notes["disks"] = {"reported": disks, "df -a, one per device": expected,
                                "df": lifecycle.df_default(node)}
-        # The overlay root is left out (DESIGN: no overlay), so are the bound files; the
+        # The overlay root is left out (docs/design.md §1: no overlay), so are the bound files; the
         # one real filesystem mounted on a directory is the host's, at /srv/data.
         assert set(disks) == set(expected) == {"/srv/data"}, (disks, expected)
         for path, disk in disks.items():

@@ -808,7 +808,7 @@ class FixtureContainer:
     state: str  # "running", "created" or "exited"
 
     def as_payload(self) -> dict[str, Any]:
-        """The entry DESIGN §1 expects in ``containers``."""
+        """The entry docs/design.md §1 expects in ``containers``."""
         return {"id": self.id, "name": self.name, "image": self.image, "labels": self.labels}
 
 

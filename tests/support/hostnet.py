@@ -1,4 +1,4 @@
-"""The address the README promises an agent announces when Docker is on a unix socket
+"""The address docs/registration.md promises an agent announces when Docker is on a unix socket
 and the master on loopback: the first IPv4 address of a real interface.
 
 Read from ``ip -j`` (iproute2), not from the agent's own code, so that a test comparing
@@ -11,7 +11,8 @@ import fnmatch
 import json
 import subprocess
 
-#: interfaces that are not "real" (README, *address*): loopback, containers' and bridges'
+#: interfaces that are not "real" (docs/registration.md, *address*): loopback,
+#: containers' and bridges'
 NOT_REAL = ("lo", "veth*", "docker*", "br-*")
 
 

@@ -402,7 +402,7 @@ class Node:
 
 
 def docker_containers(dockerd: Dockerd) -> list[dict[str, Any]]:
-    """Docker's own list of every container, as DESIGN §1 maps it into a registration."""
+    """Docker's own list of every container, as docs/design.md §1 maps it into a registration."""
     out = []
     for c in dockerd.api("/containers/json", params={"all": 1}):
         name = (c.get("Names") or ["/"])[0].lstrip("/")
@@ -411,7 +411,7 @@ def docker_containers(dockerd: Dockerd) -> list[dict[str, Any]]:
     return sorted(out, key=lambda c: c["id"])
 
 
-#: File system types df shows that are not disks of the node (DESIGN §1: "real
+#: File system types df shows that are not disks of the node (docs/design.md §1: "real
 #: filesystems only").
 PSEUDO_FS = {"tmpfs", "devtmpfs", "overlay", "squashfs", "proc", "sysfs", "cgroup",
              "cgroup2", "devpts", "mqueue", "fuse.lxcfs", "nsfs", "ramfs", "autofs",
@@ -420,7 +420,8 @@ PSEUDO_FS = {"tmpfs", "devtmpfs", "overlay", "squashfs", "proc", "sysfs", "cgrou
 
 
 def df_real(node: Node) -> dict[str, dict[str, Any]]:
-    """The node's disks as DESIGN §1 and the README define them, from ``df -a`` inside
+    """The node's disks as docs/design.md §1 and docs/registration.md define them, from
+    ``df -a`` inside
     the root: real filesystems mounted on directories, one mount point per filesystem
     (device number), the shortest. Mount point → source, type, device, size, used.
 

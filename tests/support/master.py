@@ -1,4 +1,4 @@
-"""A strict stand-in for the master's node-registration endpoint (DESIGN §1).
+"""A strict stand-in for the master's node-registration endpoint (docs/design.md §1).
 
 ``Master`` is a threaded HTTP server on 127.0.0.1 (port 0, or a port of your choice) that
 records every request and validates it against the contract: method, path, query,
