@@ -29,9 +29,11 @@ from .state import state_path
 READY_TIMEOUT = 30.0
 
 
-def preload() -> None:
+def preload(gateway: bool = False) -> None:
     """Import now what the daemon imports lazily later: a package upgrade may replace
-    the program's files (and the frozen archive) under a running agent."""
+    the program's files (and the frozen archive) under a running agent. The gateway's
+    modules only when it is configured (a reload that turns it on later imports them
+    then)."""
     import encodings.idna  # noqa: F401  (hostnames)
     import http.client  # noqa: F401
     import ssl  # noqa: F401
@@ -58,6 +60,8 @@ def preload() -> None:
     except ImportError:  # pragma: no cover - optional in requests
         pass
     "probe".encode("idna")
+    if gateway:
+        from .gateway import auth, edge, relay, server, tls, upstream  # noqa: F401
 
 
 class _Starter:
@@ -123,7 +127,7 @@ def _wait_ready(rfd: int) -> tuple[int, str]:
 def run(settings: Settings, warnings: list[str], reload: Callable[[], Settings],
         dry_run: bool = False) -> int:
     """Start the daemon; in the invoking process returns the exit code."""
-    preload()
+    preload(bool(settings.gateway))
     pidpath = config.pidfile_path(settings)
     starter_pid = os.getpid()  # systemd's WATCHDOG_PID names it
     rfd, wfd = os.pipe()
