@@ -24,8 +24,15 @@ $(BIN)/dm-agent: setup.cfg pyproject.toml
 
 venv: $(BIN)/dm-agent ## create .venv with dm-agent (editable) and the test tools
 
-run: venv ## print one real registration from the local Docker and host (no master needed)
-	$(BIN)/dm-agent --once --dry-run -v
+# `make run` needs only what running needs: its own small venv, without the test extra
+RUN_VENV ?= .venv-run
+$(RUN_VENV)/bin/dm-agent: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(RUN_VENV)
+	$(RUN_VENV)/bin/pip install -q -e .
+	@touch $@
+
+run: $(RUN_VENV)/bin/dm-agent ## print one real registration from the local Docker and host (no master, no root; runtime dependencies only)
+	$(RUN_VENV)/bin/dm-agent --once --dry-run -v
 
 deps: ## install the Debian packages the tests use (as root: docker.io, debootstrap, rpm, ...)
 	bash .ci/deps
@@ -38,6 +45,14 @@ lint: venv ## ruff over the code, tests and benchmarks; shellcheck over the scri
 
 typecheck: venv ## mypy --strict over the package
 	$(BIN)/mypy
+
+# The fast tier: no root, no dockerd, no booted roots, no packages (docs/developer-guide.md)
+FAST := not docker and not root and not system and not packages
+
+check-fast: venv ## ruff, mypy and the fast test tier: no root, Docker or booted roots, a few minutes
+	$(BIN)/ruff check dm_agent tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest -m "$(FAST)" $(PYTEST_ARGS)
 
 test: venv ## the test suite (root: it starts dockerd, boots systemd roots; needs `make frozen`)
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -72,7 +87,7 @@ bench: venv frozen ## benchmarks of the frozen program with their targets (root:
 	$(BIN)/python bench/bench_agent.py $(BENCH_ARGS)
 
 clean: ## remove build outputs and caches (not the cached build roots in /var/cache)
-	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis $(RUN_VENV)
 
-.PHONY: help venv run deps lint typecheck test check check-loaded clean frozen smoke-frozen packages repo bench \
+.PHONY: help venv run deps lint typecheck test check check-fast check-loaded clean frozen smoke-frozen packages repo bench \
   $(FROZEN_ARCHES) $(PACKAGE_ARCHES)

@@ -23,10 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the test harness, as the suite imports it
 
-from tests.support.dockerd import Dockerd, create_containers  # noqa: E402
-from tests.support.master import Master  # noqa: E402
+from support.dockerd import Dockerd, create_containers  # noqa: E402
+from support.master import Master  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 

@@ -14,7 +14,7 @@
 # bullseye-updates only: the package registry this project builds from serves no arm64
 # packages from bullseye-security (the amd64 root has that pocket). The bundled arm64
 # libraries are therefore those of the last point release (11.11) and bullseye-updates;
-# docs/packaging.md ("Architectures") says so.
+# README.md ("Architectures") says so.
 #
 # Cache: /var/cache/dm-agent/buildroot-bullseye-arm64-<key>, key = sha256 of this script,
 # root-common.sh, the lock and the cross root's key; rebuilt beside the old one, swapped

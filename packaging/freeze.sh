@@ -41,9 +41,9 @@ while (($#)); do
 done
 [[ $ARCH =~ ^(amd64|arm64)$ ]] || { echo "freeze.sh: --arch must be amd64 or arm64, not '$ARCH'" >&2; exit 64; }
 
-T0=$(date +%s)
-log() { printf '[freeze %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+LOG_TAG=freeze
+# shellcheck source=packaging/log.sh
+. "$HERE/log.sh"
 # shellcheck source=packaging/build-env.sh
 . "$HERE/build-env.sh"
 

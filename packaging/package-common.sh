@@ -17,12 +17,9 @@ esac
 [[ $ARCH =~ ^(amd64|arm64)$ ]] || { echo "$0: --arch must be amd64 or arm64, not '$ARCH'" >&2; exit 64; }
 SUFFIX=
 [[ $ARCH == amd64 ]] || SUFFIX=-$ARCH
-T0=$(date +%s)
-log() { printf '[%s %3ss] %s\n' "$NAME" "$(($(date +%s) - T0))" "$*" >&2; }
-die() {
-  log "ERROR: $*"
-  exit 1
-}
+LOG_TAG=$NAME
+# shellcheck source=packaging/log.sh
+. "$HERE/log.sh"
 
 # One run of each script and architecture at a time in this tree (a second one waits):
 # they rebuild build/<name><suffix>/ from scratch.

@@ -39,9 +39,9 @@ MIRROR=${DM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 FROZEN=${DM_FROZEN_DIR:-$REPO/build/frozen/dm-agent}
 BARE_KEY="bullseye minbase v1"
 
-T0=$(date +%s)
-log() { printf '[smoke %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
-die() { log "FAIL: $*"; exit 1; }
+LOG_TAG=smoke LOG_DIE_WORD=FAIL
+# shellcheck source=packaging/log.sh
+. "$HERE/log.sh"
 # shellcheck source=packaging/build-env.sh
 . "$HERE/build-env.sh"
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot, mount)"

@@ -19,26 +19,12 @@ Nothing is skipped: if dockerd cannot start, these fixtures error loudly.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # so that `tests.support` imports under plain `pytest` too
-    sys.path.insert(0, str(ROOT))
-
-import pytest  # noqa: E402
-
-from tests.support.dockerd import Dockerd, FixtureSet, populate  # noqa: E402
-from tests.support.master import GENERATIONS, Master  # noqa: E402
-
-# pytest also puts tests/ itself on sys.path, so `support.master` would load a second,
-# separate copy of each module (its own classes, its own registry of running dockerds):
-# make the short names the same module objects
-for _name, _mod in list(sys.modules.items()):
-    if _name == "tests.support" or _name.startswith("tests.support."):
-        sys.modules.setdefault(_name[len("tests.") :], _mod)
+import pytest
+from support.dockerd import Dockerd, FixtureSet, populate
+from support.master import GENERATIONS, Master
 
 #: daemon labels of the session dockerd: a value with '=', unicode, an empty value
 SESSION_LABELS: dict[str, str] = {

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from support.clock import Clock
 
 from dm_agent import rounds, schedule
 from dm_agent.outage import Outage, fmt_duration
@@ -38,14 +39,6 @@ def test_timeouts_are_shorter_than_the_interval() -> None:
     # the unit's WatchdogSec is twice the longest round
     unit = (Path(__file__).parents[1] / "systemd/dm-agent.service").read_text()
     assert f"\nWatchdogSec={2 * rounds.ROUND_MAX:g}\n" in unit
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_thousand_agents_started_together_spread_evenly() -> None:

@@ -43,12 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.support import fleet, lifecycle, nspawn
-from tests.support.dockerd import Dockerd
-from tests.support.fleet import Controller, ManagedNode, PlayResult
-from tests.support.lifecycle import INI, UNIT
-from tests.support.master import Master
+from support import fleet, lifecycle, nspawn
+from support.dockerd import Dockerd
+from support.fleet import Controller, ManagedNode, PlayResult
+from support.lifecycle import INI, UNIT
+from support.master import Master
 
 pytestmark = pytest.mark.system
 

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.support import lifecycle, nspawn, roots
-from tests.support.dockerd import Dockerd, populate
-from tests.support.lifecycle import INI, PIDFILE, UNIT, Node
-from tests.support.master import Master
-from tests.test_lifecycle import SKIP_LINE, install_deb
+from support import lifecycle, nspawn, roots
+from support.dockerd import Dockerd, populate
+from support.elf import EM_AARCH64, elf_machine
+from support.lifecycle import INI, PIDFILE, UNIT, Node
+from support.master import Master
+from test_lifecycle import SKIP_LINE, install_deb
 
 pytestmark = pytest.mark.system
 
@@ -54,7 +54,6 @@ DOCKER_LABELS = {"zone": "arm64", "dm.query": "a=b=c"}
 #: emulated: a boot, an apt-get install or a start takes several times its amd64 time
 BOOT_TIMEOUT = 600.0
 SLOW = 300.0
-EM_MACHINE_AARCH64 = 183
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +80,6 @@ def arm64() -> Iterator[lifecycle.Packages]:
         shutil.rmtree(snap, ignore_errors=True)
 
 
-def elf_machine(path: Path) -> int | None:
-    """e_machine of an ELF file (little-endian), None when *path* is not one."""
-    with open(path, "rb") as f:
-        head = f.read(20)
-    if len(head) < 20 or head[:4] != b"\x7fELF":
-        return None
-    return int.from_bytes(head[18:20], "little")
-
-
 # --- 1. the frozen program in the bare arm64 root -------------------------------------------
 
 
@@ -108,7 +98,7 @@ def test_onedir_is_aarch64_only(onedir: Path) -> None:
                 if p.is_file() and not p.is_symlink()}
     elves = {p: m for p, m in machines.items() if m is not None}
     assert Path("dm-agent") in elves and len(elves) > 10, sorted(machines)
-    assert {p: m for p, m in elves.items() if m != EM_MACHINE_AARCH64} == {}
+    assert {p: m for p, m in elves.items() if m != EM_AARCH64} == {}
 
 
 def test_frozen_arm64_in_the_bare_root(onedir: Path, dockerd: Dockerd) -> None:
@@ -116,7 +106,7 @@ def test_frozen_arm64_in_the_bare_root(onedir: Path, dockerd: Dockerd) -> None:
     with roots.use(BARE) as cached, roots.throwaway(cached) as root:
         assert (root / "etc/debian_version").read_text().startswith("11.")
         assert not list((root / "usr/bin").glob("python*"))
-        assert elf_machine(root / "usr/bin/env") == EM_MACHINE_AARCH64
+        assert elf_machine(root / "usr/bin/env") == EM_AARCH64
         binds = {onedir: "/opt/dm-agent", dockerd.socket_path: "/run/docker.sock"}
         version = roots.chroot_run(root, ["/opt/dm-agent/dm-agent", "--version"],
                                    binds=binds, timeout=SLOW)

@@ -117,12 +117,18 @@ def test_once_fails_with_1_when_master_unreachable(tmp_path: Path) -> None:
     assert "- ERROR - cannot reach http://127.0.0.1:9: Connection refused" in proc.stderr
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_once_dies_of_sigint(tmp_path: Path, master: Master) -> None:
     """Ctrl-C outside the loop: killed by SIGINT as a shell expects (docs/configuration.md, *Exit
     codes*), which lets a script's loop over dm-agent stop; ``$?`` is 130; no traceback."""
     master.set_mode("hang")  # the registration stays in flight
     args = ["--once", "-d", NO_DOCKER, "-m", master.url, "-t", "60"]
-    proc = popen(args, tmp_path)
+    # as from an interactive shell: SIGINT at its default, also when this suite runs in
+    # the background of a shell without job control (which starts it ignored, inherited)
+    proc = popen(args, tmp_path, preexec_fn=_default_sigint)
     master.wait_for(1, timeout=15)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=10)
@@ -131,7 +137,8 @@ def test_ctrl_c_during_once_dies_of_sigint(tmp_path: Path, master: Master) -> No
 
     shell = subprocess.Popen(["sh", "-c", '"$@"; echo "status $?"', "sh", BIN, *args],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=tmp_path, env=clean_env(tmp_path), stdin=subprocess.DEVNULL)
+                             cwd=tmp_path, env=clean_env(tmp_path), stdin=subprocess.DEVNULL,
+                             preexec_fn=_default_sigint)
     master.wait_for(2, timeout=15)
     (agent,) = psutil.Process(shell.pid).children()
     agent.send_signal(signal.SIGINT)

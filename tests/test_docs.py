@@ -121,7 +121,7 @@ def documents() -> list[Path]:
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to '-'."""
-    text = re.sub(r"[`*_]|\[([^]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading)
+    text = re.sub(r"[`*]|\[([^]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading)
     text = re.sub(r"[^\w\- ]", "", text.strip().lower())
     return text.replace(" ", "-")
 
@@ -168,5 +168,6 @@ def test_markdown_links_resolve() -> None:
 
 def test_slug_follows_github() -> None:
     assert slug("Status: `dm-agent status`") == "status-dm-agent-status"
+    assert slug("Ansible: the `dm_agent` role") == "ansible-the-dm_agent-role"
     assert slug("1. Wire protocol (the master's side is fixed: match it exactly)") == (
         "1-wire-protocol-the-masters-side-is-fixed-match-it-exactly")

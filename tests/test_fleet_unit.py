@@ -34,12 +34,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
-from tests.support import lifecycle, nspawn
-from tests.support.dockerd import Dockerd, populate
-from tests.support.lifecycle import INI, UNIT, Node
-from tests.support.master import Master
-from tests.test_lifecycle import install_deb
+from support import lifecycle, nspawn
+from support.dockerd import Dockerd, populate
+from support.lifecycle import INI, UNIT, Node
+from support.master import Master
+from test_lifecycle import install_deb
 
 pytestmark = pytest.mark.system
 

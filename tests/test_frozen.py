@@ -18,18 +18,13 @@ from typing import Any
 
 import pytest
 from support import roots
+from support.frozen import FROZEN, require_frozen
 from support.master import Master
 
 pytestmark = pytest.mark.packages
 ROOT = Path(__file__).resolve().parent.parent
-FROZEN = ROOT / "build" / "frozen" / "dm-agent"
 BARE = Path(os.environ.get("DM_BAREROOT", "/var/cache/dm-agent/bareroot-bullseye"))
 SECRET = "frozen-secret-4Qz"
-
-
-def require_frozen() -> None:
-    if not (FROZEN / "dm-agent").exists():
-        pytest.fail(f"{FROZEN}/dm-agent is not built: run `make frozen` first")
 
 
 @pytest.fixture(scope="module")

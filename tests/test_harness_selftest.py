@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.conftest import SESSION_LABELS, SESSION_NODE_NAME
-from tests.support.dockerd import (
+from conftest import SESSION_LABELS, SESSION_NODE_NAME
+from support.dockerd import (
     Dockerd,
     DockerdError,
     FixtureSet,
@@ -30,8 +29,8 @@ from tests.support.dockerd import (
     populate,
     remove_containers,
 )
-from tests.support.image import IMAGE, rootfs_tarball
-from tests.support.master import (
+from support.image import IMAGE, rootfs_tarball
+from support.master import (
     HTML_502,
     UNAUTHORIZED_BODY,
     Master,

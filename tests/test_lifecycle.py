@@ -56,11 +56,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.support import lifecycle, nspawn, roots
-from tests.support.dockerd import Dockerd, populate
-from tests.support.lifecycle import INI, KEYRING_IN_ROOT, PIDFILE, REPO_IN_ROOT, UNIT, Node
-from tests.support.master import Master
+from support import lifecycle, nspawn, roots
+from support.dockerd import Dockerd, populate
+from support.lifecycle import INI, KEYRING_IN_ROOT, PIDFILE, REPO_IN_ROOT, UNIT, Node
+from support.master import Master
 
 pytestmark = pytest.mark.system
 

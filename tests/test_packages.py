@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.elf import elf_header, is_elf
 
 pytestmark = pytest.mark.packages
 
@@ -158,19 +159,6 @@ def run_bytes(cmd: list[str | Path], timeout: float = 600) -> bytes:
         pytest.fail(f"{' '.join(map(str, cmd))} exited {p.returncode}: {p.stderr!r}",
                     pytrace=False)
     return p.stdout
-
-
-def is_elf(path: Path) -> bool:
-    with path.open("rb") as fh:
-        return fh.read(4) == b"\x7fELF"
-
-
-def elf_machine(path: Path) -> tuple[int, int, int]:
-    """(EI_CLASS, EI_DATA, e_machine) of an ELF file: (2, 1, 62) is 64-bit little-endian
-    x86_64, (2, 1, 183) aarch64."""
-    with path.open("rb") as fh:
-        head = fh.read(20)
-    return head[4], head[5], struct.unpack_from("<H", head, 18)[0]
 
 
 def md5(path: Path) -> str:
@@ -720,8 +708,8 @@ def test_payload_is_all_of_its_architecture(deb_tree: Path, rpm_tree: Path, arch
         elves = [f for f in sorted(tree.rglob("*"))
                  if f.is_file() and not f.is_symlink() and is_elf(f)]
         assert len(elves) > 20, elves
-        other = {str(f.relative_to(tree)): elf_machine(f) for f in elves
-                 if elf_machine(f) != (2, 1, arch.e_machine)}
+        other = {str(f.relative_to(tree)): elf_header(f) for f in elves
+                 if elf_header(f) != (2, 1, arch.e_machine)}
         assert not other, f"ELF files not for {arch.machine}: {other}"
         floor = glibc_floor(tree / "usr/lib/dm-agent")
         print(f"{arch.name} {tree.name}: {len(elves)} ELF files, glibc floor {floor}")

@@ -142,6 +142,7 @@ def test_group_writable_directory_of_another_group_is_refused(tmp_path: Path) ->
         LockedPidfile(str(directory / "dm-agent.pid")).acquire()
 
 
+@pytest.mark.root  # chown to another user
 def test_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("needs root to make a directory that belongs to another user")

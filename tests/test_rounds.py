@@ -219,6 +219,7 @@ def silent_resolver(tmp_path: Path) -> Iterator[Path]:
     server.close()
 
 
+@pytest.mark.root  # unshare -m and a bind mount over /etc/resolv.conf
 def test_a_master_name_that_does_not_resolve_in_time_abandons_the_round(
         tmp_path: Path, silent_resolver: Path) -> None:
     """No socket timeout covers getaddrinfo: the loop's deadline (0.95 × interval) does.

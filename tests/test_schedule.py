@@ -7,16 +7,9 @@ import itertools
 import random
 
 import pytest
+from support.clock import Clock
 
 from dm_agent.schedule import EVENT_DEBOUNCE, EVENT_SPACING, Schedule
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def schedule(interval: float = 60.0, jitter: bool = True, seed: int = 1,

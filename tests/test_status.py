@@ -140,7 +140,7 @@ def test_registered_exit_0_with_summary_and_a_state_file_without_secrets(
 
 def test_containers_and_event_stream_from_a_real_dockerd(node: Node, master: Master,
                                                          dockerd: object) -> None:
-    from tests.support.dockerd import Dockerd
+    from support.dockerd import Dockerd
 
     assert isinstance(dockerd, Dockerd)
     node.configure(docker=dockerd.unix_url)

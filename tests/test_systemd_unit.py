@@ -29,32 +29,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.support import nspawn, roots
-from tests.support.dockerd import Dockerd
-from tests.support.hostnet import first_real_ipv4
-from tests.support.master import Master
+from support import nspawn, roots
+from support.dockerd import Dockerd
+from support.frozen import FROZEN, require_frozen
+from support.hostnet import first_real_ipv4
+from support.master import Master
 
 pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[1]
-FROZEN = Path(os.environ.get("DM_FROZEN_DIR") or REPO / "build/frozen/dm-agent")
 UNIT = "dm-agent.service"
 UNIT_PATH = f"/usr/lib/systemd/system/{UNIT}"
 SYSUSERS_PATH = "/usr/lib/sysusers.d/dm-agent.conf"
 INI = "/etc/dm-agent.ini"
 MAX_EXPOSURE = 2.0
-
-
-def require_frozen() -> Path:
-    program = FROZEN / "dm-agent"
-    if not os.access(program, os.X_OK):
-        pytest.fail(
-            f"the frozen program is missing ({program}): build it first with `make frozen` "
-            "(packaging/freeze.sh), or point DM_FROZEN_DIR at a PyInstaller onedir",
-            pytrace=False,
-        )
-    return program
 
 
 def install(box: nspawn.BootedRoot) -> None:

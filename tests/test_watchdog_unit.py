@@ -25,11 +25,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
-from tests.support import lifecycle, nspawn
-from tests.support.dockerd import Dockerd
-from tests.support.lifecycle import APT_ENV, UNIT, Node
-from tests.support.master import Master
+from support import lifecycle, nspawn
+from support.dockerd import Dockerd
+from support.lifecycle import APT_ENV, UNIT, Node
+from support.master import Master
 
 pytestmark = pytest.mark.system
 

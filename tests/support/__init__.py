@@ -1,12 +1,12 @@
 """Test harness: a real private dockerd, a tiny local image, a strict master.
 
-Import it as ``tests.support`` (``tests/conftest.py`` puts the repository root on
-``sys.path``).  ``support.*`` works too: conftest aliases the already imported
-``tests.support`` modules under those names, so there is one copy of each.
+Import it as ``support`` (``from support.master import Master``): pytest puts ``tests/``
+on ``sys.path``, as it does for ``agentproc``; a script outside the suite (bench/) puts
+``tests/`` there itself. One spelling, so there is one copy of each module.
 
-- ``tests.support.dockerd``: ``Dockerd``, ``populate``, ``create_containers``, TLS files
-- ``tests.support.image``: the ``dmtest/busybox:1`` image
-- ``tests.support.master``: ``Master`` and ``validate_payload``
+- ``support.dockerd``: ``Dockerd``, ``populate``, ``create_containers``, TLS files
+- ``support.image``: the ``dmtest/busybox:1`` image
+- ``support.master``: ``Master`` and ``validate_payload``
 """
 
 from __future__ import annotations

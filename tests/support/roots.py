@@ -41,6 +41,9 @@ FLAVOURS: dict[str, tuple[str, tuple[str, ...]]] = {
                                   "iptables", "util-linux")),
     "bullseye-ansible": ("bullseye", _ANSIBLE_NODE),
     "trixie-ansible": ("trixie", _ANSIBLE_NODE),
+    # a fresh Debian 12 node as the README's operator path expects it: curl for the key
+    # (gnupg is in every root); tests/test_operator_path.py
+    "bookworm-operator": ("bookworm", ("curl",)),
 }
 
 #: Packages on top of debootstrap's minbase: a booting systemd with D-Bus (systemctl,
@@ -331,7 +334,7 @@ def _unmount(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tests.support.roots [RELEASE...]``: build (or check) the cached roots."""
+    """``python -m support.roots [RELEASE...]`` (from tests/): build (or check) the cached roots."""
     import sys
 
     for release in (argv if argv is not None else sys.argv[1:]) or ["bookworm"]:
