@@ -1,53 +1,13 @@
 """The Docker address announced to the master: configured, Docker's TCP endpoint, or
-the IP of the interface that routes to the master."""
+the IP of the interface that routes to the master (docs/design.md §1)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
-import psutil
-
-from .collectors.docker import tcp_address
-from .config import Settings, is_excluded
-
-
-def master_endpoint(master: str) -> tuple[str | None, int]:
-    """Host and port of the master's URL; without a port, the scheme's (443 for https)."""
-    from urllib.parse import urlsplit
-
-    url = urlsplit(master)
-    return url.hostname, url.port or (443 if url.scheme == "https" else 80)
-
-
-def route_address(master: str | None) -> str | None:
-    """IP of the interface that routes to the master (a UDP connect sends no packet)."""
-    if master:
-        try:
-            infos = socket.getaddrinfo(*master_endpoint(master), type=socket.SOCK_DGRAM)
-            family, _, _, _, sockaddr = infos[0]
-            with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                sock.connect(sockaddr)
-                ip = str(sock.getsockname()[0])
-                if ip and not ip.startswith("127.") and ip != "::1":
-                    return ip
-        except (OSError, IndexError, ValueError):
-            pass
-    return first_host_ip()
-
-
-def first_host_ip() -> str | None:
-    """First IPv4 address of a real interface (not lo, veth*, docker*, br-*)."""
-    try:
-        interfaces = psutil.net_if_addrs()
-    except OSError:  # e.g. AF_NETLINK refused by a sandbox: the address stays a gap
-        return None
-    for name, addrs in sorted(interfaces.items()):
-        if is_excluded(name, ("lo", "veth*", "docker*", "br-*")):
-            continue
-        for addr in addrs:
-            if addr.family == socket.AF_INET and not addr.address.startswith("127."):
-                return str(addr.address)
-    return None
+from .config import Settings
+from .net import route_address, tcp_address
 
 
 class Announcer:
@@ -61,6 +21,8 @@ class Announcer:
 
     def address(self) -> str:
         s = self.settings
+        if s.gateway:
+            return self.gateway_url()
         tcp = tcp_address(s.docker)
         if tcp:
             return s.address or tcp
@@ -71,3 +33,50 @@ class Announcer:
             if self._found is None:
                 return socket.gethostname()
         return self._found
+
+    def gateway_url(self) -> str:
+        """``https://ADDR:PORT`` of the gateway (docs/design.md §6): a configured
+        ``address`` wins (a bare host gets the gateway's port, an ``https://`` URL is taken
+        as it is), then the gateway's own listen host when it is one address, then the
+        address that routes to the master. The master keeps the first address a node
+        registers, so this is all a node with a gateway ever registers."""
+        s = self.settings
+        assert s.gateway
+        host, _, port = s.gateway.rpartition(":")
+        if s.address:
+            if s.address.startswith("https://"):
+                return s.address
+            if s.address.count(":") == 1 or s.address.startswith("["):
+                return "https://" + s.address
+            return f"https://{s.address}:{port}"
+        bare = host.strip("[]")
+        if bare and bare not in WILDCARDS and not is_loopback(bare):
+            return f"https://{host}:{port}"
+        found = self._found = self._found or route_address(s.master)
+        found = found or socket.gethostname()
+        return f"https://[{found}]:{port}" if ":" in found else f"https://{found}:{port}"
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def unmanaged(settings: Settings) -> str | None:
+    """Why the master can list this node but not manage it, and the fix; None when it
+    can (a gateway, or Docker on TCP), or when no master is set."""
+    if settings.gateway or not settings.master or tcp_address(settings.docker):
+        return None
+    if settings.gateway_off_reason:
+        why = "the gateway is off: " + settings.gateway_off_reason
+    else:
+        why = (f"Docker is on a unix socket ({settings.docker.partition('://')[2]}), which "
+               "the master cannot reach, and the gateway is off")
+    return (f"the master cannot manage this node's Docker: {why}; set gateway = 0.0.0.0:8771 "
+            "and gateway_password_hash (docs/operator-guide.md, \"Let the master manage "
+            "this node\")")

@@ -11,16 +11,17 @@ import json
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from . import nodename, payload
-from .address import Announcer
+from .address import Announcer, unmanaged
 from .collectors.docker import NodeInfo
 from .collectors.events import EventWatcher
 from .collectors.host import HostCollector
 from .config import Settings
+from .net import redact
 from .outage import Outage
-from .reporter import redact
 from .rounds import Progress, timeouts
 from .sink import MasterSink, Printer
 from .source import NodeSource
@@ -30,10 +31,10 @@ log = logging.getLogger("dm_agent")
 
 def describe(settings: Settings) -> str:
     """What the start line says at INFO (docs/design.md §4): the master, the host, the
-    interval, the gateway. The node's name is Docker's, known at the first registration,
-    which its own line names; no Docker call delays the start for it."""
+    interval; the runner adds the gateway's part. The node's name is Docker's, known at
+    the first registration, which its own line names; no Docker call delays the start."""
     return (f"master {settings.master or '(dry run)'}, host {socket.gethostname()}, "
-            f"interval {settings.interval}s, gateway off")
+            f"interval {settings.interval}s")
 
 
 class Parts:
@@ -71,6 +72,7 @@ class Agent:
         self.last_error: tuple[str, str] | None = None
         self.node_name: str | None = None
         self.containers_reported = 0
+        self.address_reported: str | None = None
         #: the master generation, for the state file: None, as the default body is read
         #: by both generations, so the agent never needs to find out (docs/registration.md,
         #: Masters and engines)
@@ -88,6 +90,31 @@ class Agent:
     @property
     def events(self) -> EventWatcher | None:
         return self.parts.source.events
+
+    def follow_events(self, on_change: Callable[[str], None]) -> None:
+        """Follow Docker's event stream of the current configuration's source."""
+        self.parts.source.start_events(on_change)
+
+    def report(self) -> dict[str, Any]:
+        """What the state file says of the agent itself (``dm-agent status``)."""
+        s = self.settings
+        docker_error = None
+        if self.docker_outage.active:
+            docker_error = redact(self.docker_outage.message, s.secret)
+        return {
+            "config_file": s.config_file,
+            "master": s.master,
+            "interval": s.interval,
+            "ttl": s.ttl,
+            "node": self.node_name,
+            "address": self.address_reported,
+            "containers": self.containers_reported,
+            "docker": {"reachable": docker_error is None, "error": docker_error},
+            "stuck_mounts": self.host.disks.stuck,
+            "time_format": self.time_format,
+            "master_generation": self.master_generation,
+            "unmanaged": unmanaged(s),
+        }
 
     def _build(self, s: Settings, last: NodeInfo | None) -> Parts:
         source = NodeSource(s, self.progress, self.docker_outage, last)
@@ -140,6 +167,7 @@ class Agent:
         body = self.build_body(parts)
         if self.progress.live():
             self.node_name, self.containers_reported = body["name"], len(body["containers"])
+            self.address_reported = body["address"]
         self._check_name(body["name"])
         if log.isEnabledFor(logging.DEBUG):
             log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))

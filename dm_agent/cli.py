@@ -73,28 +73,42 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {"status": _status, "migrate":
 _SECRET_ENV = "DM_AGENT__CLI_SECRET"
 
 
+#: The flags that set a config key: (short, long, key, help). The parser, the secret-free
+#: command line of the re-exec and the overrides are all made from this one table.
+KEY_FLAGS: tuple[tuple[str | None, str, str, str], ...] = (
+    ("-d", "--docker", "docker", "Docker endpoint: host:port, tcp://host:port, unix:///path "
+     "or https://host:port (default unix:///var/run/docker.sock)"),
+    ("-m", "--master", "master", "IP and port (or URL) of dockmaster service "
+     "(default: unset, nothing is sent)"),
+    ("-t", "--timeout", "timeout", "timeout in seconds between node registration updates "
+     "(default 60; the ttl sent is twice this)"),
+    ("-s", "--secret", "secret", "node secret sent as X-Auth-Node (default: unset; prefer "
+     "the config file: a command line is visible to every user)"),
+    (None, "--pidfile", "pidfile", "pidfile of --daemon, or of the foreground agent when set "
+     "(default /run/dm-agent/dm-agent.pid for root, $XDG_RUNTIME_DIR/dm-agent.pid otherwise)"),
+    (None, "--gateway", "gateway", "serve this node's Docker API to the master on HOST:PORT "
+     "over TLS (the ecosystem's port is 8771; default off)"),
+)
+#: The switches, in the order the re-exec writes them back.
+SWITCHES = (("--daemon", "daemon"), ("--once", "once"), ("--dry-run", "dry_run"),
+            ("--check-config", "check_config"))
+
+
 def parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: the seed's flags are whole words, and an abbreviation that
     # works today would change meaning when a flag is added.
     p = Parser(prog="dm-agent", description="DockMaster node agent.", epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("-d", "--docker", help="Docker endpoint: host:port, tcp://host:port, "
-                   "unix:///path or https://host:port (default unix:///var/run/docker.sock)")
-    p.add_argument("-m", "--master", help="IP and port (or URL) of dockmaster service "
-                   "(default: unset, nothing is sent)")
-    p.add_argument("-t", "--timeout", help="timeout in seconds between node registration "
-                   "updates (default 60; the ttl sent is twice this)")
+    for short, long, key, text in KEY_FLAGS:
+        names = (short, long) if short else (long,)
+        p.add_argument(*names, dest=key, help=text)
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="logging level, -v is INFO, -vv is DEBUG (default WARNING, "
                    "or log_level of the config)")
     p.add_argument("-f", "--config", help="path to the configuration file (default: the "
                    "search path below)")
-    p.add_argument("-s", "--secret", help="node secret sent as X-Auth-Node (default: unset; "
-                   "prefer the config file: a command line is visible to every user)")
     p.add_argument("--daemon", action="store_true", help="detach and run in the background "
                    "(default: the foreground)")
-    p.add_argument("--pidfile", help="pidfile of --daemon (default /run/dm-agent/dm-agent.pid "
-                   "for root, $XDG_RUNTIME_DIR/dm-agent.pid otherwise)")
     p.add_argument("--once", action="store_true",
                    help="register once, then exit 0 on success, 1 on failure")
     p.add_argument("--dry-run", action="store_true",
@@ -126,16 +140,14 @@ def without_secret(args: argparse.Namespace) -> list[str]:
     can survive in it.
     """
     out: list[str] = []
-    for flag, value in (("--docker", args.docker), ("--master", args.master),
-                        ("--timeout", args.timeout), ("--config", args.config),
-                        ("--pidfile", args.pidfile)):
-        if value is not None:
+    for _, flag, key, _ in KEY_FLAGS:
+        value = getattr(args, key)
+        if value is not None and key != "secret":
             out.append(f"{flag}={value}")
+    if args.config is not None:
+        out.append(f"--config={args.config}")
     out += ["--verbose"] * args.verbose
-    for flag, on in (("--daemon", args.daemon), ("--once", args.once),
-                     ("--dry-run", args.dry_run), ("--check-config", args.check_config)):
-        if on:
-            out.append(flag)
+    out += [flag for flag, dest in SWITCHES if getattr(args, dest)]
     return out
 
 
@@ -148,8 +160,8 @@ def _reexec(argv: list[str]) -> NoReturn:
 
 
 def _load(args: argparse.Namespace) -> tuple[config.Settings, list[str]]:
-    overrides = config.cli_overrides(args.docker, args.master, args.timeout,
-                                     args.secret, args.verbose, args.pidfile)
+    overrides = config.cli_overrides(args.verbose,
+                                     **{key: getattr(args, key) for _, _, key, _ in KEY_FLAGS})
     return config.load(overrides, args.config, cwd=args.cwd)
 
 
@@ -215,6 +227,10 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(config.render(settings))
         if not args.dry_run:
             settings.require_master()
+        from .address import unmanaged
+
+        if note := unmanaged(settings):
+            print(f"dm-agent: note: {note}", file=sys.stderr)
         print(f"dm-agent: configuration OK ({settings.config_file or 'no file'})",
               file=sys.stderr)
         return EX_OK
@@ -238,23 +254,32 @@ def _run(args: argparse.Namespace) -> int:
     for warning in warnings:
         logs.logger.warning("%s", warning)
     logs.logger.info("Configs: %s", settings.config_file or "(none found)")
-    from .agent import Agent, describe
-
-    agent = Agent(settings, dry_run=args.dry_run)
     if args.once:
+        from .agent import Agent
+
+        agent = Agent(settings, dry_run=args.dry_run)
         ok = agent.register()
         agent.close()
         return EX_OK if ok else 1
-    from . import loop
-    from .signals import Signals, Waker
+    return _foreground(settings, reload, args.dry_run)
 
-    signals = Signals(Waker())
-    signals.install()
-    logs.logger.info("started: %s", describe(settings))
-    try:
-        return loop.run(agent, signals, reload)
-    finally:
-        signals.restore()
+
+def _foreground(settings: config.Settings, reload: Callable[[], config.Settings],
+                dry_run: bool) -> int:
+    """The agent in the foreground. With a ``pidfile`` configured (the container image
+    sets one) it holds it and writes the state file beside it, as the daemon does, so
+    that ``dm-agent status`` answers; otherwise it leaves no file behind."""
+    from . import runner
+    from .notify import Watchdog
+    from .pidfile import LockedPidfile
+    from .state import state_path
+
+    watchdog = Watchdog.from_env({os.getpid()})
+    if not settings.pidfile:
+        return runner.serve(settings, reload, dry_run=dry_run, watchdog=watchdog)
+    with LockedPidfile(settings.pidfile):
+        return runner.serve(settings, reload, dry_run=dry_run, watchdog=watchdog,
+                            state_file=state_path(settings.pidfile))
 
 
 if __name__ == "__main__":  # pragma: no cover

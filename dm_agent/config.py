@@ -19,10 +19,10 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from .errors import ConfigError
+from .net import SECRET_MASK, USERINFO, redact_userinfo
 
 SECTION = "main"
 ENV_PREFIX = "DM_AGENT_"
-SECRET_MASK = "********"
 DEFAULT_DOCKER = "unix:///var/run/docker.sock"
 
 
@@ -69,15 +69,6 @@ def parse_docker(text: str) -> str:
     )
 
 
-_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?)([^/@]*)@")
-
-
-def redact_userinfo(text: str) -> str:
-    """The URL with a ``user:password@`` part masked, for messages (a token may be the
-    user name alone, so the whole part goes)."""
-    return _USERINFO.sub(lambda m: f"{m.group(1)}{SECRET_MASK}@", text, count=1)
-
-
 def parse_master(text: str) -> str | None:
     """Normalise the master endpoint to a base URL without a trailing slash.
 
@@ -88,7 +79,7 @@ def parse_master(text: str) -> str | None:
     text = text.strip()
     if not text:
         return None
-    if _USERINFO.match(text):
+    if USERINFO.match(text):
         raise ValueError(
             "the master URL must not carry credentials (user:password@): the node "
             "authenticates with the 'secret' setting (X-Auth-Node header)"
@@ -194,8 +185,11 @@ def parse_address(text: str) -> str | None:
     value = text.strip()
     if not value:
         return None
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme.lower() in ("http", "https") and rest and "/" not in rest.rstrip("/"):
+        return f"{scheme.lower()}://{rest.rstrip('/')}"  # taken as it is by the master
     if any(ch.isspace() for ch in value) or "/" in value:
-        raise ValueError(f"expected host or host:port, got {value!r}")
+        raise ValueError(f"expected host, host:port or https://host:port, got {value!r}")
     return value
 
 
@@ -216,6 +210,44 @@ def parse_patterns(text: str) -> tuple[str, ...]:
     return items
 
 
+def parse_listen(text: str) -> str | None:
+    """The gateway's ``host:port`` to listen on; ``:port`` means every address. Empty: off."""
+    value = text.strip()
+    if not value:
+        return None
+    host, port = _endpoint_hostport(value if not value.startswith(":") else "0.0.0.0" + value,
+                                    "the gateway")
+    if any(ch.isspace() or ch == "/" for ch in host):
+        raise ValueError(f"expected host:port (e.g. 0.0.0.0:8771), got {value!r}")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_BCRYPT = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
+
+
+def parse_password_hash(text: str) -> Secret | None:
+    """A bcrypt hash (``$2a$``, ``$2b$`` or ``$2y$``), as the Java agent's
+    ``dm.auth.adminPassword`` and ``dm-agent hash-password`` write it. Never echoed:
+    with the hash, a password can be guessed offline."""
+    value = text.strip()
+    if not value:
+        return None
+    match = _BCRYPT.match(value)
+    if not match:
+        raise ValueError("expected a bcrypt hash: $2a$, $2b$ or $2y$, two cost digits, then "
+                         "53 characters (make one with: dm-agent hash-password) (value not shown)")
+    if not 4 <= int(match.group(1)) <= 31:
+        raise ValueError("the bcrypt cost must be 04 to 31 (value not shown)")
+    return Secret(value)
+
+
+def parse_access(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("full", "read-only"):
+        raise ValueError(f"expected 'full' or 'read-only', got {text!r}")
+    return value
+
+
 # NamedTuple rather than dataclasses: dataclasses imports inspect and ast, 1.5 MB of
 # RSS in an agent whose budget is 40 MB.
 class Key(NamedTuple):
@@ -226,60 +258,82 @@ class Key(NamedTuple):
     #: the Settings field, when it is not the key's name: the seed's ``timeout`` is
     #: the interval between registrations, and the code calls it that
     field: str = ""
+    #: a path, made absolute before use (a daemon runs in ``/``)
+    path: bool = False
+    #: environment variables read after ``DM_AGENT_<KEY>``: the master's own "add node"
+    #: line names the master and the secret so (docs/design.md §7)
+    aliases: tuple[str, ...] = ()
 
     @property
     def attr(self) -> str:
         return self.field or self.name
 
 
-# The one table of settings. ``default`` is the text form, converted like any input.
+# The one table of settings. ``default`` is the text form, converted like any input;
+# Settings' defaults are derived from it.
 KEYS: tuple[Key, ...] = (
     Key("docker", parse_docker, DEFAULT_DOCKER),
-    Key("master", parse_master, ""),
+    Key("master", parse_master, "", aliases=("dm_agent_notifier_server",)),
     Key("timeout", parse_interval, "60", field="interval"),
-    Key("secret", parse_secret, "", secret=True),
-    Key("secret_file", parse_existing_file, ""),
+    Key("secret", parse_secret, "", secret=True, aliases=("dm_agent_notifier_secret",)),
+    Key("secret_file", parse_existing_file, "", path=True),
     Key("log_level", parse_log_level, "0"),
     Key("address", parse_address, ""),
-    Key("pidfile", parse_optional_path, ""),
-    Key("log_file", parse_optional_path, ""),
-    Key("docker_tls_ca", parse_existing_file, ""),
-    Key("docker_tls_cert", parse_existing_file, ""),
-    Key("docker_tls_key", parse_existing_file, ""),
-    Key("master_ca", parse_existing_file, ""),
+    Key("pidfile", parse_optional_path, "", path=True),
+    Key("log_file", parse_optional_path, "", path=True),
+    Key("docker_tls_ca", parse_existing_file, "", path=True),
+    Key("docker_tls_cert", parse_existing_file, "", path=True),
+    Key("docker_tls_key", parse_existing_file, "", path=True),
+    Key("master_ca", parse_existing_file, "", path=True),
     Key("time_format", parse_time_format, "utc"),
     Key("net_exclude", parse_patterns, "lo, veth*"),
     Key("jitter", parse_bool, "yes"),
     Key("docker_events", parse_bool, "yes"),
+    Key("gateway", parse_listen, ""),
+    Key("gateway_cert", parse_existing_file, "", path=True),
+    Key("gateway_key", parse_existing_file, "", path=True),
+    Key("gateway_client_ca", parse_existing_file, "", path=True),
+    Key("gateway_password_hash", parse_password_hash, "", secret=True),
+    Key("gateway_access", parse_access, "full"),
+    Key("gateway_optional", parse_bool, "no"),
 )
-_BY_NAME = {k.name: k for k in KEYS}
+BY_NAME = {k.name: k for k in KEYS}
 #: Keys holding a path: made absolute before use, since a daemon runs in ``/``.
-PATH_KEYS = frozenset({"pidfile", "log_file", "docker_tls_ca", "docker_tls_cert",
-                       "docker_tls_key", "master_ca", "secret_file"})
+PATH_KEYS = frozenset(k.name for k in KEYS if k.path)
 
 
 class Settings(NamedTuple):
-    """The effective configuration, plus where each value came from."""
+    """The effective configuration, plus where each value came from. A field a key: its
+    default is the key's (set below from KEYS, so no default is written twice)."""
 
-    docker: str = DEFAULT_DOCKER
-    master: str | None = None
-    interval: int = 60
-    secret: Secret | None = None
-    secret_file: str | None = None
-    log_level: int = 0
-    address: str | None = None
-    pidfile: str | None = None
-    log_file: str | None = None
-    docker_tls_ca: str | None = None
-    docker_tls_cert: str | None = None
-    docker_tls_key: str | None = None
-    master_ca: str | None = None
-    time_format: str = "utc"
-    net_exclude: tuple[str, ...] = ("lo", "veth*")
-    jitter: bool = True
-    docker_events: bool = True
-    config_file: str | None = None
-    sources: Mapping[str, str] = MappingProxyType({})
+    docker: str
+    master: str | None
+    interval: int
+    secret: Secret | None
+    secret_file: str | None
+    log_level: int
+    address: str | None
+    pidfile: str | None
+    log_file: str | None
+    docker_tls_ca: str | None
+    docker_tls_cert: str | None
+    docker_tls_key: str | None
+    master_ca: str | None
+    time_format: str
+    net_exclude: tuple[str, ...]
+    jitter: bool
+    docker_events: bool
+    gateway: str | None
+    gateway_cert: str | None
+    gateway_key: str | None
+    gateway_client_ca: str | None
+    gateway_password_hash: Secret | None
+    gateway_access: str
+    gateway_optional: bool
+    config_file: str | None
+    sources: Mapping[str, str]
+    #: why a configured gateway does not run (``gateway_optional`` without credentials)
+    gateway_off_reason: str | None
 
     @property
     def ttl(self) -> int:
@@ -294,6 +348,22 @@ class Settings(NamedTuple):
                 "or pass -m / DM_AGENT_MASTER"
             )
         return self.master
+
+
+def _defaults() -> dict[str, Any]:
+    values = {k.attr: k.convert(k.default) for k in KEYS}
+    values = {name: (None if value == "" else value) for name, value in values.items()}
+    extra: dict[str, Any] = {"config_file": None, "sources": MappingProxyType({}),
+                             "gateway_off_reason": None}
+    odd = set(Settings._fields) ^ (set(values) | set(extra))
+    if odd:  # a key without a field, or the reverse: fails at import, in every test
+        raise AssertionError(f"config.KEYS and Settings disagree on {sorted(odd)}")
+    return {**values, **extra}
+
+
+Settings.__new__.__defaults__ = tuple(_defaults()[name] for name in Settings._fields)
+#: The settings when nothing is configured.
+DEFAULTS = Settings(**_defaults())
 
 
 def search_path(env: Mapping[str, str] | None = None, cwd: str | None = None) -> list[str]:
@@ -351,11 +421,40 @@ def read_file(path: str) -> tuple[dict[str, str], list[str]]:
         return {}, warnings
     values: dict[str, str] = {}
     for key, value in parser.items(SECTION):
-        if key not in _BY_NAME:
+        if key not in BY_NAME:
             warnings.append(f"{path}: unknown key '{key}' in [{SECTION}] is ignored")
             continue
         values[key] = value
     return values, warnings
+
+
+class Raw(NamedTuple):
+    """One key's text as the precedence rule picks it, and where it came from."""
+
+    text: str
+    where: str
+
+
+def raw_value(key: Key, cli: Mapping[str, str | None], env: Mapping[str, str],
+              file_values: Mapping[str, str], path: str | None, base: str) -> Raw:
+    """The precedence rule for one key: command line > ``DM_AGENT_<KEY>`` (then the key's
+    aliases) > the file > the default. A relative path is made absolute against ``base``
+    (command line, environment) or the file's directory."""
+    origin = base
+    given = cli.get(key.name)
+    env_var = next((v for v in (ENV_PREFIX + key.name.upper(), *key.aliases) if v in env), None)
+    if given is not None:
+        text, where = given, "command line"
+    elif env_var is not None:
+        text, where = env[env_var], "environment " + env_var
+    elif key.name in file_values and path is not None:
+        text, where = file_values[key.name], f"{path} [{SECTION}] {key.name}"
+        origin = os.path.dirname(path)
+    else:
+        text, where = key.default, "default"
+    if key.path and text.strip() and not os.path.isabs(text.strip()):
+        text = os.path.normpath(os.path.join(origin, text.strip()))
+    return Raw(text, where)
 
 
 def load(
@@ -382,20 +481,7 @@ def load(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key in KEYS:
-        raw: str | None
-        origin = base
-        if cli.get(key.name) is not None:
-            raw, where = cli[key.name], "command line"
-        elif (var := ENV_PREFIX + key.name.upper()) in env:
-            raw, where = env[var], "environment " + var
-        elif key.name in file_values and path is not None:
-            raw, where = file_values[key.name], f"{path} [{SECTION}] {key.name}"
-            origin = os.path.dirname(path)
-        else:
-            raw, where = key.default, "default"
-        assert raw is not None
-        if key.name in PATH_KEYS and raw.strip() and not os.path.isabs(raw.strip()):
-            raw = os.path.normpath(os.path.join(origin, raw.strip()))
+        raw, where = raw_value(key, cli, env, file_values, path, base)
         try:
             value = key.convert(raw)
         except ValueError as exc:
@@ -404,6 +490,7 @@ def load(
         values[key.attr] = value if value != "" else None
         sources[key.name] = where
     _resolve_secret(values, sources, env)
+    _resolve_credential(values, sources, env, "gateway_password_hash", parse_password_hash)
     tls = [values[k] for k in ("docker_tls_cert", "docker_tls_key")]
     if any(tls) and not all(tls):
         raise ConfigError(
@@ -415,7 +502,45 @@ def load(
             f"{sources['docker']}: docker = {values['docker']!r} needs docker_tls_cert and "
             "docker_tls_key (and usually docker_tls_ca)"
         )
+    values["gateway_off_reason"] = _check_gateway(values, sources)
     return Settings(**values, config_file=path, sources=sources), warnings
+
+
+def _check_gateway(values: dict[str, Any], sources: Mapping[str, str]) -> str | None:
+    """Refuse a gateway that would be unsafe (docs/design.md §6): no way to authenticate,
+    the published default password, a certificate or key that cannot serve. Returns why
+    an optional gateway stays off, or None."""
+    if not values["gateway"]:
+        return None
+    pair = [values[k] for k in ("gateway_cert", "gateway_key")]
+    if any(pair) and not all(pair):
+        key = "gateway_key" if pair[0] else "gateway_cert"
+        raise ConfigError(f"{sources[key]}: gateway_cert and gateway_key go together; set "
+                          "both, or neither for a certificate the agent issues itself")
+    if not values["gateway_client_ca"] and not values["gateway_password_hash"]:
+        reason = ("the gateway needs a way to authenticate the master: set "
+                  "gateway_password_hash (dm-agent hash-password; the master's "
+                  "dm.agent.client.password) or gateway_client_ca (mutual TLS)")
+        if values["gateway_optional"]:
+            values["gateway"] = None
+            return reason
+        raise ConfigError(f"{sources['gateway']}: gateway = {values['gateway']}: {reason}; "
+                          "a gateway without authentication is root on this node for anyone")
+    from .gateway import auth, tls
+
+    if values["gateway_password_hash"]:
+        try:
+            auth.check_hash(values["gateway_password_hash"])
+        except ValueError as exc:
+            raise ConfigError(f"{sources['gateway_password_hash']}: invalid "
+                              f"gateway_password_hash: {exc}") from None
+    if all(pair):
+        try:
+            tls.load_pair(values["gateway_cert"], values["gateway_key"])
+        except ValueError as exc:
+            raise ConfigError(f"{sources['gateway_cert']}: invalid gateway_cert/gateway_key: "
+                              f"{exc}") from None
+    return None
 
 
 CREDENTIAL = "secret"
@@ -442,27 +567,45 @@ def _resolve_secret(values: dict[str, Any], sources: dict[str, str],
     sources["secret"] = where
 
 
-def read_secret_file(path: str, where: str) -> Secret:
-    """The secret a file holds (one line; surrounding white space ignored)."""
+def _resolve_credential(values: dict[str, Any], sources: dict[str, str],
+                        env: Mapping[str, str], name: str,
+                        parse: Callable[[str], Secret | None]) -> None:
+    """A sensitive key given as the systemd credential ``$CREDENTIALS_DIRECTORY/<name>``
+    (``LoadCredential=<name>:…``): it wins over the file, not over the command line or
+    ``DM_AGENT_<NAME>``, as the secret's credential does."""
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if sources[name].startswith(("command line", "environment")) or not creds:
+        return
+    path = os.path.join(creds, name)
+    if os.path.isfile(path):
+        where = f"systemd credential {path}"
+        values[name] = read_secret_file(path, where, name, parse)
+        sources[name] = where
+
+
+def read_secret_file(path: str, where: str, name: str = "secret",
+                     parse: Callable[[str], Secret | None] = parse_secret) -> Secret:
+    """The secret (or another sensitive key) a file holds: one line, surrounding white
+    space ignored, never echoed."""
     try:
         with open(path, "rb") as fh:
             data = fh.read(65537)
     except OSError as exc:
-        raise ConfigError(f"{where}: invalid secret: cannot read {path}: "
+        raise ConfigError(f"{where}: invalid {name}: cannot read {path}: "
                           f"{exc.strerror}") from None
     if len(data) > 65536:
-        raise ConfigError(f"{where}: invalid secret: {path} is larger than 64 KiB")
+        raise ConfigError(f"{where}: invalid {name}: {path} is larger than 64 KiB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"{where}: invalid secret: {path} is not UTF-8 text "
+        raise ConfigError(f"{where}: invalid {name}: {path} is not UTF-8 text "
                           "(value not shown)") from None
     try:
-        secret = parse_secret(text)
+        secret = parse(text)
     except ValueError as exc:
-        raise ConfigError(f"{where}: invalid secret: {exc}") from None
+        raise ConfigError(f"{where}: invalid {name}: {exc}") from None
     if not secret:
-        raise ConfigError(f"{where}: invalid secret: {path} is empty")
+        raise ConfigError(f"{where}: invalid {name}: {path} is empty")
     return secret
 
 
@@ -509,23 +652,16 @@ def render(settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cli_overrides(
-    docker: str | None = None,
-    master: str | None = None,
-    timeout: str | None = None,
-    secret: str | None = None,
-    verbose: int = 0,
-    pidfile: str | None = None,
-) -> dict[str, str | None]:
-    """Map parsed command-line options onto key names (raw text, None when absent)."""
-    return {
-        "docker": docker,
-        "master": master,
-        "timeout": timeout,
-        "secret": secret,
-        "log_level": str(min(verbose, 2)) if verbose else None,
-        "pidfile": pidfile,
-    }
+def cli_overrides(verbose: int = 0, **given: str | None) -> dict[str, str | None]:
+    """Map parsed command-line options onto key names (raw text, None when absent):
+    ``cli_overrides(verbose=2, master="10.0.0.3:8761")``. ``-v`` counts into log_level."""
+    unknown = set(given) - set(BY_NAME)
+    if unknown:
+        raise TypeError(f"cli_overrides: not config keys: {sorted(unknown)}")
+    out: dict[str, str | None] = {name: None for name in BY_NAME}
+    out.update(given)
+    out["log_level"] = str(min(verbose, 2)) if verbose else None
+    return out
 
 
 def is_excluded(name: str, patterns: Sequence[str]) -> bool:

@@ -22,16 +22,18 @@ from collections.abc import Callable
 from . import config, logs
 from .config import Settings
 from .errors import EX_FAILURE, EX_OK, AgentError
+from .net import redact
 from .pidfile import LockedPidfile
-from .reporter import redact
-from .state import StateWriter, state_path
+from .state import state_path
 
 READY_TIMEOUT = 30.0
 
 
-def preload() -> None:
+def preload(gateway: bool = False) -> None:
     """Import now what the daemon imports lazily later: a package upgrade may replace
-    the program's files (and the frozen archive) under a running agent."""
+    the program's files (and the frozen archive) under a running agent. The gateway's
+    modules only when it is configured (a reload that turns it on later imports them
+    then)."""
     import encodings.idna  # noqa: F401  (hostnames)
     import http.client  # noqa: F401
     import ssl  # noqa: F401
@@ -47,7 +49,7 @@ def preload() -> None:
     import requests.adapters  # noqa: F401
     import urllib3  # noqa: F401
 
-    from . import agent, loop, signals  # noqa: F401
+    from . import runner  # noqa: F401  (the agent, the loop, the services)
     from .collectors import events  # noqa: F401
 
     if not logs.under_journal(sys.stderr):
@@ -58,6 +60,8 @@ def preload() -> None:
     except ImportError:  # pragma: no cover - optional in requests
         pass
     "probe".encode("idna")
+    if gateway:
+        from .gateway import auth, edge, relay, server, tls, upstream  # noqa: F401
 
 
 class _Starter:
@@ -123,7 +127,7 @@ def _wait_ready(rfd: int) -> tuple[int, str]:
 def run(settings: Settings, warnings: list[str], reload: Callable[[], Settings],
         dry_run: bool = False) -> int:
     """Start the daemon; in the invoking process returns the exit code."""
-    preload()
+    preload(bool(settings.gateway))
     pidpath = config.pidfile_path(settings)
     starter_pid = os.getpid()  # systemd's WATCHDOG_PID names it
     rfd, wfd = os.pipe()
@@ -183,30 +187,17 @@ def _daemon(settings: Settings, warnings: list[str], reload: Callable[[], Settin
     for warning in warnings:
         logs.logger.warning("%s", warning)
 
-    from . import loop
-    from .agent import Agent, describe
+    from . import runner
     from .notify import Watchdog
-    from .signals import Signals, Waker
-
-    agent = Agent(settings, dry_run=dry_run)
-    writer = StateWriter(state_path(pidpath))
-    signals = Signals(Waker())
-    signals.install()
-
-    def ready() -> None:
-        writer.write(agent)  # running, not registered yet
-        logs.logger.info("started as daemon (PID %d, pidfile %s): %s", os.getpid(), pidpath,
-                         describe(settings))
-        starter.tell("OK")
 
     watchdog = Watchdog.from_env({starter_pid, os.getpid()})
     try:
-        return loop.run(agent, signals, reload, on_first=ready, watchdog=watchdog,
-                        state=writer)
+        return runner.serve(settings, reload, dry_run=dry_run, state_file=state_path(pidpath),
+                            watchdog=watchdog, on_ready=lambda: starter.tell("OK"),
+                            started=f"started as daemon (PID {os.getpid()}, pidfile {pidpath})")
     except Exception as exc:  # a bug: say it where the operator looks, then exit 1
-        _fatal(starter, exc, agent.settings)
+        _fatal(starter, exc, settings)
         return EX_FAILURE
     finally:
-        writer.remove()
         logs.logger.info("stopped")
         context.close()  # leaves the pidfile context: unlocks and removes it

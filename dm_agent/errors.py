@@ -47,12 +47,13 @@ class DockerError(AgentError):
 
 
 class ReportError(AgentError):
-    """A registration was not accepted by the master.
+    """A registration was not accepted by the master. Built like DockerError:
+    ``ReportError(message, kind)``.
 
     ``kind`` groups failures for log flood control: ``unauthorized``, ``http``,
     ``connection``, ``timeout``, ``tls``.
     """
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, message: str, kind: str = "http") -> None:
         super().__init__(message)
         self.kind = kind

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -18,18 +19,39 @@ from .config import Settings
 from .notify import Watchdog
 from .rounds import RoundThread
 from .schedule import Schedule
-from .signals import Signals
+from .services import Services
+from .signals import Signals, Waker
 from .state import StateWriter
 
 log = logging.getLogger("dm_agent")
+
+
+class Nudges:
+    """Docker events, recorded by the event thread (``EventsService``) and acted on by the
+    loop: each asks for a round soon (after the schedule's debounce)."""
+
+    def __init__(self, waker: Waker) -> None:
+        self.waker = waker
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, action: str) -> None:
+        with self._lock:
+            self._pending.append(action)
+        self.waker.wake()
+
+    def take(self) -> list[str]:
+        with self._lock:
+            taken, self._pending = self._pending, []
+        return taken
 
 
 class Dispatch:
     """Acts on the signals the handlers recorded: stop, reload, register now."""
 
     def __init__(self, agent: Agent, schedule: Schedule, load: Callable[[], Settings] | None,
-                 on_change: Callable[[str], None]) -> None:
-        self.agent, self.schedule, self.load, self.on_change = agent, schedule, load, on_change
+                 services: Services) -> None:
+        self.agent, self.schedule, self.load, self.services = agent, schedule, load, services
 
     def __call__(self, signals: Signals) -> bool:
         """Act on what arrived since last time; True when asked to stop."""
@@ -42,7 +64,7 @@ class Dispatch:
             elif signum == signal.SIGHUP:
                 log.info("received SIGHUP, reloading the configuration")
                 if self.load is not None and reloading.apply(self.agent, self.load,
-                                                             self.on_change):
+                                                             self.services):
                     self.schedule.restart(self.agent.settings.interval)
             elif signum == signal.SIGUSR1:
                 log.info("received SIGUSR1, registering now")
@@ -52,30 +74,40 @@ class Dispatch:
 
 def run(agent: Agent, signals: Signals, reload: Callable[[], Settings] | None = None,
         on_first: Callable[[], None] | None = None, watchdog: Watchdog | None = None,
-        state: StateWriter | None = None) -> int:
+        state: StateWriter | None = None, services: Services | None = None,
+        nudges: Nudges | None = None) -> int:
     """Register on the schedule until asked to stop; returns the exit code (0).
 
     ``reload`` re-reads the configuration on SIGHUP; ``state`` records every round for
-    ``dm-agent status``. With systemd's ``watchdog``, each iteration pings it, and no
-    wait is longer than its period: a loop that stops iterating is restarted by systemd."""
-    waker = signals.waker
-
-    def on_change(action: str) -> None:  # from the event thread: a container changed
-        log.debug("Docker event %s: registering in %.2fs", action, schedule.event())
-        waker.wake()
-
+    ``dm-agent status``; ``services`` run beside the rounds (started before the first,
+    reloaded with the configuration, stopped last); ``nudges`` are Docker's events. With
+    systemd's ``watchdog``, each iteration pings it, and no wait is longer than its
+    period: a loop that stops iterating is restarted by systemd."""
+    services = services if services is not None else Services()
     agent.host.prime()
     schedule = Schedule(agent.settings.interval, agent.settings.jitter)  # first round now
-    act, rounds = Dispatch(agent, schedule, reload, on_change), RoundThread(agent.progress)
-    if not agent.dry_run:
-        agent.parts.source.start_events(on_change)
+    act, rounds = Dispatch(agent, schedule, reload, services), RoundThread(agent.progress)
+    services.start()
     if on_first is not None:
         on_first()
+    try:
+        return _iterate(agent, signals, schedule, act, rounds, watchdog, state, nudges)
+    finally:
+        services.stop()
+        agent.close()
+
+
+def _iterate(agent: Agent, signals: Signals, schedule: Schedule, act: Dispatch,
+             rounds: RoundThread, watchdog: Watchdog | None, state: StateWriter | None,
+             nudges: Nudges | None) -> int:
+    waker = signals.waker
     while True:
         if watchdog is not None:
             watchdog.ping()
         if act(signals):
             break
+        for action in nudges.take() if nudges is not None else ():
+            log.debug("Docker event %s: registering in %.2fs", action, schedule.event())
         if schedule.due() is not None:
             began = time.monotonic()
             ok = rounds.run(agent.register, agent.settings.interval, signals,
@@ -91,5 +123,4 @@ def run(agent: Agent, signals: Signals, reload: Callable[[], Settings] | None = 
         if watchdog is not None:
             wake = min(wake, now + watchdog.period)
         waker.wait(wake - now)
-    agent.close()
     return 0

@@ -31,6 +31,7 @@ from typing import NamedTuple
 from . import config
 from .command import Parser, parse_command
 from .errors import EX_FAILURE, EX_OK, AgentError, ConfigError, UsageError
+from .net import SECRET_MASK
 
 UNIT_DIR = "/etc/systemd/system"
 SCRIPT_DIR = "/usr/local/bin"
@@ -39,7 +40,7 @@ NEW_UNIT = "dm-agent.service"
 GROUP = "dm-agent"
 #: keys the original agent had, in the order they are written
 KEYS = ("master", "docker", "timeout", "secret", "log_level")
-MASK = config.SECRET_MASK
+MASK = SECRET_MASK
 
 DESCRIPTION = """\
 Take this node over from the original DockMaster agent installed by its `install`

@@ -9,11 +9,12 @@ from . import logs
 from .agent import Agent
 from .config import Settings
 from .errors import ConfigError
+from .services import Services
 
 log = logging.getLogger("dm_agent")
 
 
-def apply(agent: Agent, load: Callable[[], Settings], on_change: Callable[[str], None]) -> bool:
+def apply(agent: Agent, load: Callable[[], Settings], services: Services) -> bool:
     """Build the new configuration's parts, swap them in, then close the old ones;
     True when the configuration changed. A broken configuration is logged and the
     running one kept, parts and all."""
@@ -26,7 +27,7 @@ def apply(agent: Agent, load: Callable[[], Settings], on_change: Callable[[str],
         return False
     agent.swap(new).close()
     logs.set_level(new.log_level)
-    agent.parts.source.start_events(on_change)
+    services.reload(new)
     log.info("configuration reloaded from %s: interval %ds", new.config_file or "(no file)",
              new.interval)
     return True

@@ -15,8 +15,8 @@ import requests
 import urllib3
 
 from . import __version__
-from .cabundle import system_ca_bundle
 from .errors import ReportError
+from .net import redact, system_ca_bundle
 
 MAX_BODY_IN_LOG = 200
 # Of an answer, no more than this is read (an error page is summarised to its title).
@@ -101,19 +101,20 @@ class Reporter:
                                      timeout=self.timeout, verify=self.verify,
                                      allow_redirects=False, stream=True)
         except requests.exceptions.SSLError as exc:
-            raise ReportError("tls", f"TLS to {self.master} failed: {self.redacted(exc)}") from None
+            raise ReportError(kind="tls", message=f"TLS to {self.master} failed: "
+                              f"{self.redacted(exc)}") from None
         except requests.exceptions.ConnectTimeout:
-            raise ReportError("timeout", f"connecting to {self.master} timed out "
+            raise ReportError(kind="timeout", message=f"connecting to {self.master} timed out "
                               f"after {self.timeout[0]:g}s") from None
         except requests.exceptions.ReadTimeout:
-            raise ReportError("timeout", f"{self.master} did not answer within "
+            raise ReportError(kind="timeout", message=f"{self.master} did not answer within "
                               f"{self.timeout[1]:g}s") from None
         except requests.exceptions.ConnectionError as exc:
-            raise ReportError("connection", f"cannot reach {self.master}: "
+            raise ReportError(kind="connection", message=f"cannot reach {self.master}: "
                               f"{self.redacted(exc)}") from None
         except requests.exceptions.RequestException as exc:
-            raise ReportError("connection",
-                              f"request to {self.master} failed: {self.redacted(exc)}") from None
+            raise ReportError(kind="connection", message=f"request to {self.master} failed: "
+                              f"{self.redacted(exc)}") from None
         self._reading = resp
         try:
             text = self._read(resp, deadline)
@@ -125,14 +126,14 @@ class Reporter:
         detail = summarise_body(text, resp.headers.get("Content-Type", ""))
         if resp.status_code == 401:
             raise ReportError(
-                "unauthorized",
-                f"master {self.master} refused the node secret (HTTP 401): "
+                kind="unauthorized",
+                message=f"master {self.master} refused the node secret (HTTP 401): "
                 + ("check 'secret' in the config (or -s / DM_AGENT_SECRET)"
                    if self._secret else "the master wants one; set 'secret' in the config")
                 + (f"; master said: {detail}" if detail else ""),
             )
-        raise ReportError("http", f"master {self.master} answered HTTP {resp.status_code}"
-                          + (f": {detail}" if detail else ""))
+        raise ReportError(kind="http", message=f"master {self.master} answered HTTP "
+                          f"{resp.status_code}" + (f": {detail}" if detail else ""))
 
 
     def _read(self, resp: requests.Response, deadline: float | None) -> str:
@@ -145,7 +146,7 @@ class Reporter:
         try:
             while size < MAX_ANSWER:
                 if deadline is not None and time.monotonic() > deadline:
-                    raise ReportError("timeout", f"{self.master} sends its answer too "
+                    raise ReportError(kind="timeout", message=f"{self.master} sends its answer too "
                                       f"slowly: HTTP {resp.status_code} and {size} bytes "
                                       "when the round's deadline passed")
                 chunk = read1(1024, decode_content=True) if read1 else \
@@ -157,7 +158,7 @@ class Reporter:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             if resp.status_code == 200:
                 return ""  # accepted; how the rest of the answer went does not matter
-            raise ReportError("connection", f"{self.master} answered HTTP "
+            raise ReportError(kind="connection", message=f"{self.master} answered HTTP "
                               f"{resp.status_code}, then: {self.redacted(exc)}") from None
         data = b"".join(chunks)
         try:
@@ -167,19 +168,6 @@ class Reporter:
 
     def redacted(self, exc: BaseException) -> str:
         return redact(_short(exc), self._secret)
-
-
-def redact(text: str, secret: str | None) -> str:
-    """``text`` without the secret, in whatever spelling an exception may quote it."""
-    if not secret:
-        return text
-    spellings = {secret, repr(secret)[1:-1], ascii(secret)[1:-1],
-                 secret.encode("unicode_escape").decode("ascii"),
-                 urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
-    for spelling in sorted(spellings, key=len, reverse=True):
-        if spelling:
-            text = text.replace(spelling, "********")
-    return text
 
 
 def _short(exc: BaseException) -> str:

@@ -19,10 +19,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .reporter import redact
+from .net import redact
 
 if TYPE_CHECKING:  # the agent imports this module, not the other way round
     from .agent import Agent
+    from .services import Services
 
 log = logging.getLogger("dm_agent")
 
@@ -54,8 +55,10 @@ class StateWriter:
     that cannot be written is logged once (and again when it works again), and the
     agent goes on registering."""
 
-    def __init__(self, path: str, started: float | None = None) -> None:
+    def __init__(self, path: str, started: float | None = None,
+                 services: Services | None = None) -> None:
         self.path = path
+        self.services = services
         self.started = time.time() if started is None else started
         self.last_success: dict[str, Any] | None = None
         self.last_failure: dict[str, Any] | None = None
@@ -78,36 +81,17 @@ class StateWriter:
         self.write(agent, now)
 
     def snapshot(self, agent: Agent, now: float) -> dict[str, Any]:
-        s = agent.settings
-        events: dict[str, Any] = {"state": "disabled", "since": None, "last_event": None}
-        watcher = agent.events
-        if watcher is not None:
-            events = {"state": "connected" if watcher.connected else "down",
-                      "since": watcher.changed_at,
-                      "last_event": watcher.last_event}
-        docker_error = None
-        if agent.docker_outage.active:
-            docker_error = redact(agent.docker_outage.message, s.secret)
         return {
             "schema": SCHEMA,
             "pid": os.getpid(),
             "version": __version__,
             "started": self.started,
             "written": now,
-            "config_file": s.config_file,
-            "master": s.master,
-            "interval": s.interval,
-            "ttl": s.ttl,
-            "node": agent.node_name,
+            **agent.report(),
             "last_success": self.last_success,
             "last_failure": self.last_failure,
             "consecutive_failures": self.failures,
-            "containers": agent.containers_reported,
-            "docker": {"reachable": docker_error is None, "error": docker_error},
-            "events": events,
-            "stuck_mounts": agent.host.disks.stuck,
-            "time_format": agent.time_format,
-            "master_generation": agent.master_generation,
+            **(self.services.snapshot() if self.services is not None else {}),
         }
 
     def write(self, agent: Agent, now: float | None = None) -> None:

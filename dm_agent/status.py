@@ -77,19 +77,17 @@ def pidfile_of(explicit: str | None, config_path: str | None) -> str:
     is passed over (a non-member of dm-agent cannot read /etc/dm-agent.ini)."""
     if explicit:
         return explicit
-    if env := os.environ.get(config.ENV_PREFIX + "PIDFILE", "").strip():
-        return env
     path = config.find_config(config_path)
-    if path is not None:
-        try:
-            values, _ = config.read_file(path)
-        except ConfigError:
-            values = {}
-        if values.get("pidfile", "").strip():  # relative: to the file's directory
-            return os.path.join(os.path.dirname(path), values["pidfile"].strip())
+    try:
+        values = config.read_file(path)[0] if path is not None else {}
+    except ConfigError:
+        values = {}
+    raw = config.raw_value(config.BY_NAME["pidfile"], {}, os.environ, values, path, os.getcwd())
+    if raw.text.strip():
+        return raw.text.strip()
     if os.geteuid() == 0 or os.path.isdir(os.path.dirname(SYSTEM_PIDFILE)):
         return SYSTEM_PIDFILE
-    return config.pidfile_path(config.Settings())
+    return config.pidfile_path(config.DEFAULTS)
 
 
 def lock_holder(path: str, st: os.stat_result) -> tuple[bool | None, int | None]:
@@ -231,6 +229,37 @@ def _last_error(state: dict[str, Any], now: float) -> str | None:
     return f"last error{at}: {failure.get('kind')}: {failure.get('message')}"
 
 
+def _gateway(state: dict[str, Any], now: float) -> list[str]:
+    """The gateway's lines (docs/design.md §6), or why the master cannot manage the node."""
+    gw = state.get("gateway")
+    lines: list[str] = []
+    if isinstance(gw, dict) and gw.get("listen"):
+        if gw.get("error"):
+            lines.append(f"gateway: NOT listening: {gw.get('error')}")
+        else:
+            lines.append(f"gateway: listening on {gw.get('listen')} ({gw.get('access')} "
+                         f"access), {gw.get('connections', 0)} open connections")
+        cert = gw.get("certificate")
+        if isinstance(cert, dict):
+            expires = _num(cert.get("not_after"))
+            left = f", expires {clock(expires, now)} ({ago(expires - now)})" if expires else ""
+            own = " (self-issued)" if cert.get("self_issued") else ""
+            lines.append(f"gateway certificate{own}: {cert.get('fingerprint')}{left}")
+        fails = gw.get("auth_failures")
+        if isinstance(fails, dict) and fails.get("failures_total"):
+            recent = fails.get("recent") or []
+            last = recent[0] if recent and isinstance(recent[0], dict) else {}
+            when = _num(last.get("last"))
+            lines.append(f"gateway authentication failures: {fails.get('failures_total')}"
+                         + (f", last from {last.get('client')} {ago(now - when)} ago"
+                            if when else ""))
+    elif isinstance(gw, dict) and gw.get("off_reason"):
+        lines.append(f"gateway off: {gw.get('off_reason')}")
+    if state.get("unmanaged"):
+        lines.append(str(state["unmanaged"]))
+    return lines
+
+
 def judge(state: dict[str, Any], now: float) -> tuple[int, str, str]:
     """(exit code, status word, summary) of a running agent's state."""
     master = state.get("master") or "(no master)"
@@ -311,8 +340,9 @@ def check(pidfile: str, now: float | None = None) -> Result:
                       f"PID {state.get('pid')}'s (the agent is starting; ask again)", pid, state)
     code, status, message = judge(state, now)
     error = _last_error(state, now)
-    if error:
-        message += "\n" + error
+    for line in (error, *_gateway(state, now)):
+        if line:
+            message += "\n" + line
     return result(code, status, message, pid or state.get("pid"), state)
 
 

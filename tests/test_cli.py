@@ -214,7 +214,8 @@ def test_reexec_command_line_keeps_every_flag_but_the_secret() -> None:
     from dm_agent import cli
 
     full = ["-d", "unix:///d.sock", "-m", "m:1", "-t", "5", "-vv", "-f", "a b.ini",
-            "-s", SECRET, "--pidfile", "=p", "--daemon", "--once", "--dry-run",
+            "-s", SECRET, "--pidfile", "=p", "--gateway", "127.0.0.1:8771", "--daemon",
+            "--once", "--dry-run",
             "--check-config"]
     args = cli._parse(full)
     every = set(vars(cli._parse([])))

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dm_agent import net
 from dm_agent.collectors import docker as dk
 from dm_agent.collectors.jsonarray import decode_array
 from dm_agent.errors import DockerError
@@ -68,9 +69,9 @@ def test_info_needs_a_name() -> None:
 
 
 def test_tcp_address() -> None:
-    assert dk.tcp_address("tcp://10.0.0.1:2375") == "10.0.0.1:2375"
-    assert dk.tcp_address("https://h:2376") == "h:2376"
-    assert dk.tcp_address("unix:///var/run/docker.sock") is None
+    assert net.tcp_address("tcp://10.0.0.1:2375") == "10.0.0.1:2375"
+    assert net.tcp_address("https://h:2376") == "h:2376"
+    assert net.tcp_address("unix:///var/run/docker.sock") is None
 
 
 json_values = st.recursive(

@@ -18,9 +18,10 @@ from agentproc import BIN, clean_env, popen, stop
 from support.master import Master
 
 from dm_agent import address as address_mod
-from dm_agent.address import Announcer, master_endpoint
+from dm_agent.address import Announcer
 from dm_agent.agent import Agent
 from dm_agent.config import Settings
+from dm_agent.net import master_endpoint
 from dm_agent.outage import Outage
 from dm_agent.rounds import Progress, RoundThread
 from dm_agent.signals import Signals, Waker

@@ -36,14 +36,6 @@ class NodeInfo(NamedTuple):
     containers: list[dict[str, Any]]
 
 
-def tcp_address(endpoint: str) -> str | None:
-    """``host:port`` of a TCP Docker endpoint (the address the master reaches), else None."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("tcp", "http", "https"):
-        return rest.rstrip("/")
-    return None
-
-
 def parse_daemon_labels(raw: Any) -> dict[str, str]:
     """Docker's ``Labels`` of /info: a list of ``key=value``, split at the first ``=``."""
     if raw is None:
@@ -144,7 +136,7 @@ def connect(endpoint: str, tls: DockerTLS | None = None, timeout: float | None =
     from docker.constants import DEFAULT_DOCKER_API_VERSION as SDK_MAX
     from docker.constants import MINIMUM_DOCKER_API_VERSION as SDK_MIN
 
-    from ..cabundle import system_ca_bundle
+    from ..net import system_ca_bundle
 
     tls_config: Any = False
     if tls is not None:

@@ -1,0 +1,73 @@
+"""The one wiring of a running agent, foreground or daemon: the agent, its services, the
+state file, the signals and the loop (docs/design.md §4).
+
+``cli`` runs it in the foreground, ``daemon`` in the detached grandchild; what differs
+between the two (where logs go, the pidfile's owner, telling the starter) is passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from . import loop
+from .address import unmanaged
+from .agent import Agent, describe
+from .config import Settings
+from .notify import Watchdog
+from .services import EventsService, Services
+from .signals import Signals, Waker
+from .state import StateWriter
+
+log = logging.getLogger("dm_agent")
+
+
+def build_services(agent: Agent, nudges: loop.Nudges) -> Services:
+    """Docker's event stream and the gateway. The gateway's parser, bcrypt and TLS
+    modules are imported only when it is configured: a node without it keeps the agent's
+    memory budget."""
+    from .gateway.service import Gateway
+
+    return Services([EventsService(agent, nudges), Gateway(agent)])
+
+
+def serve(settings: Settings, reload: Callable[[], Settings] | None, *, dry_run: bool = False,
+          state_file: str | None = None, watchdog: Watchdog | None = None,
+          on_ready: Callable[[], None] | None = None, started: str = "started") -> int:
+    """Run the agent until a stop signal; returns the exit code. ``state_file`` is where
+    ``dm-agent status`` reads this agent (beside its pidfile); ``on_ready`` is called once
+    the services started and the state says "running", before the first round."""
+    agent = Agent(settings, dry_run=dry_run)
+    signals = Signals(Waker())
+    nudges = loop.Nudges(signals.waker)
+    services = build_services(agent, nudges)
+    writer = StateWriter(state_file, services=services) if state_file else None
+    signals.install()
+
+    def ready() -> None:
+        if writer is not None:
+            writer.write(agent)  # running, not registered yet
+        log.info("%s: %s, %s", started, describe(settings), gateway_line(agent))
+        if note := unmanaged(settings):
+            log.warning("%s", note)
+        if on_ready is not None:
+            on_ready()
+
+    try:
+        return loop.run(agent, signals, reload, on_first=ready, watchdog=watchdog,
+                        state=writer, services=services, nudges=nudges)
+    finally:
+        signals.restore()
+        if writer is not None:
+            writer.remove()
+
+
+def gateway_line(agent: Agent) -> str:
+    """The gateway's part of the start line."""
+    settings = agent.settings
+    if settings.gateway:
+        return (f"gateway on {settings.gateway} ({settings.gateway_access} access), "
+                f"announced as {agent.parts.announcer.address()}")
+    if settings.gateway_off_reason:
+        return "gateway off: " + settings.gateway_off_reason
+    return "gateway off"
