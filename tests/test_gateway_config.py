@@ -156,7 +156,7 @@ def test_a_unix_socket_without_gateway_is_a_node_the_master_cannot_manage(
 
 
 def _announced(home: Path, **keys: str) -> str:
-    write_ini(home, docker=NO_DOCKER, gateway_password_hash=GOOD, **keys)
+    write_ini(home, **{"docker": NO_DOCKER, "gateway_password_hash": GOOD, **keys})
     proc = run(["--once", "--dry-run", "-f", str(home / "dm-agent.ini")], home,
                {"XDG_STATE_HOME": str(home / "state")})
     assert proc.returncode == 0, proc.stderr
