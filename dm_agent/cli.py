@@ -51,6 +51,9 @@ Commands (see dm-agent COMMAND --help):
   dm-agent migrate [--dry-run] [--name NAME]
                              take over from the original agent's unit: its settings
                              into /etc/dm-agent.ini, then stop and disable it
+  dm-agent hash-password [--rounds N]
+                             the bcrypt hash of a password read from stdin, for
+                             gateway_password_hash (the gateway, docs/gateway.md)
 """
 
 
@@ -66,8 +69,15 @@ def _migrate(argv: list[str]) -> int:
     return migrate.main(argv)
 
 
+def _hash_password(argv: list[str]) -> int:
+    from . import hashpw
+
+    return hashpw.main(argv)
+
+
 # Subcommands, each with its own parser and exit codes; the agent itself takes none.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"status": _status, "migrate": _migrate}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "status": _status, "migrate": _migrate, "hash-password": _hash_password}
 
 # Set while re-executing with the -s value moved out of the command line (see without_secret).
 _SECRET_ENV = "DM_AGENT__CLI_SECRET"
