@@ -23,8 +23,9 @@ from typing import Any
 import bcrypt
 import docker
 import pytest
-from agentproc import popen, stop
+from agentproc import BIN, clean_env, stop
 from support.dockerd import Dockerd, TlsFiles, make_tls_files
+from support.frozen import require_frozen
 from support.image import IMAGE, ensure_image
 
 from dm_agent.gateway import auth, tls
@@ -58,10 +59,12 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     return make_tls_files(tmp_path_factory.mktemp("gw-tls"))
 
 
-@pytest.fixture(scope="module")
-def agent(engine: Dockerd, certs: TlsFiles,
+@pytest.fixture(scope="module", params=["venv", "frozen"])
+def agent(request: pytest.FixtureRequest, engine: Dockerd, certs: TlsFiles,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The real agent program with its gateway on, in front of ``engine``."""
+    """The real agent program with its gateway on, in front of ``engine``: as installed
+    in the venv, and the frozen program the packages ship."""
+    program = str(require_frozen()) if request.param == "frozen" else BIN
     home = tmp_path_factory.mktemp("gw-agent")
     port = free_port()
     ini = home / "dm-agent.ini"
@@ -69,8 +72,10 @@ def agent(engine: Dockerd, certs: TlsFiles,
                    f"gateway = 127.0.0.1:{port}\ngateway_cert = {certs.server_cert}\n"
                    f"gateway_key = {certs.server_key}\ngateway_client_ca = {certs.ca}\n"
                    f"gateway_password_hash = {HASH}\n")
-    proc = popen(["--dry-run", "-f", str(ini)], home, {"STATE_DIRECTORY": str(home / "state")},
-                 stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([program, "--dry-run", "-f", str(ini)], cwd=home, text=True,
+                            env=clean_env(home, {"STATE_DIRECTORY": str(home / "state")}),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while True:
         try:
