@@ -26,15 +26,15 @@ import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import h11
 
 from . import edge
-from .upstream import BUFFER, Stream
+from .upstream import BUFFER, Stream, Upstream
 
 if TYPE_CHECKING:
-    from .server import Listener
+    from .auth import Authenticator
 
 log = logging.getLogger("dm_agent")
 
@@ -45,6 +45,18 @@ CONNECT_TIMEOUT = 10.0
 #: Bytes a client may send ahead while its answer is being relayed (then it is not read).
 MAX_AHEAD = edge.MAX_HEAD
 _HTTP_METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN")
+
+
+class Listener(Protocol):
+    """What a connection asks of the listener that accepted it (server.Listener)."""
+
+    context: ssl.SSLContext
+    authenticator: Authenticator
+    upstream: Upstream
+    read_only: bool
+    header_timeout: float
+
+    def gone(self, conn: Connection) -> None: ...
 
 
 class ClientGone(Exception):
