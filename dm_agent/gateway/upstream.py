@@ -122,6 +122,7 @@ class TLSStream(Stream):
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, hostname: str) -> None:
         super().__init__(sock)
         self.held = b""
+        self.ended = False
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=hostname)
         while True:
@@ -149,15 +150,29 @@ class TLSStream(Stream):
         return True
 
     def pending(self) -> int:
-        return len(self.held) + self.tls.pending() + self.incoming.pending
+        return (len(self.held) + self.tls.pending() + self.incoming.pending
+                + (1 if self.ended else 0))
 
     def recv(self) -> bytes:
         if self.held:
             data, self.held = self.held, b""
             return data
+        if self.ended:
+            return b""
         while True:
             try:
                 data = self.tls.read(BUFFER)
+                while len(data) < BUFFER and (self.tls.pending() or self.incoming.pending):
+                    try:  # the next records already in memory: one larger piece
+                        more = self.tls.read(BUFFER - len(data))
+                    except ssl.SSLWantReadError:
+                        break
+                    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                        more = b""
+                    if not more:  # the end, kept for the next call
+                        self.ended = True
+                        break
+                    data += more
                 self._flush()  # a TLS 1.3 key update may want an answer
                 return data
             except ssl.SSLWantReadError:
