@@ -61,6 +61,8 @@ class Upstream:
             sock = socket.create_connection(self.address, timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
             if self.tls is not None:
                 assert self.address is not None
                 stream: Stream = TLSStream(sock, self.tls, self.address[0])
@@ -74,6 +76,9 @@ class Upstream:
 
 
 BUFFER = 256 * 1024
+#: Kernel buffers of the sockets to Docker: a relay alternates reading one side and
+#: writing the other, and larger buffers let both ends go on meanwhile.
+SOCKET_BUFFER = 1 << 20
 
 
 class Stream:
