@@ -274,7 +274,8 @@ def test_configured(node: Node) -> None:
         node.notes["start_seconds"] = round(time.monotonic() - started, 2)
         # Type=forking: start returned, so the daemon is up and its pidfile is written.
         state = node.show("ActiveState", "SubState", "MainPID")
-        assert state["ActiveState"] == "active" and state["SubState"] == "running", state
+        assert state["ActiveState"] == "active" and state["SubState"] == "running", \
+            (state, node.messages(mark))
         pid = state["MainPID"]
         assert node.run(["cat", PIDFILE]).stdout.strip() == pid
         assert not [m for m in node.messages(mark) if "PID file" in m], node.messages(mark)

@@ -323,7 +323,8 @@ class Node:
             "docker = unix:///var/run/docker.sock\n"
             f"timeout = {timeout}\n"
             f"secret = {self.secret}\n"
-            "log_level = 1\n"
+            # log_level = 1 (INFO) is the shipped file's own line already; a second one
+            # is an error of the INI format (a duplicate key)
             "jitter = no\n"
             + extra
         )
