@@ -42,6 +42,8 @@ log = logging.getLogger("dm_agent")
 KEEPALIVE_IDLE = 300.0
 #: Seconds to connect to Docker.
 CONNECT_TIMEOUT = 10.0
+#: Seconds a closing connection reads what its client still sends (see drain()).
+LINGER = 1.0
 #: Bytes a client may send ahead while its answer is being relayed (then it is not read).
 MAX_AHEAD = edge.MAX_HEAD
 _HTTP_METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN")
@@ -78,7 +80,25 @@ class ClientStream(Stream):
             self.sock.unwrap()
         except (OSError, ValueError):
             pass
+        drain(self.sock)
         self.sock.close()
+
+
+def drain(sock: socket.socket) -> None:
+    """End our side, then read (and drop) what the client still sends, for at most LINGER
+    seconds, before the socket is closed: closing with unread bytes makes the kernel reset
+    the connection, and the client could lose the answer it was just sent (an error
+    answer to a request whose body it is still sending; the plain HTTP answer)."""
+    end = time.monotonic() + LINGER
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        while (left := end - time.monotonic()) > 0 and poller.poll(left * 1000):
+            if not socket.socket.recv(sock, BUFFER, socket.MSG_DONTWAIT):
+                return
+    except OSError:
+        return
 
 
 class Connection:
@@ -116,6 +136,7 @@ class Connection:
             if self.stream is not None:
                 self.stream.close()
             else:
+                drain(self.raw)
                 self.raw.close()
             self.listener.gone(self)
 
@@ -288,7 +309,12 @@ class Connection:
             headers += [(b"connection", b"Upgrade"), (b"upgrade", upgrade)]
         up.sendall(upc.send(h11.Request(method=req.method, target=req.target,
                                         headers=headers)) or b"")
-        early = self._send_body(conn, up, upc)
+        try:
+            early = self._send_body(conn, up, upc)
+        except h11.RemoteProtocolError as exc:  # a bad chunk: Docker gets no more of it
+            self._close_upstream()
+            self._refuse(conn, 400, f"gateway: bad request body: {exc}")
+            return False
         answer = self._up_event(upc, watch=conn)
         if isinstance(answer, h11.InformationalResponse) and answer.status_code == 101:
             self._switch(conn, upc, answer.status_code, answer.reason, answer.headers)
