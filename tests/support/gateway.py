@@ -85,12 +85,20 @@ class GatewayRig:
                               timeout=timeout + 10)
 
     # ------------------------------------------------------------------ raw TLS
-    @contextlib.contextmanager
-    def raw(self, *, with_cert: bool = True, context: ssl.SSLContext | None = None,
-            timeout: float = 10.0) -> Iterator[ssl.SSLSocket]:
+    def connect(self, *, with_cert: bool = True, context: ssl.SSLContext | None = None,
+                timeout: float = 10.0) -> ssl.SSLSocket:
+        """A TLS connection to the gateway (the client certificate unless told)."""
         ctx = context or self.tls.client_context(with_cert=with_cert)
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-        with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        try:
+            return ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+        except BaseException:
+            sock.close()
+            raise
+
+    @contextlib.contextmanager
+    def raw(self, **kwargs: Any) -> Iterator[ssl.SSLSocket]:
+        with self.connect(**kwargs) as tls:
             yield tls
 
 
