@@ -354,12 +354,10 @@ class Connection:
             self._next(conn)  # EndOfMessage, of a request without a body
             up.sendall(upc.send(h11.EndOfMessage()) or b"")
             return False
-        poller = select.poll()
-        poller.register(up.fileno(), select.POLLIN)
         while True:
             event = self._next(conn)
             if isinstance(event, h11.Data):
-                if up.pending() or poller.poll(0):
+                if up.readable_now():
                     return True  # Docker answers already (an error): stop sending
                 up.sendall(upc.send(h11.Data(data=event.data)) or b"")
             elif isinstance(event, h11.EndOfMessage):

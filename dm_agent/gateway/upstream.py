@@ -7,6 +7,7 @@ clients do the same), so a hijacked or streaming one never blocks another.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 
@@ -76,6 +77,12 @@ class Upstream:
 BUFFER = 256 * 1024
 
 
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class Stream:
     """A byte stream over a connected socket: what the relay reads, writes, half-closes
     and polls, the same for a plain socket and for TLS."""
@@ -90,6 +97,10 @@ class Stream:
         """Bytes readable without waiting on the socket (decrypted, or undecrypted in
         memory)."""
         return 0
+
+    def readable_now(self) -> bool:
+        """Docker sent something readable without waiting (an answer, or its end)."""
+        return self.pending() > 0 or _readable(self.sock)
 
     def recv(self) -> bytes:
         """Up to BUFFER bytes; b"" at the end of the stream."""
@@ -122,6 +133,7 @@ class TLSStream(Stream):
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, hostname: str) -> None:
         super().__init__(sock)
         self.held = b""
+        self.ended = False  # Docker's close_notify (or end of stream) has been read
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=hostname)
         while True:
@@ -149,12 +161,33 @@ class TLSStream(Stream):
         return True
 
     def pending(self) -> int:
-        return len(self.held) + self.tls.pending() + self.incoming.pending
+        """Application bytes readable now (the end counts as one), after decrypting what
+        is already in memory: bytes that are only a TLS 1.3 session ticket, or a record
+        not complete yet, do not count — recv() would wait on the socket for more."""
+        if not self.held and not self.ended and self.incoming.pending:
+            try:
+                self.held = self.tls.read(BUFFER)
+                self.ended = not self.held
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.ended = True
+            self._flush()
+        return len(self.held) + self.tls.pending() + int(self.ended)
+
+    def readable_now(self) -> bool:
+        if self.pending():
+            return True
+        if _readable(self.sock):
+            self._fill()
+        return self.pending() > 0
 
     def recv(self) -> bytes:
         if self.held:
             data, self.held = self.held, b""
             return data
+        if self.ended:
+            return b""
         while True:
             try:
                 data = self.tls.read(BUFFER)
