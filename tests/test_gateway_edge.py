@@ -272,6 +272,13 @@ def test_slowloris_is_cut_at_the_deadline(make_rig: type[GatewayRig]) -> None:
     assert cut and sent < len(head), f"sent {sent} of {len(head)} bytes, not cut"
 
 
+def test_silent_client_is_cut_at_the_handshake_deadline(make_rig: type[GatewayRig]) -> None:
+    rig = make_rig(header_timeout=1.0)
+    with socket.create_connection(("127.0.0.1", rig.port), timeout=10) as s:
+        assert read_to_end(s, limit=10) == b""  # no ClientHello: closed, nothing said
+    wait_for(lambda: rig.listener.snapshot()["connections"] == 0, "the connection to end")
+
+
 def test_plain_http_to_the_tls_port_is_closed_cleanly(gw: GatewayRig) -> None:
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
         s.sendall(b"GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
