@@ -14,20 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import gateway as shared
 from support.dockerd import Dockerd, make_tls_files
 from support.gateway import GatewayRig, RssWatch, lines, wait_for, write_image_tar
-from support.image import IMAGE, ensure_image
+from support.image import IMAGE
 
 pytestmark = pytest.mark.docker
+engine, cfg = shared.engine, shared.cfg  # the gateway tests' fixtures
 
 NONE = ("--network", "none")
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Dockerd]:
-    with Dockerd() as d:
-        ensure_image(d)
-        yield d
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +30,6 @@ def gw(engine: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ga
     rig = GatewayRig(make_tls_files(tmp_path_factory.mktemp("gwtls")), engine.unix_url)
     yield rig
     rig.close()
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Path:
-    d = tmp_path / "docker-config"
-    d.mkdir()
-    return d
 
 
 def test_ps_over_mutual_tls(gw: GatewayRig, engine: Dockerd, cfg: Path) -> None:

@@ -22,11 +22,12 @@ from typing import Any
 
 import docker
 import pytest
+from support import gateway as shared
 from support.dockerd import Dockerd, TlsFiles, make_tls_files
 from support.gateway import PASSWORD, GatewayRig, read_to_end, split_answer, wait_for
-from support.image import ensure_image
 
 pytestmark = pytest.mark.docker
+engine = shared.engine  # the gateway tests' private dockerd
 
 
 class Recorder:
@@ -65,13 +66,6 @@ class Recorder:
 
     def close(self) -> None:
         self.server.close()
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Dockerd]:
-    with Dockerd() as d:
-        ensure_image(d)
-        yield d
 
 
 @pytest.fixture(scope="module")

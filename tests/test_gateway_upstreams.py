@@ -11,20 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import gateway as shared
 from support.dockerd import Dockerd, make_tls_files
 from support.gateway import GatewayRig, lines, read_to_end, split_answer, wait_for
 from support.image import IMAGE, ensure_image
 
 pytestmark = pytest.mark.docker
+engine, cfg = shared.engine, shared.cfg  # the gateway tests' fixtures
 
 NONE = ("--network", "none")
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Dockerd]:
-    with Dockerd(tcp=True) as d:
-        ensure_image(d)
-        yield d
 
 
 @pytest.fixture(scope="module", params=["unix", "tcp", "tls"])
@@ -42,13 +37,6 @@ def gw(request: pytest.FixtureRequest, engine: Dockerd,
         rig = GatewayRig(tls, url)
     yield rig
     rig.close()
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Path:
-    d = tmp_path / "docker-config"
-    d.mkdir()
-    return d
 
 
 def test_ps(gw: GatewayRig, cfg: Path) -> None:

@@ -21,15 +21,34 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from dm_agent.gateway.auth import Authenticator, hash_password
 from dm_agent.gateway.server import Listener
 from dm_agent.gateway.tls import server_context
 from dm_agent.gateway.upstream import Upstream
 
-from .dockerd import TlsFiles
+from .dockerd import Dockerd, TlsFiles
+from .image import ensure_image
 
 PASSWORD = "s3cret-gateway-pw"
 DOCKER = "docker"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Dockerd]:
+    """A private dockerd for one test module (unix socket and plain TCP), with the image."""
+    with Dockerd(tcp=True) as d:
+        ensure_image(d)
+        yield d
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Path:
+    """An empty docker CLI config directory (the host's ~/.docker is not read)."""
+    d = tmp_path / "docker-config"
+    d.mkdir()
+    return d
 
 
 class GatewayRig:
