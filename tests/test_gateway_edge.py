@@ -212,6 +212,12 @@ SMUGGLING = {
                          b"Content-Length: 2\r\nContent-Length: 4\r\n\r\n{}{}",
     "two equal CLs": b"POST /v1.41/containers/create HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    "CL and TE, bare LF": b"POST /v1.41/containers/create HTTP/1.1\nHost: x\n"
+                          b"Content-Length: 4\nTransfer-Encoding: chunked\n\n0\r\n\r\n",
+    "two CLs, bare LF": b"POST /v1.41/containers/create HTTP/1.1\nHost: x\n"
+                        b"Content-Length: 2\nContent-Length: 2\n\n{}",
+    "folded header": b"POST /v1.41/containers/create HTTP/1.1\r\nHost: x\r\n"
+                     b"X-Note: a\r\n Content-Length: 2\r\n\r\n{}",
     "bad chunk size": b"POST /v1.41/build HTTP/1.1\r\nHost: x\r\n"
                       b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
     "TE gzip": b"POST /v1.41/build HTTP/1.1\r\nHost: x\r\n"

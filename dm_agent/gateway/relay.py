@@ -235,7 +235,7 @@ class Connection:
                 return False
             if not isinstance(event, h11.Request):
                 raise edge.BadRequest(f"unexpected {type(event).__name__}")
-            end = head.find(b"\r\n\r\n")
+            end = edge.head_end(head)
             edge.check_head(bytes(head[:end if end >= 0 else len(head)]))
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
