@@ -241,6 +241,23 @@ def test_smuggling_shapes_get_400_and_close(gw: GatewayRig, recorder: Recorder,
     assert b"/containers/create" not in bytes(recorder.sent[mark:])
 
 
+def test_http_1_0_without_host_is_served(gw: GatewayRig) -> None:
+    with gw.raw() as s:
+        s.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+        status, _, body = split_answer(read_to_end(s))
+    assert (status, body) == (200, b"OK")
+
+
+def test_pipelined_requests_are_answered_in_order(gw: GatewayRig) -> None:
+    with gw.raw() as s:
+        s.sendall(b"GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /v1.41/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = read_to_end(s)
+    first, _, rest = answer.partition(b"\r\n\r\nOK")
+    assert first.startswith(b"HTTP/1.1 200") and rest.startswith(b"HTTP/1.1 200")
+    assert b'"ApiVersion"' in rest
+
+
 def test_large_headers_up_to_a_mebibyte_pass(gw: GatewayRig) -> None:
     big = base64.b64encode(os.urandom(600 * 1024))  # X-Registry-Config is this kind
     with gw.raw() as s:

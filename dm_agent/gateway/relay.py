@@ -302,6 +302,8 @@ class Connection:
         assert upc is not None
         upgrade = edge.wants_upgrade(req.headers)
         headers = edge.forward_headers(req.headers, upstream=True)
+        if edge.header(headers, b"host") is None:  # HTTP/1.0 may omit it; 1.1 may not
+            headers.append((b"host", b"docker"))
         if conn.their_state is h11.SEND_BODY and edge.header(req.headers,
                                                               b"content-length") is None:
             headers.append((b"transfer-encoding", b"chunked"))
