@@ -78,5 +78,4 @@ def unmanaged(settings: Settings) -> str | None:
         why = (f"Docker is on a unix socket ({settings.docker.partition('://')[2]}), which "
                "the master cannot reach, and the gateway is off")
     return (f"the master cannot manage this node's Docker: {why}; set gateway = 0.0.0.0:8771 "
-            "and gateway_password_hash (docs/operator-guide.md, \"Let the master manage "
-            "this node\")")
+            "and gateway_password_hash (docs/gateway.md)")

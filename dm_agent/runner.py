@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 
 from . import loop
-from .address import unmanaged
 from .agent import Agent, describe
 from .config import Settings
 from .notify import Watchdog
@@ -48,8 +47,6 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None, *, dry_run:
         if writer is not None:
             writer.write(agent)  # running, not registered yet
         log.info("%s: %s, %s", started, describe(settings), gateway_line(agent))
-        if note := unmanaged(settings):
-            log.warning("%s", note)
         if on_ready is not None:
             on_ready()
 

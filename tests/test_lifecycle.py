@@ -49,6 +49,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -452,6 +453,59 @@ def test_credentials(node: Node) -> None:
         finally:
             node.run(["rm", "-f", CREDENTIAL_DROPIN, CREDENTIAL_FILE])
             node.run(["systemctl", "daemon-reload"])
+            node.configure(timeout=1)
+            node.run(["systemctl", "restart", UNIT])
+        node.wait_registration(time.monotonic())
+
+
+GATEWAY_PASSWORD = "lifecycle gateway password"
+
+
+def test_gateway(node: Node) -> None:
+    """5c. The gateway under the unit's sandbox: with ``gateway`` and a hash, the agent
+    issues itself a certificate in its StateDirectory (0600, the dm-agent user's), serves
+    Docker's API over TLS with Basic auth (a wrong password is 401), registers only its
+    https address, and ``dm-agent status`` shows the listener and the certificate."""
+    with node.step("gateway", needs=["configured"]):
+        import bcrypt
+
+        with socket.socket() as probe:  # the node shares the host's network
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        hashed = bcrypt.hashpw(GATEWAY_PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+        node.configure(timeout=1, extra=f"gateway = 127.0.0.1:{port}\n"
+                                        f"gateway_password_hash = {hashed}\n")
+        try:
+            mark, since = node.cursor(), time.monotonic()
+            node.run(["systemctl", "restart", UNIT])
+            regs = node.wait_registration(since, count=2)
+            # one address, the gateway's (on loopback: the host's IP, as without it)
+            (address,) = {r.json["address"] for r in regs}
+            assert address.startswith("https://") and address.endswith(f":{port}"), address
+            url = f"https://127.0.0.1:{port}"
+            version = host(["curl", "-sS", "-k", "-u", f"admin:{GATEWAY_PASSWORD}",
+                            f"{url}/version"])
+            assert json.loads(version)["ApiVersion"], version
+            containers = json.loads(host(["curl", "-sS", "-k", "-u",
+                                          f"admin:{GATEWAY_PASSWORD}",
+                                          f"{url}/containers/json?all=1"]))
+            assert {c["Id"] for c in containers} == {
+                c["Id"] for c in lifecycle.docker_containers(node.dockerd)}
+            wrong = host(["curl", "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}",
+                          "-u", "admin:wrong", f"{url}/version"])
+            assert wrong == "401"
+            assert node.stat("/var/lib/dm-agent/gateway/gateway.key") == "600 dm-agent:dm-agent"
+            status = node.run(["dm-agent", "status"]).stdout
+            assert f"gateway: listening on 127.0.0.1:{port} (full access)" in status, status
+            assert "gateway certificate (self-issued): SHA256:" in status
+            lines = node.agent_lines(mark)
+            assert any(m.startswith(f"gateway: listening on 127.0.0.1:{port}") for m in lines)
+            assert any("gateway: authentication failed for 127.0.0.1" in m for m in lines)
+            journal = node.run(["journalctl", "--no-pager", "-o", "export"]).stdout
+            assert GATEWAY_PASSWORD not in journal and hashed not in journal
+            assert node.agent_lines(mark, priority="err") == [], lines
+            node.notes["gateway_status"] = status
+        finally:
             node.configure(timeout=1)
             node.run(["systemctl", "restart", UNIT])
         node.wait_registration(time.monotonic())

@@ -78,6 +78,13 @@ def tokens(value: bytes | None) -> set[bytes]:
     return {t.strip().lower() for t in (value or b"").split(b",") if t.strip()}
 
 
+def has_body(headers: Headers) -> bool:
+    """Whether a request carries a body (h11 frames a GET as an empty one)."""
+    length = header(headers, b"content-length")
+    return header(headers, b"transfer-encoding") is not None or (
+        length is not None and length.strip() not in (b"0", b""))
+
+
 def wants_upgrade(headers: Headers) -> bytes | None:
     """The protocol a request asks to switch to (``tcp`` for attach and exec, ``h2c``,
     ``websocket``), or None."""

@@ -26,15 +26,15 @@ import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import h11
 
 from . import edge
-from .upstream import BUFFER, Stream
+from .upstream import BUFFER, Stream, Upstream
 
 if TYPE_CHECKING:
-    from .server import Listener
+    from .auth import Authenticator
 
 log = logging.getLogger("dm_agent")
 
@@ -47,6 +47,18 @@ LINGER = 1.0
 #: Bytes a client may send ahead while its answer is being relayed (then it is not read).
 MAX_AHEAD = edge.MAX_HEAD
 _HTTP_METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN")
+
+
+class Listener(Protocol):
+    """What a connection asks of the listener that accepted it (server.Listener)."""
+
+    context: ssl.SSLContext
+    authenticator: Authenticator
+    upstream: Upstream
+    read_only: bool
+    header_timeout: float
+
+    def gone(self, conn: Connection) -> None: ...
 
 
 class ClientGone(Exception):
@@ -161,6 +173,13 @@ class Connection:
                              b"Connection: close\r\n\r\nClient sent an HTTP request to an "
                              b"HTTPS server.\n")
             log.debug("gateway: plain HTTP from %s refused", self.client)
+            self.raw.shutdown(socket.SHUT_WR)
+            self.raw.settimeout(1.0)  # read what it sent, so that closing sends no RST
+            try:
+                while self.raw.recv(BUFFER):
+                    pass
+            except OSError:
+                pass
             return None
         context = self.listener.context
         tls = context.wrap_socket(self.raw, server_side=True, do_handshake_on_connect=False)
@@ -246,7 +265,7 @@ class Connection:
             log.debug("gateway: bad request from %s: %s", self.client, exc)
             return False
         self.deadline = None
-        has_body = conn.their_state is h11.SEND_BODY
+        has_body = edge.has_body(event.headers)
         refusal = self._check(event)
         if refusal is not None:
             status, message, headers = refusal
@@ -257,7 +276,13 @@ class Connection:
             return True
         if conn.client_is_waiting_for_100_continue:
             self.stream_send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-        return self._relay(conn, event)
+        try:
+            return self._relay(conn, event)
+        except h11.RemoteProtocolError as exc:  # in the body: a bad chunk, a short body
+            if conn.our_state is h11.SEND_RESPONSE:
+                self._refuse(conn, 400, f"gateway: bad request body: {exc}")
+            log.debug("gateway: bad request body from %s: %s", self.client, exc)
+            return False
 
     def stream_send(self, data: bytes | None) -> None:
         if data:

@@ -58,12 +58,13 @@ def _read(path: str, what: str) -> bytes:
 
 def load_pair(cert: str, key: str) -> CertInfo:
     """Check that ``cert`` and ``key`` can serve now; ValueError naming the file and why."""
+    cert_pem, key_pem = _read(cert, "certificate"), _read(key, "key")
     try:
-        chain = x509.load_pem_x509_certificates(_read(cert, "certificate"))
+        chain = x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
         raise ValueError(f"{cert} holds no PEM certificate") from None
     try:
-        private = serialization.load_pem_private_key(_read(key, "key"), password=None)
+        private = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
         reason = "it is encrypted" if isinstance(exc, TypeError) else "not a PEM private key"
         raise ValueError(f"cannot use the key {key}: {reason}") from None
