@@ -357,16 +357,27 @@ class Connection:
             out_headers.append((b"content-length", length))
         if early:
             out_headers.append((b"connection", b"close"))
-        self.stream_send(conn.send(h11.Response(status_code=answer.status_code,
-                                                reason=answer.reason, headers=out_headers)))
+        # What Docker's last read completed goes out in one write (Docker writes many
+        # small chunks: one TLS record and one syscall each added ~15 ms to a 1 MB list);
+        # before waiting on Docker again, all of it is sent, so streams are not held back.
+        out = bytearray(conn.send(h11.Response(status_code=answer.status_code,
+                                               reason=answer.reason, headers=out_headers))
+                        or b"")
         while True:
-            event = self._up_event(upc, watch=conn)
-            if isinstance(event, h11.Data):
-                self.stream_send(conn.send(h11.Data(data=event.data)))
+            event = upc.next_event()
+            if event is h11.NEED_DATA:
+                if out:
+                    self.stream_send(bytes(out))
+                    out.clear()
+                upc.receive_data(self._up_data(conn))
+            elif isinstance(event, h11.Data):
+                out += conn.send(h11.Data(data=event.data)) or b""
             elif isinstance(event, h11.EndOfMessage):
-                self.stream_send(conn.send(h11.EndOfMessage()))
+                out += conn.send(h11.EndOfMessage()) or b""
+                self.stream_send(bytes(out))
                 break
             else:  # Docker closed mid-answer: so must we
+                self.stream_send(bytes(out))
                 return False
         if upc.our_state is h11.DONE and upc.their_state is h11.DONE:
             upc.start_next_cycle()

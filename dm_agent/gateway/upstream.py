@@ -77,7 +77,8 @@ class Upstream:
 BUFFER = 256 * 1024
 
 
-def _readable(sock: socket.socket) -> bool:
+def readable(sock: socket.socket) -> bool:
+    """The socket has something to read now (data, or its end)."""
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     return bool(poller.poll(0))
@@ -100,7 +101,7 @@ class Stream:
 
     def readable_now(self) -> bool:
         """Docker sent something readable without waiting (an answer, or its end)."""
-        return self.pending() > 0 or _readable(self.sock)
+        return self.pending() > 0 or readable(self.sock)
 
     def recv(self) -> bytes:
         """Up to BUFFER bytes; b"" at the end of the stream."""
@@ -178,7 +179,7 @@ class TLSStream(Stream):
     def readable_now(self) -> bool:
         if self.pending():
             return True
-        if _readable(self.sock):
+        if readable(self.sock):
             self._fill()
         return self.pending() > 0
 
