@@ -55,7 +55,7 @@ def test_run_interactive_cat_half_close(gw: GatewayRig, cfg: Path) -> None:
 def test_run_interactive_cat_large_stdin(gw: GatewayRig, cfg: Path) -> None:
     """More than every buffer on the way holds, both ways at once: neither direction may
     wait on the other."""
-    data = bytes(range(256)) * (32 * 1024)  # 8 MiB
+    data = bytes(range(256)) * (128 * 1024)  # 32 MiB
     proc = gw.docker(cfg, "run", "-i", "--rm", *NONE, IMAGE, "cat", stdin=data, timeout=120)
     assert proc.returncode == 0
     assert len(proc.stdout) == len(data) and proc.stdout == data

@@ -79,6 +79,22 @@ class ClientStream(Stream):
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             return b""
 
+    def recv_nb(self) -> bytes | None:
+        try:
+            return self.sock.recv(BUFFER)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""
+
+    def send_nb(self, data: bytes) -> int:
+        # OpenSSL takes a retried write with the same first bytes (a moving buffer is
+        # allowed): pump only ever appends to what it retries
+        try:
+            return self.sock.send(data)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return 0
+
     def abort(self) -> None:
         try:  # the plain socket's shutdown: SSLSocket.shutdown() drops its TLS state
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
@@ -456,29 +472,54 @@ class Connection:
 
 def pump(client: Stream, up: Stream) -> None:
     """Raw bytes both ways until Docker ends its side. When the client ends its side
-    first (stdin done), Docker's write side is ended and its output still relayed."""
-    poller = select.poll()
-    poller.register(client.fileno(), select.POLLIN)
-    poller.register(up.fileno(), select.POLLIN)
-    client_open = True
-    while True:
-        ready = set()
-        if client_open and client.pending():
-            ready.add(client.fileno())
-        if up.pending():
-            ready.add(up.fileno())
-        if not ready:
-            ready = {fd for fd, _ in poller.poll()}
-        if client_open and client.fileno() in ready:
-            data = client.recv()
-            if data:
-                up.sendall(data)
-            else:
-                client_open = False
-                poller.unregister(client.fileno())
-                up.shut_write()
-        if up.fileno() in ready:
-            data = up.recv()
-            if not data:
+    first (stdin done), Docker's write side is ended once all the client sent has gone,
+    and Docker's output is still relayed until it ends.
+
+    Neither direction waits on the other: the sockets are non-blocking and at most
+    BUFFER bytes wait per direction. With blocking writes, `cat` of a large stdin could
+    hang for good: the gateway stuck writing stdin to Docker, Docker stuck writing cat's
+    output to the gateway, which was not reading it."""
+    client.sock.setblocking(False)
+    up.sock.setblocking(False)
+    to_up, to_client = bytearray(), bytearray()
+    client_open = up_open = True
+    shut = False
+    while up_open or to_client:
+        moved = False
+        if client_open and len(to_up) < BUFFER:
+            data = client.recv_nb()
+            if data is not None:
+                client_open = bool(data)
+                to_up += data
+                moved = True
+        if to_up:
+            sent = up.send_nb(bytes(to_up[:BUFFER]))
+            del to_up[:sent]
+            moved = moved or sent > 0
+        if not client_open and not to_up and not shut:
+            up.shut_write()  # stdin ended: half-close towards Docker
+            shut = True
+        up_flushed = up.flush_nb()
+        if up_open and len(to_client) < BUFFER:
+            data = up.recv_nb()
+            if data is not None:
+                up_open = bool(data)
+                to_client += data
+                moved = True
+        if to_client:
+            sent = client.send_nb(bytes(to_client[:BUFFER]))
+            del to_client[:sent]
+            moved = moved or sent > 0
+        if moved or not (up_open or to_client):
+            continue
+        poller = select.poll()
+        masks = {client.fileno(): (select.POLLIN if client_open and len(to_up) < BUFFER
+                                   else 0) | (select.POLLOUT if to_client else 0),
+                 up.fileno(): (select.POLLIN if up_open and len(to_client) < BUFFER else 0)
+                 | (select.POLLOUT if to_up or not up_flushed else 0)}
+        for fd, mask in masks.items():
+            if mask:  # POLLHUP comes regardless: an fd with no interest would spin
+                poller.register(fd, mask)
+        for _fd, events in poller.poll():
+            if events & (select.POLLERR | select.POLLNVAL):
                 return
-            client.sendall(data)

@@ -114,6 +114,26 @@ class Stream:
         """End the stream towards the peer; its answer is still read (half-close)."""
         self.sock.shutdown(socket.SHUT_WR)
 
+    # --- the same, never waiting (relay.pump sets the socket non-blocking)
+
+    def recv_nb(self) -> bytes | None:
+        """Bytes, b"" at the end of the stream, None when nothing is there yet."""
+        try:
+            return self.sock.recv(BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def send_nb(self, data: bytes) -> int:
+        """How many bytes of ``data`` were taken (0 when none fit now)."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def flush_nb(self) -> bool:
+        """Send what the stream holds itself (TLS records); True when nothing is left."""
+        return True
+
     def abort(self) -> None:
         """From another thread: wake whatever waits on this stream, for good."""
         try:
@@ -134,6 +154,7 @@ class TLSStream(Stream):
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, hostname: str) -> None:
         super().__init__(sock)
         self.held = b""
+        self.cipher = bytearray()  # TLS records not sent yet (non-blocking mode)
         self.ended = False  # Docker's close_notify (or end of stream) has been read
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=hostname)
@@ -147,11 +168,6 @@ class TLSStream(Stream):
                     raise ConnectionError("Docker closed the connection during the TLS "
                                           "handshake") from None
         self._flush()
-
-    def _flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            self.sock.sendall(data)
 
     def _fill(self) -> bool:
         data = self.sock.recv(BUFFER)
@@ -207,6 +223,55 @@ class TLSStream(Stream):
             written = self.tls.write(view)
             view = view[written:]
             self._flush()
+
+    def recv_nb(self) -> bytes | None:
+        if self.held:
+            data, self.held = self.held, b""
+            return data
+        while not self.ended:
+            try:
+                data = self.tls.read(BUFFER)
+                self.ended = not data
+                return data
+            except ssl.SSLWantReadError:
+                try:
+                    raw = self.sock.recv(BUFFER)
+                except (BlockingIOError, InterruptedError):
+                    return None
+                if raw:
+                    self.incoming.write(raw)
+                else:
+                    self.incoming.write_eof()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.ended = True
+            finally:
+                self.cipher += self.outgoing.read()  # a TLS 1.3 key update's answer
+        return b""
+
+    def flush_nb(self) -> bool:
+        self.cipher += self.outgoing.read()
+        while self.cipher:
+            try:
+                sent = self.sock.send(self.cipher)
+            except (BlockingIOError, InterruptedError):
+                return False
+            del self.cipher[:sent]
+        return True
+
+    def send_nb(self, data: bytes) -> int:
+        if not self.flush_nb():
+            return 0  # one lot of records at a time: the rest waits in its sender
+        self.tls.write(data)
+        self.flush_nb()
+        return len(data)
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if self.cipher or self.sock.gettimeout() == 0.0:  # non-blocking: never wait here
+            self.cipher += data
+            self.flush_nb()
+        elif data:
+            self.sock.sendall(data)
 
     def shut_write(self) -> None:
         # Decrypt what is already in memory first: unwrap()'s second step reads, and
