@@ -86,8 +86,11 @@ repo: packages ## signed apt and yum repositories of the ARCH packages in dist/r
 bench: venv frozen ## benchmarks of the frozen program with their targets (root: private dockerd)
 	$(BIN)/python bench/bench_agent.py $(BENCH_ARGS)
 
+bench-gateway: venv frozen-amd64 ## the gateway beside dockerd's own TLS listener: throughput, latency, streams (root)
+	$(BIN)/python bench/bench_gateway.py $(BENCH_ARGS)
+
 clean: ## remove build outputs and caches (not the cached build roots in /var/cache)
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis $(RUN_VENV)
 
-.PHONY: help venv run deps lint typecheck test check check-fast check-loaded clean frozen smoke-frozen packages repo bench \
+.PHONY: help venv run deps lint typecheck test check check-fast check-loaded clean frozen smoke-frozen packages repo bench bench-gateway \
   $(FROZEN_ARCHES) $(PACKAGE_ARCHES)

@@ -24,7 +24,10 @@ In order, each step needing the ones before:
 6. a new pinned version, published in the same signed repository: both hosts upgrade
    and the agent is restarted on it, registered; the run after is ``changed=0``;
 7. a wrong secret for one host fails the play on that host with ``dm-agent status``'s
-   message; the other host is untouched.
+   message; the other host is untouched;
+8. the gateway on the good host through the role's variables: a certificate from a
+   cluster CA, the key and the hash; the node registers its https address and curl
+   reaches Docker through it, trusting only that CA.
 
 Needs root, systemd-container, debootstrap (cold roots), docker.io, openssh-client,
 gnupg, reprepro, and ansible-core (setup.cfg's test extra).
@@ -36,6 +39,8 @@ import contextlib
 import re
 import secrets
 import shutil
+import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -288,6 +293,48 @@ def test_wrong_secret_fails_that_host(fleet_: Fleet) -> None:
     assert bad.run(["dm-agent", "status"], check=False).returncode == 1
     print(f"\nwrong secret on {bad.name}: {message}")
     fleet_.passed.add("wrong-secret")
+
+
+def test_gateway_through_the_role(fleet_: Fleet, tmp_path: Path) -> None:
+    """8. The gateway for the good host: its certificate from a cluster CA, its key and the
+    password hash as role variables. After the play the node registers its https
+    address, and curl, trusting only the cluster CA, reaches Docker through the gateway
+    with the master's password; the key is 0640 root:dm-agent and shows in no output."""
+    import bcrypt
+    from support.dockerd import make_tls_files
+
+    fleet_.needs("idempotent")
+    good = fleet_.nodes[0]
+    ca = make_tls_files(tmp_path / "cluster", hosts=("127.0.0.1",))
+    with socket.socket() as probe:  # the nodes share the host's network
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    password = "cluster-" + secrets.token_hex(8)
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+    key_text = ca.server_key.read_text()
+    fleet_.controller.host_vars[good.name] = {
+        "dm_agent_gateway": f"127.0.0.1:{port}",
+        "dm_agent_gateway_password_hash": hashed,
+        "dm_agent_gateway_cert": ca.server_cert.read_text(),
+        "dm_agent_gateway_key": key_text,
+    }
+    since = time.monotonic()
+    result = fleet_.controller.play("-v", "--diff")
+    assert result.returncode == 0, result.output[-6000:]
+    mode = good.run(["stat", "-c", "%a %U:%G", "/etc/dm-agent/gateway/gateway.key"]).stdout
+    assert mode.strip() == "640 root:dm-agent"
+    body = key_text.splitlines()[1]
+    assert body not in result.output and hashed not in result.output and password not in \
+        result.output
+    last = [r for r in fleet_.registrations(good, since) if r.status == 200][-1]
+    address = last.json["address"]
+    assert address.startswith("https://") and address.endswith(f":{port}"), address
+    out = subprocess.run(["curl", "-sS", "--cacert", str(ca.ca), "-u", f"admin:{password}",
+                          f"https://127.0.0.1:{port}/version"], capture_output=True, text=True,
+                         timeout=30)
+    assert '"ApiVersion"' in out.stdout, out.stdout + out.stderr
+    assert f"gateway: listening on 127.0.0.1:{port}" in good.run(["dm-agent", "status"]).stdout
+    fleet_.passed.add("gateway")
 
 
 # --- helpers ------------------------------------------------------------------------------

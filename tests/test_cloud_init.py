@@ -52,7 +52,9 @@ def test_is_cloud_config() -> None:
     assert SNIPPET.read_text().startswith("#cloud-config\n")
     data = snippet()
     assert set(data) == {"packages", "write_files", "runcmd"}
-    (ini,) = data["write_files"]
+    ini, *gateway_files = data["write_files"]
+    assert [f["path"] for f in gateway_files] == ["/run/dm-agent-cloud-init/gateway.crt",
+                                                  "/run/dm-agent-cloud-init/gateway.key"]
     assert ini["permissions"] == "0600" and ini["path"].startswith("/run/")
     assert re.search(r"^\[main\]\nmaster = \S+\nsecret = \S+\ntimeout = \d+$",
                      ini["content"], re.M), ini["content"]
@@ -125,3 +127,18 @@ def test_fingerprint_check(keys: dict[str, Any], offered: str, accepted: bool) -
     else:
         assert run.returncode == 1 and "accepted" not in run.stdout, run.stdout
         assert "is not the one key" in run.stderr, run.stderr
+
+
+def test_the_gateway_settings_and_files_have_their_place() -> None:
+    """The gateway (docs/gateway.md): its keys are in the settings, commented out, and its
+    certificate and key, when pasted, are installed for the agent before the settings
+    are checked (a gateway_cert that does not exist yet would fail the check)."""
+    files = {f["path"]: f for f in snippet()["write_files"]}
+    settings = files["/run/dm-agent-cloud-init.ini"]["content"]
+    for key in ("gateway", "gateway_password_hash", "gateway_cert", "gateway_key"):
+        assert re.search(rf"^#{key} = ", settings, re.M), key
+    for name in ("gateway.crt", "gateway.key"):
+        assert files[f"/run/dm-agent-cloud-init/{name}"]["permissions"] == "0600"
+    text = script()
+    install = text.index('install -m 0640 -o root -g dm-agent "/run/dm-agent-cloud-init/$f"')
+    assert install < text.index("dm-agent --check-config -f /run/dm-agent-cloud-init.ini")

@@ -200,3 +200,27 @@ def test_with_the_gateway_off_nothing_of_it_is_loaded(tmp_path: Path, dockerd: D
     finally:
         stop(proc)
     assert "_bcrypt" not in maps and "cryptography" not in maps and "_ssl" in maps
+
+
+def test_stalled_and_broken_clients_stop_no_registration(node: dict[str, Any],
+                                                         master: Master) -> None:
+    """Fifty clients that connect and say nothing, and one that breaks off mid-request,
+    hold the gateway's threads, not the rounds: registrations go on, and the gateway
+    still answers a good client."""
+    port = node["port"]
+    wait_until("the gateway", lambda: get(port, "/_ping"))
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+    try:
+        broken = ssl.create_default_context()
+        broken.check_hostname, broken.verify_mode = False, ssl.CERT_NONE
+        with broken.wrap_socket(socket.create_connection(("127.0.0.1", port))) as sock:
+            sock.sendall(b"POST /containers/create HTTP/1.1\r\nHost: d\r\n"
+                         b"Content-Length: 100000\r\n\r\n{")
+        have = len(master.requests)
+        master.wait_for(have + 3)  # three more rounds while they hang on
+        code = get(port, "/_ping")[0]
+        assert code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert node["proc"].poll() is None

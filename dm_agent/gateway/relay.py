@@ -70,16 +70,49 @@ class ClientStream(Stream):
 
     sock: ssl.SSLSocket
 
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        super().__init__(sock)
+        #: the end (close_notify or EOF) was read while reading on: said by the next recv
+        self._ended = False
+
     def pending(self) -> int:
-        return self.sock.pending()
+        return 1 if self._ended else self.sock.pending()
 
     def recv(self) -> bytes:
+        """What has arrived, up to BUFFER bytes. A TLS read returns one record (16 KiB at
+        most), so the records already there are read on without waiting: an upload is
+        then relayed in large pieces, not one h11 event per record. An end found that way
+        is kept for the next call (its close_notify is no longer on the socket to wake a
+        poll)."""
+        if self._ended:
+            return b""
         try:
-            return self.sock.recv(BUFFER)
+            data = self.sock.recv(BUFFER)
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             return b""
+        if not data or len(data) >= BUFFER:
+            return data
+        pieces, size = [data], len(data)
+        self.sock.setblocking(False)
+        try:
+            while size < BUFFER:
+                more = self.sock.recv(BUFFER - size)
+                if not more:
+                    self._ended = True
+                    break
+                pieces.append(more)
+                size += len(more)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            self._ended = True
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            pass
+        finally:
+            self.sock.setblocking(True)
+        return b"".join(pieces)
 
     def recv_nb(self) -> bytes | None:
+        if self._ended:
+            return b""
         try:
             return self.sock.recv(BUFFER)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):

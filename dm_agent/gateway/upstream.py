@@ -62,6 +62,8 @@ class Upstream:
             sock = socket.create_connection(self.address, timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
             if self.tls is not None:
                 assert self.address is not None
                 stream: Stream = TLSStream(sock, self.tls, self.address[0])
@@ -75,6 +77,9 @@ class Upstream:
 
 
 BUFFER = 256 * 1024
+#: Kernel buffers of the sockets to Docker: a relay alternates reading one side and
+#: writing the other, and larger buffers let both ends go on meanwhile.
+SOCKET_BUFFER = 1 << 20
 
 
 def readable(sock: socket.socket) -> bool:
@@ -208,6 +213,17 @@ class TLSStream(Stream):
         while True:
             try:
                 data = self.tls.read(BUFFER)
+                while len(data) < BUFFER and (self.tls.pending() or self.incoming.pending):
+                    try:  # the next records already in memory: one larger piece
+                        more = self.tls.read(BUFFER - len(data))
+                    except ssl.SSLWantReadError:
+                        break
+                    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                        more = b""
+                    if not more:  # the end, kept for the next call
+                        self.ended = True
+                        break
+                    data += more
                 self._flush()  # a TLS 1.3 key update may want an answer
                 return data
             except ssl.SSLWantReadError:
