@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,48 +23,17 @@ import docker
 import pytest
 from support import gateway as shared
 from support.dockerd import Dockerd, TlsFiles, make_tls_files
-from support.gateway import PASSWORD, GatewayRig, read_to_end, split_answer, wait_for
+from support.gateway import (
+    PASSWORD,
+    GatewayRig,
+    Recorder,
+    read_to_end,
+    split_answer,
+    wait_for,
+)
 
 pytestmark = pytest.mark.docker
 engine = shared.engine  # the gateway tests' private dockerd
-
-
-class Recorder:
-    """A unix-socket proxy in front of dockerd that keeps what its clients send."""
-
-    def __init__(self, target: Path, path: Path) -> None:
-        self.target, self.path = target, path
-        self.sent = bytearray()
-        self._lock = threading.Lock()
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen(64)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            up.connect(str(self.target))
-            threading.Thread(target=self._copy, args=(conn, up, True), daemon=True).start()
-            threading.Thread(target=self._copy, args=(up, conn, False), daemon=True).start()
-
-    def _copy(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if record:
-                    with self._lock:
-                        self.sent += data
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.server.close()
 
 
 @pytest.fixture(scope="module")

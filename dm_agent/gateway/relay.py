@@ -503,6 +503,23 @@ class Connection:
             up.close()
 
 
+def _carry(src: Stream, dst: Stream, held: bytearray, src_open: bool) -> tuple[bool, bool]:
+    """One step of one direction of pump(): read what ``src`` has (while fewer than
+    BUFFER bytes wait), write what ``dst`` takes. (anything moved, ``src`` still open)"""
+    moved = False
+    if src_open and len(held) < BUFFER:
+        data = src.recv_nb()
+        if data is not None:
+            src_open = bool(data)
+            held += data
+            moved = True
+    if held:
+        sent = dst.send_nb(bytes(held[:BUFFER]))
+        del held[:sent]
+        moved = moved or sent > 0
+    return moved, src_open
+
+
 def pump(client: Stream, up: Stream) -> None:
     """Raw bytes both ways until Docker ends its side. When the client ends its side
     first (stdin done), Docker's write side is ended once all the client sent has gone,
@@ -518,31 +535,13 @@ def pump(client: Stream, up: Stream) -> None:
     client_open = up_open = True
     shut = False
     while up_open or to_client:
-        moved = False
-        if client_open and len(to_up) < BUFFER:
-            data = client.recv_nb()
-            if data is not None:
-                client_open = bool(data)
-                to_up += data
-                moved = True
-        if to_up:
-            sent = up.send_nb(bytes(to_up[:BUFFER]))
-            del to_up[:sent]
-            moved = moved or sent > 0
+        moved, client_open = _carry(client, up, to_up, client_open)
         if not client_open and not to_up and not shut:
             up.shut_write()  # stdin ended: half-close towards Docker
             shut = True
         up_flushed = up.flush_nb()
-        if up_open and len(to_client) < BUFFER:
-            data = up.recv_nb()
-            if data is not None:
-                up_open = bool(data)
-                to_client += data
-                moved = True
-        if to_client:
-            sent = client.send_nb(bytes(to_client[:BUFFER]))
-            del to_client[:sent]
-            moved = moved or sent > 0
+        moved_back, up_open = _carry(up, client, to_client, up_open)
+        moved = moved or moved_back
         if moved or not (up_open or to_client):
             continue
         poller = select.poll()

@@ -162,6 +162,44 @@ def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> Any:
         time.sleep(0.05)
 
 
+class Recorder:
+    """A unix-socket proxy in front of a dockerd socket that keeps every byte its clients
+    send: what really reaches Docker (``Authorization`` must never be in it)."""
+
+    def __init__(self, target: str | os.PathLike[str], path: Path) -> None:
+        self.target, self.path, self.sent = os.fspath(target), path, bytearray()
+        self._lock = threading.Lock()
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(64)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            up.connect(self.target)
+            threading.Thread(target=self._pipe, args=(conn, up, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, conn, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if record:
+                    with self._lock:
+                        self.sent += data
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
 class RssWatch:
     """The peak resident memory of this process while the block runs (a sampling thread)."""
 
