@@ -14,7 +14,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 from agentproc import BIN, clean_env, stop
 from support.dockerd import Dockerd, TlsFiles, make_tls_files
 from support.frozen import require_frozen
+from support.gateway import Recorder
 from support.image import IMAGE, ensure_image
 
 from dm_agent.gateway import auth, tls
@@ -266,39 +266,6 @@ def test_curl_and_the_sdk_with_basic_auth(agent: dict[str, Any], certs: TlsFiles
 
 
 # --- the edge: an in-process listener whose deadlines and cap the tests set ---------
-
-
-class Recorder:
-    """A unix-socket relay in front of the engine's socket that keeps every byte the
-    gateway sends to Docker: what really reaches Docker."""
-
-    def __init__(self, target: str, path: Path) -> None:
-        self.target, self.path, self.sent = target, path, bytearray()
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            up.connect(self.target)
-            threading.Thread(target=self._pipe, args=(conn, up, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(up, conn, False), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if record:
-                    self.sent += data
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
 
 @pytest.fixture

@@ -40,10 +40,20 @@ class BadRequest(Exception):
         self.status = status
 
 
+def head_end(buf: bytes | bytearray) -> int:
+    """Where the request head at the start of ``buf`` ends (after its blank line), or -1.
+    h11 takes a bare LF for CRLF, and so must every check of the same bytes."""
+    crlf, lf = buf.find(b"\r\n\r\n"), buf.find(b"\n\n")
+    ends = [i + n for i, n in ((crlf, 4), (lf, 2)) if i >= 0]
+    return min(ends) if ends else -1
+
+
 def check_head(head: bytes) -> None:
     """Refuse the smuggling shapes in a request head (the bytes up to its blank line)."""
     lengths = encodings = 0
-    for line in head.split(b"\r\n")[1:]:
+    for line in head.rstrip(b"\r\n").split(b"\n")[1:]:
+        if line[:1] in (b" ", b"\t"):  # h11 would join it to the line before
+            raise BadRequest("a folded header line (obsolete line folding)")
         name = line.partition(b":")[0].strip().lower()
         if name == b"content-length":
             lengths += 1

@@ -42,6 +42,8 @@ log = logging.getLogger("dm_agent")
 KEEPALIVE_IDLE = 300.0
 #: Seconds to connect to Docker.
 CONNECT_TIMEOUT = 10.0
+#: Seconds a closing connection reads what its client still sends (see drain()).
+LINGER = 1.0
 #: Bytes a client may send ahead while its answer is being relayed (then it is not read).
 MAX_AHEAD = edge.MAX_HEAD
 _HTTP_METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN")
@@ -108,6 +110,24 @@ class ClientStream(Stream):
             self.sock.setblocking(True)
         return b"".join(pieces)
 
+    def recv_nb(self) -> bytes | None:
+        if self._ended:
+            return b""
+        try:
+            return self.sock.recv(BUFFER)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""
+
+    def send_nb(self, data: bytes) -> int:
+        # OpenSSL takes a retried write with the same first bytes (a moving buffer is
+        # allowed): pump only ever appends to what it retries
+        try:
+            return self.sock.send(data)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return 0
+
     def abort(self) -> None:
         try:  # the plain socket's shutdown: SSLSocket.shutdown() drops its TLS state
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
@@ -121,7 +141,25 @@ class ClientStream(Stream):
             self.sock.unwrap()
         except (OSError, ValueError):
             pass
+        drain(self.sock)
         self.sock.close()
+
+
+def drain(sock: socket.socket) -> None:
+    """End our side, then read (and drop) what the client still sends, for at most LINGER
+    seconds, before the socket is closed: closing with unread bytes makes the kernel reset
+    the connection, and the client could lose the answer it was just sent (an error
+    answer to a request whose body it is still sending; the plain HTTP answer)."""
+    end = time.monotonic() + LINGER
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        while (left := end - time.monotonic()) > 0 and poller.poll(left * 1000):
+            if not socket.socket.recv(sock, BUFFER, socket.MSG_DONTWAIT):
+                return
+    except OSError:
+        return
 
 
 class Connection:
@@ -159,6 +197,7 @@ class Connection:
             if self.stream is not None:
                 self.stream.close()
             else:
+                drain(self.raw)
                 self.raw.close()
             self.listener.gone(self)
 
@@ -264,7 +303,7 @@ class Connection:
                 return False
             if not isinstance(event, h11.Request):
                 raise edge.BadRequest(f"unexpected {type(event).__name__}")
-            end = head.find(b"\r\n\r\n")
+            end = edge.head_end(head)
             edge.check_head(bytes(head[:end if end >= 0 else len(head)]))
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
@@ -337,6 +376,8 @@ class Connection:
         assert upc is not None
         upgrade = edge.wants_upgrade(req.headers)
         headers = edge.forward_headers(req.headers, upstream=True)
+        if edge.header(headers, b"host") is None:  # HTTP/1.0 may omit it; 1.1 may not
+            headers.append((b"host", b"docker"))
         if conn.their_state is h11.SEND_BODY and edge.header(req.headers,
                                                               b"content-length") is None:
             headers.append((b"transfer-encoding", b"chunked"))
@@ -344,7 +385,12 @@ class Connection:
             headers += [(b"connection", b"Upgrade"), (b"upgrade", upgrade)]
         up.sendall(upc.send(h11.Request(method=req.method, target=req.target,
                                         headers=headers)) or b"")
-        early = self._send_body(conn, up, upc)
+        try:
+            early = self._send_body(conn, up, upc)
+        except h11.RemoteProtocolError as exc:  # a bad chunk: Docker gets no more of it
+            self._close_upstream()
+            self._refuse(conn, 400, f"gateway: bad request body: {exc}")
+            return False
         answer = self._up_event(upc, watch=conn)
         if isinstance(answer, h11.InformationalResponse) and answer.status_code == 101:
             self._switch(conn, upc, answer.status_code, answer.reason, answer.headers)
@@ -360,16 +406,27 @@ class Connection:
             out_headers.append((b"content-length", length))
         if early:
             out_headers.append((b"connection", b"close"))
-        self.stream_send(conn.send(h11.Response(status_code=answer.status_code,
-                                                reason=answer.reason, headers=out_headers)))
+        # What Docker's last read completed goes out in one write (Docker writes many
+        # small chunks: one TLS record and one syscall each added ~15 ms to a 1 MB list);
+        # before waiting on Docker again, all of it is sent, so streams are not held back.
+        out = bytearray(conn.send(h11.Response(status_code=answer.status_code,
+                                               reason=answer.reason, headers=out_headers))
+                        or b"")
         while True:
-            event = self._up_event(upc, watch=conn)
-            if isinstance(event, h11.Data):
-                self.stream_send(conn.send(h11.Data(data=event.data)))
+            event = upc.next_event()
+            if event is h11.NEED_DATA:
+                if out:
+                    self.stream_send(bytes(out))
+                    out.clear()
+                upc.receive_data(self._up_data(conn))
+            elif isinstance(event, h11.Data):
+                out += conn.send(h11.Data(data=event.data)) or b""
             elif isinstance(event, h11.EndOfMessage):
-                self.stream_send(conn.send(h11.EndOfMessage()))
+                out += conn.send(h11.EndOfMessage()) or b""
+                self.stream_send(bytes(out))
                 break
             else:  # Docker closed mid-answer: so must we
+                self.stream_send(bytes(out))
                 return False
         if upc.our_state is h11.DONE and upc.their_state is h11.DONE:
             upc.start_next_cycle()
@@ -384,12 +441,10 @@ class Connection:
             self._next(conn)  # EndOfMessage, of a request without a body
             up.sendall(upc.send(h11.EndOfMessage()) or b"")
             return False
-        poller = select.poll()
-        poller.register(up.fileno(), select.POLLIN)
         while True:
             event = self._next(conn)
             if isinstance(event, h11.Data):
-                if up.pending() or poller.poll(0):
+                if up.readable_now():
                     return True  # Docker answers already (an error): stop sending
                 up.sendall(upc.send(h11.Data(data=event.data)) or b"")
             elif isinstance(event, h11.EndOfMessage):
@@ -448,31 +503,55 @@ class Connection:
             up.close()
 
 
+def _carry(src: Stream, dst: Stream, held: bytearray, src_open: bool) -> tuple[bool, bool]:
+    """One step of one direction of pump(): read what ``src`` has (while fewer than
+    BUFFER bytes wait), write what ``dst`` takes. (anything moved, ``src`` still open)"""
+    moved = False
+    if src_open and len(held) < BUFFER:
+        data = src.recv_nb()
+        if data is not None:
+            src_open = bool(data)
+            held += data
+            moved = True
+    if held:
+        sent = dst.send_nb(bytes(held[:BUFFER]))
+        del held[:sent]
+        moved = moved or sent > 0
+    return moved, src_open
+
+
 def pump(client: Stream, up: Stream) -> None:
     """Raw bytes both ways until Docker ends its side. When the client ends its side
-    first (stdin done), Docker's write side is ended and its output still relayed."""
-    poller = select.poll()
-    poller.register(client.fileno(), select.POLLIN)
-    poller.register(up.fileno(), select.POLLIN)
-    client_open = True
-    while True:
-        ready = set()
-        if client_open and client.pending():
-            ready.add(client.fileno())
-        if up.pending():
-            ready.add(up.fileno())
-        if not ready:
-            ready = {fd for fd, _ in poller.poll()}
-        if client_open and client.fileno() in ready:
-            data = client.recv()
-            if data:
-                up.sendall(data)
-            else:
-                client_open = False
-                poller.unregister(client.fileno())
-                up.shut_write()
-        if up.fileno() in ready:
-            data = up.recv()
-            if not data:
+    first (stdin done), Docker's write side is ended once all the client sent has gone,
+    and Docker's output is still relayed until it ends.
+
+    Neither direction waits on the other: the sockets are non-blocking and at most
+    BUFFER bytes wait per direction. With blocking writes, `cat` of a large stdin could
+    hang for good: the gateway stuck writing stdin to Docker, Docker stuck writing cat's
+    output to the gateway, which was not reading it."""
+    client.sock.setblocking(False)
+    up.sock.setblocking(False)
+    to_up, to_client = bytearray(), bytearray()
+    client_open = up_open = True
+    shut = False
+    while up_open or to_client:
+        moved, client_open = _carry(client, up, to_up, client_open)
+        if not client_open and not to_up and not shut:
+            up.shut_write()  # stdin ended: half-close towards Docker
+            shut = True
+        up_flushed = up.flush_nb()
+        moved_back, up_open = _carry(up, client, to_client, up_open)
+        moved = moved or moved_back
+        if moved or not (up_open or to_client):
+            continue
+        poller = select.poll()
+        masks = {client.fileno(): (select.POLLIN if client_open and len(to_up) < BUFFER
+                                   else 0) | (select.POLLOUT if to_client else 0),
+                 up.fileno(): (select.POLLIN if up_open and len(to_client) < BUFFER else 0)
+                 | (select.POLLOUT if to_up or not up_flushed else 0)}
+        for fd, mask in masks.items():
+            if mask:  # POLLHUP comes regardless: an fd with no interest would spin
+                poller.register(fd, mask)
+        for _fd, events in poller.poll():
+            if events & (select.POLLERR | select.POLLNVAL):
                 return
-            client.sendall(data)

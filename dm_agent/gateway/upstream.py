@@ -7,6 +7,7 @@ clients do the same), so a hijacked or streaming one never blocks another.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 
@@ -81,6 +82,13 @@ BUFFER = 256 * 1024
 SOCKET_BUFFER = 1 << 20
 
 
+def readable(sock: socket.socket) -> bool:
+    """The socket has something to read now (data, or its end)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class Stream:
     """A byte stream over a connected socket: what the relay reads, writes, half-closes
     and polls, the same for a plain socket and for TLS."""
@@ -96,6 +104,10 @@ class Stream:
         memory)."""
         return 0
 
+    def readable_now(self) -> bool:
+        """Docker sent something readable without waiting (an answer, or its end)."""
+        return self.pending() > 0 or readable(self.sock)
+
     def recv(self) -> bytes:
         """Up to BUFFER bytes; b"" at the end of the stream."""
         return self.sock.recv(BUFFER)
@@ -106,6 +118,26 @@ class Stream:
     def shut_write(self) -> None:
         """End the stream towards the peer; its answer is still read (half-close)."""
         self.sock.shutdown(socket.SHUT_WR)
+
+    # --- the same, never waiting (relay.pump sets the socket non-blocking)
+
+    def recv_nb(self) -> bytes | None:
+        """Bytes, b"" at the end of the stream, None when nothing is there yet."""
+        try:
+            return self.sock.recv(BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def send_nb(self, data: bytes) -> int:
+        """How many bytes of ``data`` were taken (0 when none fit now)."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def flush_nb(self) -> bool:
+        """Send what the stream holds itself (TLS records); True when nothing is left."""
+        return True
 
     def abort(self) -> None:
         """From another thread: wake whatever waits on this stream, for good."""
@@ -127,7 +159,8 @@ class TLSStream(Stream):
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, hostname: str) -> None:
         super().__init__(sock)
         self.held = b""
-        self.ended = False
+        self.cipher = bytearray()  # TLS records not sent yet (non-blocking mode)
+        self.ended = False  # Docker's close_notify (or end of stream) has been read
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=hostname)
         while True:
@@ -141,11 +174,6 @@ class TLSStream(Stream):
                                           "handshake") from None
         self._flush()
 
-    def _flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            self.sock.sendall(data)
-
     def _fill(self) -> bool:
         data = self.sock.recv(BUFFER)
         if not data:
@@ -155,8 +183,26 @@ class TLSStream(Stream):
         return True
 
     def pending(self) -> int:
-        return (len(self.held) + self.tls.pending() + self.incoming.pending
-                + (1 if self.ended else 0))
+        """Application bytes readable now (the end counts as one), after decrypting what
+        is already in memory: bytes that are only a TLS 1.3 session ticket, or a record
+        not complete yet, do not count — recv() would wait on the socket for more."""
+        if not self.held and not self.ended and self.incoming.pending:
+            try:
+                self.held = self.tls.read(BUFFER)
+                self.ended = not self.held
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.ended = True
+            self._flush()
+        return len(self.held) + self.tls.pending() + int(self.ended)
+
+    def readable_now(self) -> bool:
+        if self.pending():
+            return True
+        if readable(self.sock):
+            self._fill()
+        return self.pending() > 0
 
     def recv(self) -> bytes:
         if self.held:
@@ -193,6 +239,55 @@ class TLSStream(Stream):
             written = self.tls.write(view)
             view = view[written:]
             self._flush()
+
+    def recv_nb(self) -> bytes | None:
+        if self.held:
+            data, self.held = self.held, b""
+            return data
+        while not self.ended:
+            try:
+                data = self.tls.read(BUFFER)
+                self.ended = not data
+                return data
+            except ssl.SSLWantReadError:
+                try:
+                    raw = self.sock.recv(BUFFER)
+                except (BlockingIOError, InterruptedError):
+                    return None
+                if raw:
+                    self.incoming.write(raw)
+                else:
+                    self.incoming.write_eof()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.ended = True
+            finally:
+                self.cipher += self.outgoing.read()  # a TLS 1.3 key update's answer
+        return b""
+
+    def flush_nb(self) -> bool:
+        self.cipher += self.outgoing.read()
+        while self.cipher:
+            try:
+                sent = self.sock.send(self.cipher)
+            except (BlockingIOError, InterruptedError):
+                return False
+            del self.cipher[:sent]
+        return True
+
+    def send_nb(self, data: bytes) -> int:
+        if not self.flush_nb():
+            return 0  # one lot of records at a time: the rest waits in its sender
+        self.tls.write(data)
+        self.flush_nb()
+        return len(data)
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if self.cipher or self.sock.gettimeout() == 0.0:  # non-blocking: never wait here
+            self.cipher += data
+            self.flush_nb()
+        elif data:
+            self.sock.sendall(data)
 
     def shut_write(self) -> None:
         # Decrypt what is already in memory first: unwrap()'s second step reads, and
