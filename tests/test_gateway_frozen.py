@@ -1,13 +1,12 @@
-"""The gateway with real clients against a real dockerd (docs/design.md §6): the docker
-CLI over mutual TLS, curl and the Docker SDK with Basic auth, through the real agent
-program; and what the edge refuses, through an in-process listener whose deadlines and
-cap a test can set."""
+"""The gateway of the frozen program, as the packages ship it, with the docker CLI over
+mutual TLS against a real dockerd (docs/design.md §6): the CLI cases the gateway's own
+tests run in-process (test_gateway_cli.py), here through the real frozen agent, plus what
+only a whole process shows (its peak RSS during a 256 MiB load) and the TLS versions and
+ciphers it refuses."""
 
 from __future__ import annotations
 
 import base64
-import json
-import logging
 import os
 import re
 import shutil
@@ -20,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-import docker
 import pytest
-from agentproc import BIN, clean_env, stop
+from agentproc import clean_env, stop
 from support.dockerd import Dockerd, TlsFiles, make_tls_files
 from support.frozen import require_frozen
 from support.gateway import Recorder
@@ -59,12 +57,12 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     return make_tls_files(tmp_path_factory.mktemp("gw-tls"))
 
 
-@pytest.fixture(scope="module", params=["venv", "frozen"])
-def agent(request: pytest.FixtureRequest, engine: Dockerd, certs: TlsFiles,
+@pytest.fixture(scope="module")
+def agent(engine: Dockerd, certs: TlsFiles,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The real agent program with its gateway on, in front of ``engine``: as installed
-    in the venv, and the frozen program the packages ship."""
-    program = str(require_frozen()) if request.param == "frozen" else BIN
+    """The frozen program the packages ship, its gateway on, in front of ``engine`` (the
+    package's own Python path: PyInstaller's bundled h11, bcrypt, cryptography, OpenSSL)."""
+    program = str(require_frozen())
     home = tmp_path_factory.mktemp("gw-agent")
     port = free_port()
     ini = home / "dm-agent.ini"
@@ -229,42 +227,6 @@ def test_cli_load_of_a_large_image_does_not_grow_memory(agent: dict[str, Any], c
     subprocess.run([*direct, "rmi", "dmtest/big:1"], capture_output=True)
 
 
-# --- curl and the Docker SDK with Basic auth ------------------------------------------
-
-
-def test_curl_and_the_sdk_with_basic_auth(agent: dict[str, Any], certs: TlsFiles) -> None:
-    url = f"https://127.0.0.1:{agent['port']}"
-    out = subprocess.run(["curl", "-sS", "--cacert", str(certs.ca), "-u", f"admin:{PASSWORD}",
-                          f"{url}/version"], capture_output=True, text=True, timeout=30)
-    assert json.loads(out.stdout)["ApiVersion"], out.stderr
-    wrong = subprocess.run(["curl", "-sS", "-i", "--cacert", str(certs.ca), "-u",
-                            "admin:nope", f"{url}/version"], capture_output=True, text=True,
-                           timeout=30)
-    head, _, body = wrong.stdout.partition("\n\n")  # text=True: newlines translated
-    assert head.startswith("HTTP/1.1 401") and "WWW-Authenticate: Basic" in head
-    assert "message" in json.loads(body)
-    bare = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
-                           "--cacert", str(certs.ca), f"{url}/version"],
-                          capture_output=True, text=True, timeout=30)
-    assert bare.stdout == "401"
-    client = docker.APIClient(base_url=url, version="1.41",
-                              tls=docker.tls.TLSConfig(ca_cert=str(certs.ca), verify=str(certs.ca)))
-    client.auth = ("admin", PASSWORD)
-    client.trust_env = False  # else requests takes $REQUESTS_CA_BUNDLE over the CA given
-    try:
-        assert client.version()["ApiVersion"]
-        container = client.create_container(IMAGE, ["sh", "-c", "echo sdk"],
-                                            host_config=client.create_host_config(
-                                                network_mode="none"))
-        client.start(container)
-        assert client.wait(container)["StatusCode"] == 0
-        assert b"".join(client.logs(container, stream=True, follow=True)) == b"sdk\n"
-        assert any(c["Id"] == container["Id"] for c in client.containers(all=True))
-        client.remove_container(container)
-    finally:
-        client.close()
-
-
 # --- the edge: an in-process listener whose deadlines and cap the tests set ---------
 
 
@@ -313,81 +275,6 @@ def exchange(port: int, raw: bytes) -> tuple[bytes, bool]:
 BASIC = "Authorization: Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
 
 
-@pytest.mark.parametrize("smuggle", [
-    b"POST /containers/create HTTP/1.1\r\nHost: d\r\n{auth}\r\nContent-Length: 4\r\n"
-    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    b"POST /containers/create HTTP/1.1\r\nHost: d\r\n{auth}\r\nContent-Length: 2\r\n"
-    b"Content-Length: 2\r\n\r\n{{}}",
-    b"POST /containers/create HTTP/1.1\r\nHost: d\r\n{auth}\r\nContent-Length: 2\r\n"
-    b"Content-Length: 3\r\n\r\n{{}}",
-    b"POST /containers/create HTTP/1.1\r\nHost: d\r\n{auth}\r\nTransfer-Encoding: gzip\r\n\r\n",
-    b"POST /containers/create HTTP/1.1\r\nHost: d\r\n{auth}\r\n"
-    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n",
-], ids=["cl-and-te", "two-cl", "two-different-cl", "te-gzip", "bad-chunk-size"])
-def test_smuggling_shapes_get_400_and_the_connection_closes(edge: dict[str, Any],
-                                                            smuggle: bytes) -> None:
-    listener = edge["listen"]()
-    data, closed = exchange(listener.address[1], smuggle.replace(b"{auth}", BASIC.encode())
-                            .replace(b"{{}}", b"{}"))
-    assert data.startswith(b"HTTP/1.1 400 "), data[:200]
-    assert closed
-    sent = bytes(edge["recorder"].sent)
-    if b"zz" in smuggle:  # a chunked body is streamed: Docker saw the head, never a body
-        deadline = time.monotonic() + 10  # the recorder's thread may read it just after
-        while b"/containers/create" not in sent and time.monotonic() < deadline:
-            time.sleep(0.05)
-            sent = bytes(edge["recorder"].sent)
-        assert b"zz" not in sent and b"/containers/create" in sent
-    else:  # refused at the head: nothing reached Docker
-        assert b"/containers/create" not in sent
-
-
-def test_authorization_never_reaches_docker(edge: dict[str, Any]) -> None:
-    listener = edge["listen"]()
-    data, _ = exchange(listener.address[1], f"GET /version HTTP/1.1\r\nHost: d\r\n{BASIC}\r\n"
-                       "Connection: close\r\n\r\n".encode())
-    assert data.startswith(b"HTTP/1.1 200 ")
-    sent = bytes(edge["recorder"].sent)
-    assert b"GET /version HTTP/1.1" in sent
-    assert b"authorization" not in sent.lower() and PASSWORD.encode() not in sent
-
-
-def test_read_only_allows_get_and_refuses_the_rest(edge: dict[str, Any]) -> None:
-    listener = edge["listen"](read_only=True)
-    port = listener.address[1]
-    data, _ = exchange(port, f"GET /containers/json HTTP/1.1\r\nHost: d\r\n{BASIC}\r\n"
-                       "Connection: close\r\n\r\n".encode())
-    assert data.startswith(b"HTTP/1.1 200 ")
-    body = b'{"Image": "' + IMAGE.encode() + b'"}'
-    data, _ = exchange(port, f"POST /v1.41/containers/create HTTP/1.1\r\nHost: d\r\n{BASIC}\r\n"
-                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                       "\r\n".encode() + body)
-    assert data.startswith(b"HTTP/1.1 403 ")
-    message = json.loads(data.partition(b"\r\n\r\n")[2])["message"]
-    assert "read-only" in message and "/containers/create" in message
-    assert b"/containers/create" not in edge["recorder"].sent
-
-
-def test_a_client_certificate_from_another_ca_fails_the_handshake(
-        edge: dict[str, Any], certs: TlsFiles, tmp_path: Path) -> None:
-    listener = edge["listen"]()
-    other = make_tls_files(tmp_path / "other")
-    ctx = ssl.create_default_context(cafile=str(certs.ca))
-    ctx.load_cert_chain(str(other.client_cert), str(other.client_key))
-    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)), \
-            ctx.wrap_socket(socket.create_connection(listener.address, timeout=10),
-                            server_hostname="127.0.0.1") as sock:
-            sock.sendall(b"GET /version HTTP/1.1\r\nHost: d\r\n\r\n")
-            if not sock.recv(100):  # TLS 1.3: the refusal comes after the handshake
-                raise ConnectionResetError("closed")
-    good = ssl.create_default_context(cafile=str(certs.ca))
-    good.load_cert_chain(str(certs.client_cert), str(certs.client_key))
-    with good.wrap_socket(socket.create_connection(listener.address, timeout=10),
-                          server_hostname="127.0.0.1") as sock:
-        sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
-        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")  # no password: the cert lets in
-
-
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 def test_old_tls_and_weak_ciphers_are_refused(edge: dict[str, Any]) -> None:
     listener = edge["listen"]()
@@ -406,77 +293,6 @@ def test_old_tls_and_weak_ciphers_are_refused(edge: dict[str, Any]) -> None:
         cbc.wrap_socket(socket.create_connection(listener.address, timeout=10)).close()
 
 
-def test_plain_http_to_the_tls_port_is_answered_and_closed(edge: dict[str, Any]) -> None:
-    listener = edge["listen"]()
-    with socket.create_connection(listener.address, timeout=10) as sock:
-        sock.sendall(b"GET /version HTTP/1.1\r\nHost: d\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(4096):
-            data += chunk
-    assert data.startswith(b"HTTP/1.0 400 ") and b"HTTPS server" in data
-    assert b"/version" not in edge["recorder"].sent
-
-
-def test_a_slowloris_client_is_cut_at_the_header_deadline(edge: dict[str, Any]) -> None:
-    listener = edge["listen"](header_timeout=1.0)
-    head = f"GET /version HTTP/1.1\r\nHost: d\r\n{BASIC}\r\nX-Slow: {'a' * 200}\r\n\r\n"
-    with tls_conn(listener.address[1]) as sock:
-        sent = 0
-        try:
-            for ch in head:
-                sock.sendall(ch.encode())
-                sent += 1
-                time.sleep(0.05)  # 200+ bytes at 20 a second: far beyond the deadline
-            answer = sock.recv(100)
-        except (OSError, ssl.SSLError):
-            answer = b""
-    assert sent < len(head) or answer == b"", "the slow head was served"
-    assert b"/version" not in edge["recorder"].sent
-    # the connection is gone from the listener, the listener still serves
-    data, _ = exchange(listener.address[1], f"GET /_ping HTTP/1.1\r\nHost: d\r\n{BASIC}\r\n"
-                       "Connection: close\r\n\r\n".encode())
-    assert data.startswith(b"HTTP/1.1 200 ")
-
-
-def test_the_connection_cap_refuses_more_and_says_so_once(
-        edge: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
-    listener = edge["listen"](max_connections=2)
-    held = [tls_conn(listener.address[1]) for _ in range(2)]
-    try:
-        with caplog.at_level(logging.WARNING, logger="dm_agent"):
-            for _ in range(3):
-                with pytest.raises((ssl.SSLError, OSError)), \
-                        tls_conn(listener.address[1]) as sock:
-                    sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: d\r\n\r\n")
-                    if not sock.recv(100):
-                        raise ConnectionResetError("closed at the cap")
-        capped = [r for r in caplog.records if "the cap" in r.getMessage()]
-        assert len(capped) == 1, [r.getMessage() for r in caplog.records]
-        assert listener.snapshot()["refused_at_cap"] == 3
-    finally:
-        for sock in held:
-            sock.close()
-
-
-def test_a_brute_force_is_limited_and_logged_once_per_burst(
-        edge: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
-    listener = edge["listen"]()
-    wrong = "Authorization: Basic " + base64.b64encode(b"admin:guess").decode()
-    statuses = []
-    with caplog.at_level(logging.WARNING, logger="dm_agent"):
-        for _ in range(auth.MAX_FAILURES + 3):
-            data, _ = exchange(listener.address[1], f"GET /version HTTP/1.1\r\nHost: d\r\n"
-                               f"{wrong}\r\nConnection: close\r\n\r\n".encode())
-            statuses.append(int(data.split()[1]))
-        data, _ = exchange(listener.address[1], f"GET /version HTTP/1.1\r\nHost: d\r\n"
-                           f"{BASIC}\r\nConnection: close\r\n\r\n".encode())
-    assert statuses[:auth.MAX_FAILURES] == [401] * auth.MAX_FAILURES
-    assert statuses[auth.MAX_FAILURES:] == [429] * 3
-    assert data.startswith(b"HTTP/1.1 429 ") and b"Retry-After: 60" in data  # even the right one
-    lines = [r.getMessage() for r in caplog.records if "authentication failed" in r.getMessage()]
-    assert lines == ["gateway: authentication failed for 127.0.0.1 (wrong password)"]
-
-
 def test_keep_alive_serves_many_requests_on_one_connection(edge: dict[str, Any]) -> None:
     listener = edge["listen"]()
     with tls_conn(listener.address[1]) as sock:
@@ -489,34 +305,3 @@ def test_keep_alive_serves_many_requests_on_one_connection(edge: dict[str, Any])
                 data += chunk
             assert data.startswith(b"HTTP/1.1 200 ")
     assert edge["recorder"].sent.count(b"GET /_ping") == 3
-
-
-# --- Docker over TCP and TLS behind the gateway --------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["tcp", "tls"])
-def test_docker_over_tcp_and_tls_behind_the_gateway(kind: str, certs: TlsFiles,
-                                                    dockerd_factory: Any, tmp_path: Path) -> None:
-    engine = dockerd_factory(tcp=True, tls=kind == "tls")
-    ensure_image(engine)
-    files = engine.tls_dir
-    endpoint = engine.https_url if kind == "tls" else engine.tcp_url
-    upstream = Upstream.from_settings(endpoint, *((str(files / "ca.pem"), str(files / "cert.pem"),
-                                                   str(files / "key.pem")) if kind == "tls"
-                                                  else (None, None, None)))
-    context = tls.server_context(str(certs.server_cert), str(certs.server_key), str(certs.ca),
-                                 require_client_cert=True)
-    listener = Listener(("127.0.0.1", 0), context, auth.Authenticator(None), upstream,
-                        read_only=False)
-    listener.start()
-    try:
-        fake = {"port": listener.address[1], "home": tmp_path}
-        assert "CONTAINER ID" in ok(cli(fake, certs, "ps"))
-        assert ok(cli(fake, certs, "run", "-i", "--rm", "--network", "none", IMAGE, "cat",
-                      stdin=b"half-closed over " + kind.encode() + b"\n")) \
-            == f"half-closed over {kind}\n"
-        cid = ok(cli(fake, certs, "run", "-d", "--network", "none", IMAGE, "sh", "-c",
-                     "echo a; sleep 0.5; echo b")).strip()
-        assert ok(cli(fake, certs, "logs", "-f", cid)).split() == ["a", "b"]
-    finally:
-        listener.stop()
