@@ -62,12 +62,17 @@ def agent(binary: str, dockerd: Dockerd, master: Master, home: Path,
         time.sleep(0.5)  # event stream connected
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if the agent is not gone within 5 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def drive(proc: subprocess.Popen[bytes], master: Master, rounds: int) -> None:

@@ -17,7 +17,6 @@ import argparse
 import http.client
 import itertools
 import os
-import signal
 import socket
 import ssl
 import statistics
@@ -32,19 +31,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench_agent import Row, cpu_seconds, ensure_containers, status_kb  # noqa: E402
+from bench_agent import Row, cpu_seconds, ensure_containers, status_kb, stop  # noqa: E402
 from support.dockerd import Dockerd, TlsFiles  # noqa: E402
+from support.gateway import free_port  # noqa: E402
 from support.image import ensure_image  # noqa: E402
 from support.master import Master  # noqa: E402
 
 BIG = "dmbench/big:1"
 CHUNK = 256 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Endpoint:
@@ -132,12 +126,7 @@ def gateway_agent(binary: str, dockerd: Dockerd, files: TlsFiles, master: Master
                 time.sleep(0.1)
         yield proc, port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def make_big_image(dockerd: Dockerd, work: Path, mib: int) -> Path:

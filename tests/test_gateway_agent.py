@@ -20,6 +20,7 @@ import bcrypt
 import pytest
 from agentproc import popen, run, stop
 from support.dockerd import Dockerd
+from support.gateway import free_port
 from support.master import Master
 from test_gateway_config import make_cert
 
@@ -27,12 +28,6 @@ pytestmark = pytest.mark.docker
 
 PASSWORD = "correct horse battery staple"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(port: int, path: str, password: str | None = PASSWORD,

@@ -21,10 +21,11 @@ from typing import Any
 import bcrypt
 import pytest
 from agentproc import clean_env, stop
+from support import gateway as shared
 from support.dockerd import Dockerd, TlsFiles, make_tls_files
 from support.frozen import require_frozen
-from support.gateway import Recorder
-from support.image import IMAGE, ensure_image
+from support.gateway import Recorder, free_port
+from support.image import IMAGE
 
 from dm_agent.gateway import auth, tls
 from dm_agent.gateway.server import Listener
@@ -37,19 +38,7 @@ PASSWORD = "gateway-test-password"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Dockerd]:
-    d = Dockerd()
-    d.start()
-    ensure_image(d)
-    yield d
-    d.close()
+engine = shared.engine  # the gateway tests' private dockerd
 
 
 @pytest.fixture(scope="module")

@@ -491,7 +491,7 @@ def test_gateway(node: Node) -> None:
                                           f"admin:{GATEWAY_PASSWORD}",
                                           f"{url}/containers/json?all=1"]))
             assert {c["Id"] for c in containers} == {
-                c["Id"] for c in lifecycle.docker_containers(node.dockerd)}
+                c["id"] for c in lifecycle.docker_containers(node.dockerd)}
             wrong = host(["curl", "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}",
                           "-u", "admin:wrong", f"{url}/version"])
             assert wrong == "401"

@@ -35,6 +35,13 @@ PASSWORD = "s3cret-gateway-pw"
 DOCKER = "docker"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free now (for a program that binds it itself)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Dockerd]:
     """A private dockerd for one test module (unix socket and plain TCP), with the image."""
