@@ -176,3 +176,41 @@ def test_many_threads_at_once(hashed: str) -> None:
         t.join()
     assert len(results) == 160 and all(results)
     assert a.snapshot()["failures_total"] == 80
+
+
+def test_retry_after_is_the_time_left_and_a_verified_header_still_passes(
+        hashed: str, clock: Clock) -> None:
+    a = auth.Authenticator(hashed, clock=clock)
+    right = basic(b"admin", PASSWORD)
+    assert a.check("10.0.0.3", False, right).ok  # the master, verified and remembered
+    for _ in range(auth.MAX_FAILURES):  # someone behind the same NAT guesses
+        a.check("10.0.0.3", False, basic(b"admin", b"guess"))
+    clock.now += 45
+    limited = a.check("10.0.0.3", False, basic(b"admin", b"guess"))
+    assert limited.status == 429 and ("Retry-After", "15") in limited.headers
+    assert a.check("10.0.0.3", False, right).ok  # the master's remembered header passes
+
+
+def test_concurrent_guesses_cannot_run_bcrypt_past_the_limit(
+        hashed: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = auth.Authenticator(hashed)
+    runs: list[int] = []
+    gate = threading.Barrier(20)
+    real = bcrypt.checkpw
+
+    def slow_check(password: bytes, h: bytes) -> bool:
+        runs.append(1)
+        return bool(real(password, h))
+
+    monkeypatch.setattr(bcrypt, "checkpw", slow_check)
+
+    def guess(i: int) -> None:
+        gate.wait()
+        a.check("10.9.9.9", False, basic(b"admin", b"guess%d" % i))
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(runs) <= auth.MAX_FAILURES, len(runs)

@@ -8,7 +8,9 @@ run with ``--network none``.
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,18 +98,34 @@ def test_events_stream_ends_when_client_leaves(gw: GatewayRig, cfg: Path) -> Non
     before = gw.listener.snapshot()["connections"]
     events = subprocess.Popen(["docker", "events", "--format", "{{.Action}} {{.Actor.ID}}"],
                               stdout=subprocess.PIPE, env=gw.cli_env(cfg))
+    seen: queue.Queue[str] = queue.Queue()
+    assert events.stdout is not None
+    out = events.stdout
+    threading.Thread(target=lambda: [seen.put(b.decode()) for b in iter(out.readline, b"")],
+                     daemon=True).start()
+    made: list[str] = []
     try:
         wait_for(lambda: gw.listener.snapshot()["connections"] > before, "the events stream")
-        cid = gw.docker(cfg, "create", *NONE, IMAGE, "true").stdout.strip().decode()
-        assert events.stdout is not None
-        line = events.stdout.readline().decode()
-        assert line.split() == ["create", cid]
+        # the CLI's connection opens with a ping before its events request reaches Docker:
+        # a container made in between is not in the stream, so make one until one is
+        got: list[str] = []
+        for _ in range(10):
+            made.append(gw.docker(cfg, "create", *NONE, IMAGE, "true").stdout.strip().decode())
+            try:
+                while (line := seen.get(timeout=3).split())[:1] != ["create"]:
+                    got.append(" ".join(line))  # another container's event: read on
+            except queue.Empty:
+                continue
+            assert line[1] in made, (line, made)
+            break
+        else:
+            raise AssertionError(f"no create event came through the stream: {got}")
     finally:
         events.kill()
         events.wait()
     wait_for(lambda: gw.listener.snapshot()["connections"] <= before,
              "the gateway to end the stream of a client that left")
-    gw.docker(cfg, "rm", cid)
+    gw.docker(cfg, "rm", *made)
 
 
 def test_load_large_image_streams(gw: GatewayRig, cfg: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import threading
 import time
@@ -63,7 +64,7 @@ def _bcrypt_hash(text: str) -> bytes:
 def verify(password: bytes, password_hash: str) -> bool:
     try:
         return bool(bcrypt.checkpw(password[:BCRYPT_MAX], _bcrypt_hash(password_hash)))
-    except ValueError:
+    except (ValueError, UnicodeEncodeError):  # a hash check_hash would have refused
         return False
 
 
@@ -88,10 +89,13 @@ def check_hash(text: str) -> str:
 
 
 class _Client:
-    __slots__ = ("burst", "count", "first", "last", "window_count", "window_start")
+    __slots__ = ("burst", "count", "first", "last", "last_mono", "trying", "window_count",
+                 "window_start")
 
     def __init__(self, now: float, wall: float) -> None:
         self.window_start, self.window_count = now, 0
+        self.trying = 0
+        self.last_mono = now
         self.first = self.last = wall
         self.count = 0
         self.burst = 0
@@ -113,23 +117,27 @@ class Authenticator:
     def check(self, client: str, cert_verified: bool, authorization: bytes | None) -> Verdict:
         if cert_verified:
             return LET_IN
-        if self._limited(client):
-            return Verdict(False, 429, "gateway: too many failed logins from this address; "
-                           f"try again in {WINDOW:.0f} s", (("Retry-After", f"{WINDOW:.0f}"),))
         if authorization is None:
             return Verdict(False, 401, "gateway: authentication required (HTTP Basic, user "
                            f"{USER}, or a client certificate)", CHALLENGE)
-        if self.password_hash is None:
-            return self._failed(client, "a password, but the gateway takes client "
-                                "certificates only")
         key = hmac.new(self._key, authorization, hashlib.sha256).digest()
-        if self._cached(key):
+        if self._cached(key):  # verified lately: no guess gains from it, no bcrypt runs
             return LET_IN
-        password = _basic_password(authorization)
-        if password is None:
-            return self._failed(client, "not HTTP Basic for user " + USER)
-        if not verify(password, self.password_hash):
-            return self._failed(client, "wrong password")
+        wait = self._claim(client)
+        if wait:
+            return Verdict(False, 429, "gateway: too many failed logins from this address; "
+                           f"try again in {wait} s", (("Retry-After", str(wait)),))
+        try:
+            if self.password_hash is None:
+                return self._failed(client, "a password, but the gateway takes client "
+                                    "certificates only")
+            password = _basic_password(authorization)
+            if password is None:
+                return self._failed(client, "not HTTP Basic for user " + USER)
+            if not verify(password, self.password_hash):
+                return self._failed(client, "wrong password")
+        finally:
+            self._release(client)
         self._remember(key)
         return LET_IN
 
@@ -155,35 +163,55 @@ class Authenticator:
 
     # --- failures
 
-    def _limited(self, client: str) -> bool:
+    def _claim(self, client: str) -> int:
+        """A try for ``client``, or the seconds it must wait: its failures in the window
+        and its tries under way together stay below MAX_FAILURES, so that concurrent
+        requests cannot run bcrypt past the limit either."""
         now = self.clock()
         with self._lock:
+            state = self._inflight_state(client, now)
+            if now - state.window_start >= WINDOW:
+                state.window_start, state.window_count = now, 0
+            if state.window_count + state.trying >= MAX_FAILURES:
+                return max(1, math.ceil(state.window_start + WINDOW - now))
+            state.trying += 1
+            return 0
+
+    def _release(self, client: str) -> None:
+        with self._lock:
             state = self._clients.get(client)
-            return (state is not None and now - state.window_start < WINDOW
-                    and state.window_count >= MAX_FAILURES)
+            if state is not None and state.trying:
+                state.trying -= 1
+
+    def _inflight_state(self, client: str, now: float) -> _Client:
+        state = self._clients.get(client)
+        if state is None:
+            state = self._clients[client] = _Client(now, self.wall())
+            state.window_start = now - WINDOW  # no window open yet
+            while len(self._clients) > MAX_CLIENTS:
+                self._clients.popitem(last=False)
+        return state
 
     def _failed(self, client: str, why: str) -> Verdict:
         now, wall = self.clock(), self.wall()
         with self._lock:
             self.failures_total += 1
-            state = self._clients.get(client)
-            if state is None:
-                state = self._clients[client] = _Client(now, wall)
-                while len(self._clients) > MAX_CLIENTS:
-                    self._clients.popitem(last=False)
+            state = self._inflight_state(client, now)
             self._clients.move_to_end(client)
-            new_burst = state.count == 0 or now - state.window_start >= WINDOW
+            new_burst = state.count == 0 or now - state.last_mono >= WINDOW
+            previous = state.burst
             if new_burst:
-                previous = state.burst
-                state.window_start, state.window_count, state.burst = now, 0, 0
-                state.first = wall
+                state.burst, state.first = 0, wall
+            if now - state.window_start >= WINDOW:
+                state.window_start, state.window_count = now, 0
             state.window_count += 1
             state.burst += 1
             state.count += 1
-            state.last = wall
+            state.last, state.last_mono = wall, now
         if new_burst:
             log.warning("gateway: authentication failed for %s (%s)%s", client, why,
-                        f"; its previous burst had {previous} failures" if previous else "")
+                        f"; its previous burst had {previous} failures"
+                        if previous and state.count > 1 else "")
         return Verdict(False, 401, f"gateway: authentication failed: {why}", CHALLENGE)
 
     def snapshot(self) -> dict[str, Any]:
