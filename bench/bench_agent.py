@@ -211,11 +211,19 @@ def main() -> int:
     ver = median_of(10, version)
     rows.append(Row("dm-agent --version", ver, "s", "<= 0.2", ver <= 0.2))
 
+    return report(rows)
+
+
+def report(rows: list[Row]) -> int:
+    """Print the table (figure, value and unit, target, result); 1 when a target is missed."""
     width = max(len(r.figure) for r in rows)
-    print(f"{'figure':<{width}}  {'value':>9}  {'target':>8}  result")
+    unit = max(len(r.unit) for r in rows)
+    target = max(len(r.target) for r in rows)
+    print(f"{'figure':<{width}}  {'value':>10} {'':<{unit}}  {'target':<{target}}  result")
     for r in rows:
         verdict = "-" if r.ok is None else ("pass" if r.ok else "FAIL")
-        print(f"{r.figure:<{width}}  {r.value:>7.2f} {r.unit:<2} {r.target:>8}  {verdict}")
+        print(f"{r.figure:<{width}}  {r.value:>10.2f} {r.unit:<{unit}}  "
+              f"{r.target:<{target}}  {verdict}")
     return 0 if all(r.ok is not False for r in rows) else 1
 
 

@@ -31,7 +31,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench_agent import Row, cpu_seconds, ensure_containers, status_kb, stop  # noqa: E402
+from bench_agent import (  # noqa: E402
+    Row,
+    cpu_seconds,
+    ensure_containers,
+    report,
+    status_kb,
+    stop,
+)
 from support.dockerd import Dockerd, TlsFiles  # noqa: E402
 from support.gateway import free_port  # noqa: E402
 from support.image import ensure_image  # noqa: E402
@@ -255,14 +262,7 @@ def main() -> int:
                             late_busy * 1000, f"ms (idle {late_idle * 1000:.0f} ms)",
                             "<= idle + 50 ms", late_busy <= late_idle + 0.05))
     subprocess.run(["rm", "-rf", str(work)], check=False)
-    width = max(len(r.figure) for r in rows)
-    print(f"{'figure':<{width}}  {'value':>10}  {'target':<18} result")
-    failed = False
-    for r in rows:
-        verdict = "-" if r.ok is None else ("pass" if r.ok else "FAIL")
-        failed |= r.ok is False
-        print(f"{r.figure:<{width}}  {r.value:>10.2f} {r.unit:<28} {r.target:<18} {verdict}")
-    return 1 if failed else 0
+    return report(rows)
 
 
 if __name__ == "__main__":
