@@ -166,7 +166,7 @@ stage_root() {
   done
   copy_lib "$root" "${interp#/}" "$stage"
   # Which Debian 11 package each system file came from, for the bill of materials.
-  (cd "$stage" && find lib* usr -type f 2>/dev/null || true) | sort | while read -r rel; do
+  (cd "$stage" && find lib* -type f) | sort | while read -r rel; do
     pkg=$({ dpkg-query --admindir="$root/var/lib/dpkg" -S "/$rel" 2>/dev/null ||
       dpkg-query --admindir="$root/var/lib/dpkg" -S "/$(chroot_resolve "$root" "$rel")"; } |
       head -1 | cut -d: -f1)
