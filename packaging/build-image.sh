@@ -145,18 +145,24 @@ stage_root() {
     sed 's/\.*$//')
   [[ $interp == /* ]] || die "no ELF interpreter in $onedir/dm-agent"
   # The libraries the onedir asks for and does not bundle, and theirs, recursively;
-  # plus the NSS modules glibc loads by name (files, dns) and what they need.
+  # plus the NSS modules glibc loads by name (files, dns) and what they need. The
+  # executable's own (the bootloader: libz, libdl...) come from the system even when
+  # _internal/ has a copy: ld.so resolves them before anything sets a library path,
+  # which is why the .deb depends on zlib1g (packaging/payload-deps.sh).
   declare -A bundled=() seen=()
   local queue=(libnss_files.so.2 libnss_dns.so.2)
+  mapfile -t -O "${#queue[@]}" queue < <(objdump -p "$onedir/dm-agent" | awk '$1 == "NEEDED" {print $2}')
+  local system_count=${#queue[@]} i=0
   while IFS= read -r -d '' f; do bundled[$(basename "$f")]=1; done < <(find "$onedir" -type f -print0)
   while IFS= read -r -d '' f; do
     is_elf "$f" || continue
     mapfile -t -O "${#queue[@]}" queue < <(objdump -p "$f" | awk '$1 == "NEEDED" {print $2}')
-  done < <(find "$onedir" -type f -print0)
+  done < <(find "$onedir/_internal" -type f -print0)
   while ((${#queue[@]})); do
     name=${queue[0]}
     queue=("${queue[@]:1}")
-    [[ -n ${bundled[$name]:-} || -n ${seen[$name]:-} ]] && continue
+    ((++i > system_count)) && [[ -n ${bundled[$name]:-} ]] && continue
+    [[ -n ${seen[$name]:-} ]] && continue
     seen[$name]=1
     if [[ /$name == "$interp" || $name == "$(basename "$interp")" ]]; then continue; fi
     rel=$(find_lib "$root" "$triplet" "$name")
