@@ -22,6 +22,8 @@
 #                                                  (dm-agent:VERSION), with the HEALTHCHECK
 #   dist/dm-agent-VERSION-image.cdx.json           the image's bill of materials
 #   dist/dm-agent-VERSION-image.digest             the index digest
+# Environment: SOURCE_DATE_EPOCH (packaging/build-env.sh), DM_IMAGE_DIST (instead of
+#   dist/), DM_IMAGE_WORK (instead of build/image/), DM_IMAGE_KEEP=1 (keep the work tree).
 #
 # Usage: packaging/build-image.sh [--arch amd64|arm64]...   (default both; the index
 #        holds the ones built). Needs root, buildah, skopeo, umoci, objdump, and
@@ -56,9 +58,12 @@ done
 VERSION=$(dm_version)
 SOURCE_DATE_EPOCH=$(dm_source_date_epoch)
 export SOURCE_DATE_EPOCH
-WORK=$REPO/build/image
+# (DM_IMAGE_DIST, DM_IMAGE_WORK: elsewhere than dist/ and build/image/, as the
+# reproducibility test builds a second time)
+DIST=${DM_IMAGE_DIST:-$DIST}
+WORK=${DM_IMAGE_WORK:-$REPO/build/image}
 STORE=(--root "$WORK/storage" --runroot "$WORK/run" --storage-driver vfs)
-OCI_OUT=$REPO/dist/dm-agent-$VERSION-image.oci.tar
+OCI_OUT=$DIST/dm-agent-$VERSION-image.oci.tar
 NAME=localhost/dm-agent:$VERSION
 
 clean_storage() {
@@ -69,7 +74,7 @@ clean_storage() {
   rm -rf "$WORK"
 }
 clean_storage
-mkdir -p "$WORK" "$REPO/dist"
+mkdir -p "$WORK" "$DIST"
 trap clean_storage EXIT
 [[ -z ${DM_IMAGE_KEEP:-} ]] || trap - EXIT
 
@@ -199,7 +204,7 @@ for arch in "${ARCHES[@]}"; do
     --platform "linux/$arch" --layers=false --pull=never --network none \
     --identity-label=false \
     -f "$WORK/$arch/Containerfile" -t "localhost/dm-agent:$VERSION-$arch" "$WORK/$arch" >/dev/null
-  out=$REPO/dist/dm-agent-$VERSION-image-$arch.docker.tar
+  out=$DIST/dm-agent-$VERSION-image-$arch.docker.tar
   rm -f "$out"
   skopeo --override-arch "$arch" copy --quiet \
     "containers-storage:[vfs@$WORK/storage+$WORK/run]localhost/dm-agent:$VERSION-$arch" \
@@ -212,7 +217,7 @@ for arch in "${ARCHES[@]}"; do
     "oci:$WORK/layout:$VERSION-$arch" >/dev/null
   buildah "${STORE[@]}" manifest add --arch "$arch" --os linux "$NAME" \
     "oci:$WORK/layout:$VERSION-$arch" >/dev/null
-  log "$arch: $(du -h "$out" | cut -f1) uncompressed docker archive ${out#"$REPO/"}"
+  log "$arch: $(du -h "$out" | cut -f1) uncompressed docker archive $out"
 done
 rm -f "$OCI_OUT"
 buildah "${STORE[@]}" manifest push --quiet --all --format oci \
@@ -226,9 +231,9 @@ tar -C "$WORK/check" -xf "$OCI_OUT"
 umoci ls --layout "$WORK/check" | grep -qx "$VERSION" || die "umoci finds no tag $VERSION in $OCI_OUT"
 DIGEST=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifests"][0]["digest"])' \
   "$WORK/check/index.json")
-echo "$DIGEST" >"$REPO/dist/dm-agent-$VERSION-image.digest"
-python3 "$HERE/sbom_image.py" "$WORK/check" "$VERSION" "$REPO/build" >"$REPO/dist/dm-agent-$VERSION-image.cdx.json"
+echo "$DIGEST" >"$DIST/dm-agent-$VERSION-image.digest"
+python3 "$HERE/sbom_image.py" "$WORK/check" "$VERSION" "$REPO/build" "$WORK" >"$DIST/dm-agent-$VERSION-image.cdx.json"
 for arch in "${ARCHES[@]}"; do
   log "$arch: $(python3 "$HERE/sbom_image.py" --size "$WORK/check" "$arch") bytes compressed (the layer and config pulled)"
 done
-log "image index $DIGEST: ${OCI_OUT#"$REPO/"} ($(du -h "$OCI_OUT" | cut -f1))"
+log "image index $DIGEST: $OCI_OUT ($(du -h "$OCI_OUT" | cut -f1))"

@@ -3,12 +3,13 @@
 packaging/build-image.sh runs it on the OCI layout it built. The image's components, per
 architecture: the frozen onedir's own bill (packaging/sbom.py's, nested whole under a
 component for the onedir), the Debian 11 packages the image's system libraries came from
-(build/image/ARCH/system.tsv: path, package, version, source package; each file with its
+(WORK/ARCH/system.tsv: path, package, version, source package; each file with its
 sha256), and the image's settings files. The image itself is the metadata component, named
 by its index digest. Reproducible: the timestamp is SOURCE_DATE_EPOCH, the serial number
 is derived from the index digest.
 
-Usage: python3 sbom_image.py LAYOUT VERSION BUILD > dm-agent-VERSION-image.cdx.json
+Usage: python3 sbom_image.py LAYOUT VERSION BUILD WORK > dm-agent-VERSION-image.cdx.json
+       (BUILD: build/, where the frozen onedirs are; WORK: build-image.sh's work tree)
        python3 sbom_image.py --size LAYOUT ARCH   the compressed bytes a pull of ARCH moves
 """
 
@@ -74,8 +75,9 @@ def _slimmed(onedir: Path, image_onedir: Path) -> list[dict[str, Any]]:
     return changes
 
 
-def _arch_components(build: Path, arch: str, version: str) -> list[dict[str, Any]]:
-    rootfs = build / "image" / arch / "rootfs"
+def _arch_components(build: Path, work: Path, arch: str,
+                     version: str) -> list[dict[str, Any]]:
+    rootfs = work / arch / "rootfs"
     frozen = build / ("frozen" if arch == "amd64" else f"frozen-{arch}")
     onedir_bom = json.loads((frozen / "dm-agent.cdx.json").read_text())
     comps: list[dict[str, Any]] = [{
@@ -89,7 +91,7 @@ def _arch_components(build: Path, arch: str, version: str) -> list[dict[str, Any
         "components": _slimmed(frozen / "dm-agent", rootfs / "opt/dm-agent"),
     }]
     packages: dict[tuple[str, str], dict[str, Any]] = {}
-    for line in (build / "image" / arch / "system.tsv").read_text().splitlines():
+    for line in (work / arch / "system.tsv").read_text().splitlines():
         rel, pkg, pver, source = line.split("\t")
         comp = packages.setdefault((pkg, pver), {
             "bom-ref": f"{arch}/deb/{pkg}@{pver}", "type": "library", "name": pkg,
@@ -109,12 +111,12 @@ def _arch_components(build: Path, arch: str, version: str) -> list[dict[str, Any
              "version": version, "components": comps}]
 
 
-def bom(layout: Path, version: str, build: Path) -> dict[str, Any]:
+def bom(layout: Path, version: str, build: Path, work: Path) -> dict[str, Any]:
     digest, manifests = _manifests(layout)
     when = dt.datetime.fromtimestamp(int(os.environ.get("SOURCE_DATE_EPOCH", "0")), dt.timezone.utc)
     components: list[dict[str, Any]] = []
     for arch in sorted(manifests):
-        components.extend(_arch_components(build, arch, version))
+        components.extend(_arch_components(build, work, arch, version))
     return {
         "bomFormat": "CycloneDX", "specVersion": "1.5",
         "serialNumber": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, 'dm-agent-image:' + digest)}",
@@ -132,11 +134,12 @@ def bom(layout: Path, version: str, build: Path) -> dict[str, Any]:
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--size":
         print(size(Path(sys.argv[2]), sys.argv[3]))
-    elif len(sys.argv) == 4:
-        json.dump(bom(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])), sys.stdout, indent=1)
+    elif len(sys.argv) == 5:
+        json.dump(bom(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])),
+                  sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        sys.exit("usage: sbom_image.py LAYOUT VERSION BUILD | --size LAYOUT ARCH")
+        sys.exit("usage: sbom_image.py LAYOUT VERSION BUILD WORK | --size LAYOUT ARCH")
 
 
 if __name__ == "__main__":
