@@ -60,7 +60,7 @@ SOURCE_DATE_EPOCH=$(dm_source_date_epoch)
 export SOURCE_DATE_EPOCH
 # (DM_IMAGE_DIST, DM_IMAGE_WORK: elsewhere than dist/ and build/image/, as the
 # reproducibility test builds a second time)
-DIST=${DM_IMAGE_DIST:-$DIST}
+DIST=${DM_IMAGE_DIST:-$REPO/dist}
 WORK=${DM_IMAGE_WORK:-$REPO/build/image}
 STORE=(--root "$WORK/storage" --runroot "$WORK/run" --storage-driver vfs)
 OCI_OUT=$DIST/dm-agent-$VERSION-image.oci.tar
