@@ -171,7 +171,7 @@ def test_bill_of_materials_covers_the_image(image: ImageFiles) -> None:
 
 # ----------------------------------------------------------------- the registry
 def test_pushed_to_a_local_registry_pulled_by_docker_and_podman(
-        image: ImageFiles, dockerd_factory: Callable[..., Dockerd], tmp_path: Path) -> None:
+        image: ImageFiles, dockerd_factory: Callable[..., Dockerd]) -> None:
     with Registry() as registry:
         ref = f"{registry.address}/dm-agent:{image.version}"
         subprocess.run(["skopeo", "copy", "--all", "--quiet", "--dest-tls-verify=false",
@@ -181,7 +181,7 @@ def test_pushed_to_a_local_registry_pulled_by_docker_and_podman(
         cli = docker_cli(d.unix_url)
         run(cli, "pull", ref, timeout=300)  # 127.0.0.0/8: Docker's default insecure range
         assert f"{registry.address}/dm-agent@{image.digest}" in inspect(cli, ref)["RepoDigests"]
-        podman = PodmanCli(tmp_path / "podman")
+        podman = PodmanCli()
         try:
             pulled = podman("pull", "--tls-verify=false", ref)
             assert pulled.returncode == 0, pulled.stderr
@@ -189,7 +189,7 @@ def test_pushed_to_a_local_registry_pulled_by_docker_and_podman(
             assert got["Digest"] == image.digest
             assert got["Architecture"] == "amd64"
         finally:
-            podman.reset()
+            podman.close()
 
 
 # ----------------------------------------------------------------- the master's line

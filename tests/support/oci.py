@@ -189,19 +189,22 @@ class Registry:
 
 
 class PodmanCli:
-    """Rootful ``podman`` with a storage of its own (vfs), not the machine's."""
+    """Rootful ``podman`` with a storage of its own (vfs, in a short /tmp directory:
+    podman refuses a runroot over 50 characters), not the machine's; ``close()`` removes it."""
 
-    def __init__(self, base: Path) -> None:
-        self.args = ["podman", "--root", str(base / "root"), "--runroot", str(base / "run"),
-                     "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
-                     "--events-backend", "file"]
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="dmpod-", dir="/tmp"))
+        self.args = ["podman", "--root", str(self.base / "root"),
+                     "--runroot", str(self.base / "run"), "--storage-driver", "vfs",
+                     "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
 
     def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.args, *args], capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, timeout=timeout)
 
-    def reset(self) -> None:
+    def close(self) -> None:
         self("rmi", "--all", "--force")
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 def docker_cli(host: str) -> list[str]:
