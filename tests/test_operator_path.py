@@ -172,4 +172,13 @@ def test_operator_path_as_written(node: Node, pkgs: lifecycle.Packages, repo_url
     notes = [m for m in agent if m.startswith("dm-agent: note: the master cannot manage")]
     assert len(notes) == 1, agent
     agent = [m for m in agent if m not in notes]
+    # under CI load the test master's first answer can be late once: then the agent says
+    # so and its recovery, and nothing else (tests/test_lifecycle.py's step 3 likewise)
+    slow = [m for m in agent if m.startswith(f"{url} ")  # "URL did not answer within…"
+            or re.search(r"did not answer within|answer too slowly", m)]
+    if slow:
+        assert len(slow) == 1 and any(m.startswith("registration recovered after")
+                                      for m in agent), agent
+        agent = [m for m in agent if m not in slow
+                 and not m.startswith("registration recovered after")]
     assert [m.split(" ")[0] for m in agent] == ["started", "registered"], agent
