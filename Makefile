@@ -59,8 +59,9 @@ test: venv ## the test suite (root: it starts dockerd, boots systemd roots; need
 
 # (the two architectures' pipelines side by side: the arm64 root's debootstrap and
 # emulated steps overlap the amd64 build root and freeze)
-check: deps lint typecheck ## everything CI runs: deps, lint, types, frozen programs, packages, repo, the whole suite
+check: deps lint typecheck ## everything CI runs: deps, lint, types, frozen programs, packages, repo, image, the whole suite
 	$(MAKE) -j2 --output-sync=target repo
+	$(MAKE) image
 	$(MAKE) test
 
 check-loaded: deps ## make check while stress-ng keeps both cores busy: the suite must not depend on an idle machine
@@ -83,6 +84,9 @@ $(PACKAGE_ARCHES): packages-%: frozen-%
 repo: packages ## signed apt and yum repositories of the ARCH packages in dist/repo/ (throwaway key unless DM_REPO_KEY; refused for a release)
 	DM_REPO_ARCHES="$(ARCH)" packaging/build-repo.sh
 
+image: frozen ## the container image: OCI index (amd64 + arm64) and per-arch docker archives in dist/ (root; buildah, skopeo, umoci)
+	packaging/build-image.sh $(addprefix --arch ,$(ARCH))
+
 bench: venv frozen ## benchmarks of the frozen program with their targets (root: private dockerd)
 	$(BIN)/python bench/bench_agent.py $(BENCH_ARGS)
 
@@ -92,5 +96,5 @@ bench-gateway: venv frozen-amd64 ## the gateway beside dockerd's own TLS listene
 clean: ## remove build outputs and caches (not the cached build roots in /var/cache)
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis $(RUN_VENV)
 
-.PHONY: help venv run deps lint typecheck test check check-fast check-loaded clean frozen smoke-frozen packages repo bench bench-gateway \
+.PHONY: help venv run deps lint typecheck test check check-fast check-loaded clean frozen smoke-frozen packages repo image bench bench-gateway \
   $(FROZEN_ARCHES) $(PACKAGE_ARCHES)

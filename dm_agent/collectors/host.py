@@ -4,6 +4,10 @@ A filesystem that does not answer (a dead NFS server) must never stall a round: 
 mount is probed (``stat`` + ``statvfs``) in its own short-lived thread with a shared
 deadline. A mount whose probe is still stuck is not probed again until that thread
 returns, so threads never pile up on the same mount, and it is reported stuck once.
+
+In a container (the rule is in ``hostview``'s docstring), disks and network come from the
+host's PID 1 and the host's root bind-mounted at ``/host``, or are left empty: never the
+container's own overlay, bind mounts or network namespace (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import psutil
 
 from ..config import is_excluded
+from .hostview import ContainerView, in_container
 
 log = logging.getLogger("dm_agent.host")
 
@@ -30,6 +35,10 @@ PSEUDO_FS = frozenset((
     "tmpfs", "tracefs", "fuse.lxcfs", "fuse.gvfsd-fuse", "fuse.portal", "iso9660", "udf",
     "aufs", "shm", "nullfs", "devfs",
 ))
+
+
+def _real_fs(fstype: str, mountpoint: str) -> bool:
+    return fstype not in PSEUDO_FS and fstype not in ("none", "") and mountpoint.startswith("/")
 
 
 class _Probe:
@@ -104,9 +113,13 @@ class HostCollector:
     """CPU, memory, disks and network counters of the host, as the payload wants them."""
 
     def __init__(self, net_exclude: Sequence[str] = ("lo", "veth*"),
-                 disk_deadline: float = 1.0, ps: Any = psutil) -> None:
+                 disk_deadline: float = 1.0, ps: Any = psutil,
+                 container: ContainerView | None = None) -> None:
         self.net_exclude = tuple(net_exclude)
         self.ps = ps
+        if container is None and ps is psutil and in_container():
+            container = ContainerView()
+        self.container = container
         self.disks = DiskProber(disk_deadline)
         self._cpu_prev: tuple[float, float] | None = None
         self._cpu_prev_at = 0.0
@@ -149,32 +162,46 @@ class HostCollector:
         vm = self.ps.virtual_memory()
         return {"total": int(vm.total), "available": int(vm.available), "used": int(vm.used)}
 
+    def _candidates(self) -> dict[str, tuple[str, int | None]]:
+        """Mount point -> (path to measure, the st_dev expected there, None: any)."""
+        if self.container is not None:
+            return {m.mountpoint: (path, m.dev) for m, path in self.container.mounts()
+                    if _real_fs(m.fstype, m.mountpoint)}
+        return {part.mountpoint: (part.mountpoint, None)
+                for part in self.ps.disk_partitions(all=True)
+                if _real_fs(part.fstype, part.mountpoint)}
+
     def disk_usage(self) -> dict[str, dict[str, int]]:
         """One entry per filesystem, as df shows it: real filesystems, no file binds,
         and where one filesystem is mounted several times the shortest mount point."""
-        candidates: list[str] = []
-        for part in self.ps.disk_partitions(all=True):
-            if part.fstype in PSEUDO_FS or not part.mountpoint.startswith("/"):
-                continue
-            if part.fstype == "none" or not part.fstype:
-                continue
-            candidates.append(part.mountpoint)
-        measured = self.disks.measure(dict.fromkeys(candidates))
+        candidates = self._candidates()
+        measured = self.disks.measure(dict.fromkeys(path for path, _ in candidates.values()))
         best: dict[int, tuple[str, int, int]] = {}
-        for path, (dev, total, used, is_dir) in measured.items():
+        for mountpoint, (path, want) in candidates.items():
+            if path not in measured:
+                continue
+            dev, total, used, is_dir = measured[path]
+            if want is not None and dev != want:
+                assert self.container is not None
+                self.container.hidden(mountpoint)
+                continue
             if not is_dir or total <= 0:
                 continue  # a bind-mounted file (docker.sock) or an empty pseudo fs
             kept = best.get(dev)
-            if kept is None or (len(path), path) < (len(kept[0]), kept[0]):
-                best[dev] = (path, total, used)
+            if kept is None or (len(mountpoint), mountpoint) < (len(kept[0]), kept[0]):
+                best[dev] = (mountpoint, total, used)
         return {path: {"total": total, "used": used}
                 for path, total, used in sorted(best.values())}
 
     def network(self) -> dict[str, dict[str, int]]:
-        counters = self.ps.net_io_counters(pernic=True) or {}
+        if self.container is not None:
+            pairs = self.container.net()
+        else:
+            pairs = {name: (c.bytes_recv, c.bytes_sent) for name, c in
+                     (self.ps.net_io_counters(pernic=True) or {}).items()}
         return {
-            name: {"bytesIn": int(c.bytes_recv), "bytesOut": int(c.bytes_sent)}
-            for name, c in sorted(counters.items())
+            name: {"bytesIn": int(rx), "bytesOut": int(tx)}
+            for name, (rx, tx) in sorted(pairs.items())
             if not is_excluded(name, self.net_exclude)
         }
 
