@@ -8,6 +8,7 @@ between the two (where logs go, the pidfile's owner, telling the starter) is pas
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import Callable
 
 from . import loop
@@ -59,12 +60,27 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None, *, dry_run:
             writer.remove()
 
 
+def announces_loopback(url: str) -> bool:
+    """Whether the announced ``https://HOST:PORT`` names a loopback host, which the master
+    replaces with the registration's source address (docs/design.md §1: the image's
+    setting, docs/container.md)."""
+    from .address import is_loopback
+
+    host = urllib.parse.urlsplit(url).hostname
+    return host is not None and is_loopback(host)
+
+
 def gateway_line(agent: Agent) -> str:
     """The gateway's part of the start line."""
     settings = agent.settings
     if settings.gateway:
-        return (f"gateway on {settings.gateway} ({settings.gateway_access} access), "
-                f"announced as {agent.parts.announcer.address()}")
+        announced = agent.parts.announcer.address()
+        line = (f"gateway on {settings.gateway} ({settings.gateway_access} access), "
+                f"announced as {announced}")
+        if announces_loopback(announced):
+            line += (" (the master puts the address this node's registrations come from in "
+                     "place of a loopback host)")
+        return line
     if settings.gateway_off_reason:
         return "gateway off: " + settings.gateway_off_reason
     return "gateway off"
