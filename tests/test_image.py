@@ -1,10 +1,12 @@
 """The container image (docs/design.md §7, docs/container.md) against a real dockerd, a
 real local registry and a real rootful Podman.
 
-Networking: the tests' dockerd has no bridge and no iptables (support.dockerd), so the
-containers run with ``--network=host`` where the master's line has ``-p 8771:8771``:
-what is tested is the agent in the image (registration, signals, restart, gateway), not
-Docker's port forwarding. The gateway listens on a free port of 127.0.0.1, given as
+Networking: the master's line exactly as generated (``-p 8771:8771``, the container on
+Docker's bridge) runs against a dockerd, and a rootful Podman, each in a network namespace
+of the test's own (support.netns), with the test master on the host end of its veth: the
+master manages the node through the URL it makes of the registered address, as the
+real one does. The other tests use a dockerd without a bridge, so their containers run
+with ``--network=host``; their gateway listens on a free port of 127.0.0.1, given as
 ``DM_AGENT_GATEWAY`` (an address, as the master's line's are).
 """
 
@@ -24,9 +26,11 @@ from support.dockerd import Dockerd, populate
 from support.frozen import require_frozen
 from support.gateway import free_port, wait_for
 from support.master import Master
+from support.netns import Netns
 from support.oci import (
     ImageFiles,
     PodmanCli,
+    PodmanService,
     Registry,
     build,
     docker_cli,
@@ -169,6 +173,64 @@ def test_bill_of_materials_covers_the_image(image: ImageFiles) -> None:
         assert any(c["name"] == "libc6" for c in per_arch["components"])
 
 
+def left_out(name: str) -> list[str]:
+    """An array of build-image.sh: NEVER_LOADED or OPTIONAL, the extension modules the
+    image leaves out."""
+    text = (Path(__file__).resolve().parents[1] / "packaging" / "build-image.sh").read_text()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(f"{name}=(")]
+    return line.removeprefix(f"{name}=(").removesuffix(")").split()
+
+
+def test_image_leaves_out_only_modules_it_can_do_without(
+        image: ImageFiles, engine: Dockerd, master_factory: Callable[..., Master],
+        tmp_path: Path) -> None:
+    """The host's frozen program, where those modules are files of their own, runs what
+    the image runs (registrations, the gateway's TLS and bcrypt, a reload, status). The
+    modules the image says are never loaded are not in its memory map afterwards; the
+    optional ones are (so the image, which lacks them, runs those imports' fallbacks:
+    test_gateway_answers_with_credentials runs the same paths in the image); the image
+    holds none of either."""
+    never, optional = left_out("NEVER_LOADED"), left_out("OPTIONAL")
+    assert {"_decimal", "_codecs_jp"} <= set(never) and {"_lzma", "_ctypes"} <= set(optional)
+    program = require_frozen()
+    dynload = next((program.parent / "_internal").glob("python3*/lib-dynload"))
+    for name in never + optional:  # (so that the map below can show them)
+        assert list(dynload.glob(f"{name}.*.so")), f"{name} is not a module of its own"
+    master = master_factory(secret=SECRET, expected_name=NODE)
+    port = free_port()
+    env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state"),
+           "DM_AGENT_GATEWAY_PASSWORD_HASH": hash_password(PASSWORD.encode(), 4)}
+    args = [str(program), "-f", "/dev/null", "-m", master.url, "-s", SECRET, "-t", "1",
+            "-d", engine.unix_url, "--gateway", f"127.0.0.1:{port}",
+            "--pidfile", str(tmp_path / "agent.pid")]
+    proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        registrations(master, 1, timeout=30)
+        assert wait_for(lambda: managed_containers(f"https://127.0.0.1:{port}"),
+                        "the gateway's answer", 30)
+        proc.send_signal(signal.SIGHUP)
+        registrations(master, len(master.requests) + 2, timeout=30)
+        status = subprocess.run([str(program), "status", "--pidfile", str(tmp_path / "agent.pid")],
+                                capture_output=True, text=True, env=env, timeout=30)
+        assert status.returncode == 0, status.stdout + status.stderr
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert "_bcrypt" in maps and "_ssl." in maps  # (the map is read while it all ran)
+    loaded = [name for name in never if f"/lib-dynload/{name}." in maps]
+    assert not loaded, f"the image leaves out {loaded} as never loaded, but the agent loaded it"
+    tried = [name for name in optional if f"/lib-dynload/{name}." in maps]
+    assert tried == optional, "an optional module is no longer imported: move it to NEVER_LOADED"
+    for arch in ("amd64", "arm64"):
+        names = layer_members(image.docker(arch))
+        present = [n for n in names if "/lib-dynload/" in n
+                   and n.rsplit("/", 1)[1].split(".")[0] in never + optional]
+        assert not present, (arch, present)
+        assert not [n for n in names if "liblzma" in n or "libbz2" in n], arch
+
+
 # ----------------------------------------------------------------- the registry
 def test_pushed_to_a_local_registry_pulled_by_docker_and_podman(
         image: ImageFiles, dockerd_factory: Callable[..., Dockerd]) -> None:
@@ -247,6 +309,122 @@ def test_gateway_answers_with_credentials(
     logs = subprocess.run([*cli, "logs", "havenAgent"], capture_output=True, text=True).stderr
     assert PASSWORD not in logs and pw_hash not in logs
     assert "gateway: not started" not in logs
+
+
+# ----------------------------------------------------------------- the line as generated
+def generated_line(image: str, master: Master, socket_path: Path, pw_hash: str,
+                   *extra: str) -> list[str]:
+    """``dm.agent.start`` as the master generates it, its addresses the only change, plus
+    the gateway's credentials (docs/container.md) and *extra* flags."""
+    return ["run", "--name", "havenAgent", "-d",
+            "-e", f"dm_agent_notifier_server={master.url}",
+            "-e", f"dm_agent_notifier_secret={SECRET}",
+            "-e", f"DM_AGENT_GATEWAY_PASSWORD_HASH={pw_hash}",
+            f"--hostname={NODE}", "--restart=unless-stopped", "-p", "8771:8771",
+            "-v", f"{socket_path}:/run/docker.sock", *extra, image]
+
+
+def managed_containers(url: str) -> set[str] | None:
+    """The container ids the master gets through the node's gateway (Basic ``admin``, the
+    master's certificate check aside: it trusts the cluster CA, this test has none)."""
+    proc = subprocess.run(["curl", "-sk", "--max-time", "5", "-u", f"admin:{PASSWORD}",
+                           f"{url}/containers/json?all=1"], capture_output=True)
+    if proc.returncode != 0 or not proc.stdout.startswith(b"["):
+        return None
+    return {c["Id"] for c in json.loads(proc.stdout)}
+
+
+@pytest.fixture(scope="module")
+def bridged(image: ImageFiles) -> Iterator[tuple[Netns, Dockerd]]:
+    """A dockerd with Docker's bridge, NAT and published ports, in a namespace of its own
+    whose veth's host end is where the test master listens."""
+    with Netns() as ns, Dockerd(hostname=NODE, netns=ns) as d:
+        run(docker_cli(d.unix_url), "load", "-i", str(image.docker("amd64")))
+        yield ns, d
+
+
+def test_generated_line_on_dockers_bridge_is_managed_through_the_published_port(
+        bridged: tuple[Netns, Dockerd], master_factory: Callable[..., Master]) -> None:
+    ns, d = bridged
+    cli = docker_cli(d.unix_url)
+    master = master_factory(secret=SECRET, expected_name=NODE, host=ns.host_ip)
+    pw_hash = hash_password(PASSWORD.encode(), 4)
+    run(cli, *generated_line(f"dm-agent:{version()}", master, d.socket_path, pw_hash))
+    try:
+        req = registrations(master, 1, timeout=60)[0]
+        # the container's own address (its bridge's) is not announced: the master could
+        # not reach it. A loopback host is, which the master replaces with the address the
+        # registration came from: the node's, through Docker's NAT.
+        assert req.json["address"] == "https://127.0.0.1:8771"
+        assert req.client[0] == ns.ns_ip
+        assert req.docker_url == f"https://{ns.ns_ip}:8771"
+        own = inspect(cli, "havenAgent")["Id"]
+        engine_ids = {c["Id"] for c in d.api("/containers/json", params={"all": 1})}
+        assert own in engine_ids
+        got = wait_for(lambda: managed_containers(req.docker_url), "the gateway's answer", 30)
+        assert got == engine_ids
+        logs = run_logs(cli)
+        assert "announced as https://127.0.0.1:8771 (the master puts the address" in logs
+        assert PASSWORD not in logs and pw_hash not in logs
+        # the image's HEALTHCHECK (dm-agent status, every 30 s): healthy once registered
+        wait_for(lambda: health(cli) == "healthy", "docker's health status: healthy", 90)
+        assert health(cli) == "healthy"
+    finally:
+        subprocess.run([*cli, "rm", "-f", "havenAgent"], capture_output=True,
+                       stdin=subprocess.DEVNULL)
+
+
+def health(cli: list[str]) -> str | None:
+    state = inspect(cli, "havenAgent")["State"]
+    return state.get("Health", {}).get("Status")  # type: ignore[no-any-return]
+
+
+def run_logs(cli: list[str]) -> str:
+    proc = subprocess.run([*cli, "logs", "havenAgent"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    return proc.stdout + proc.stderr
+
+
+def test_generated_line_runs_on_rootful_podman(
+        image: ImageFiles, master_factory: Callable[..., Master]) -> None:
+    """The line with ``podman`` for ``docker`` (docs/container.md), Podman's socket as
+    the node's Docker, its CNI bridge and port mapping in a namespace of the test's own."""
+    podman = PodmanCli()
+    try:
+        loaded = podman("load", "-i", str(image.docker("amd64")))
+        assert loaded.returncode == 0, loaded.stderr
+        with Netns() as ns, PodmanService(podman) as service:
+            # Podman's own name for the host (its /info's Name): this machine's hostname
+            master = master_factory(secret=SECRET, expected_name=service.name(),
+                                    host=ns.host_ip)
+            pw_hash = hash_password(PASSWORD.encode(), 4)
+            # (this machine's hard limits are under Podman's default NOFILE and NPROC,
+            # which runc would fail to set; a node's are not. Podman's health check timers
+            # need systemd as PID 1, which this machine has not)
+            line = generated_line(f"docker.io/library/dm-agent:{version()}", master,
+                                  service.socket, pw_hash, "--ulimit", "nofile=1024:4096",
+                                  "--ulimit", "nproc=1024:1024", "--no-healthcheck")
+            started = subprocess.run(["nsenter", f"--net={ns.path}", "--", *podman.args, *line],
+                                     capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                     timeout=120)
+            assert started.returncode == 0, started.stderr
+            try:
+                req = registrations(master, 1, timeout=60)[0]
+                assert req.json["address"] == "https://127.0.0.1:8771"
+                assert req.client[0] == ns.ns_ip
+                ids = {c["id"] for c in req.json["containers"]}
+                own = json.loads(podman("inspect", "havenAgent").stdout)[0]["Id"]
+                assert own in ids
+                got = wait_for(lambda: managed_containers(req.docker_url),
+                               "the gateway's answer through Podman's port mapping", 30)
+                assert own in got
+                logs = podman("logs", "havenAgent")
+                assert f" - INFO - registered as {service.name()} with {master.url}" \
+                    in logs.stdout + logs.stderr
+            finally:
+                podman("rm", "-f", "havenAgent")
+    finally:
+        podman.close()
 
 
 # ----------------------------------------------------------------- host figures

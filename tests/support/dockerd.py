@@ -44,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .netns import Netns
+
 __all__ = [
     "API_VERSION",
     "BulkResult",
@@ -374,6 +376,8 @@ class Dockerd:
     127.0.0.1:<free port> with ``--tlsverify`` instead (implies TCP).
     ``hostname``: run dockerd in a UTS namespace with this hostname, which becomes
     Docker's ``Name`` in ``/info`` (the host's hostname is not touched).
+    ``netns``: run dockerd in that network namespace (support.netns) with Docker's bridge,
+    NAT and published ports, as a node's Docker has them; without it, no bridge at all.
     """
 
     def __init__(
@@ -388,6 +392,7 @@ class Dockerd:
         stop_timeout: float = 20.0,
         shutdown_timeout: int = 2,
         extra_args: Sequence[str] = (),
+        netns: Netns | None = None,
     ) -> None:
         if labels is None:
             self.label_args: list[str] = []
@@ -403,6 +408,7 @@ class Dockerd:
         self.stop_timeout = stop_timeout
         self.shutdown_timeout = shutdown_timeout
         self.extra_args = list(extra_args)
+        self.netns = netns
         self._own_base = base_dir is None
         # short paths: unix socket paths are limited to 107 bytes
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="dmtest-", dir="/tmp"))
@@ -484,11 +490,13 @@ class Dockerd:
             "--exec-root", str(self.exec_root),
             "--pidfile", str(self.pidfile),
             "-H", self.unix_url,
-            "--bridge=none",
-            "--iptables=false",
-            "--ip-masq=false",
-            "--ip-forward=false",
-            "--userland-proxy=false",
+            *(["--bip", self.netns.bip] if self.netns else [
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-masq=false",
+                "--ip-forward=false",
+                "--userland-proxy=false",
+            ]),
             "--cgroup-parent", self.cgroup_parent,
             "--exec-opt", "native.cgroupdriver=cgroupfs",
             "--shutdown-timeout", str(self.shutdown_timeout),
@@ -513,6 +521,10 @@ class Dockerd:
             # unshare and sh both exec: the child's PID is dockerd's PID
             script = 'printf %s "$0" > /proc/sys/kernel/hostname && exec "$@"'
             args = ["unshare", "--uts", "--", "sh", "-c", script, self.hostname, *args]
+        if self.netns is not None:
+            # nsenter, not `ip netns exec`: that remounts /sys, and dockerd would then find
+            # no cgroup file system (nsenter execs too: the PID is still dockerd's)
+            args = ["nsenter", f"--net={self.netns.path}", "--", *args]
         return args
 
     def _env(self) -> dict[str, str]:

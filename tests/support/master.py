@@ -34,6 +34,7 @@ that are not what the contract says (an integer ``cpuLoad``...) go to ``notes``.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import math
 import re
@@ -136,6 +137,30 @@ class RecordedRequest:
     def header(self, name: str) -> str | None:
         value = self.headers.get(name)
         return None if value is None else str(value)
+
+    @property
+    def docker_url(self) -> str:
+        """The URL the master manages this node's Docker through, from the registered
+        ``address`` as ``DockerServiceImpl.createUri`` makes it (docs/design.md §1): an
+        ``http(s)://`` URL as it is, ``host:port`` as ``http://host:port``, ``host`` as
+        ``http://host:80``; a loopback host becomes the address the registration came
+        from (``client``)."""
+        address = str(self.json["address"])
+        scheme, sep, rest = address.partition("://")
+        if not sep:
+            scheme, rest = "http", address
+        hostport = rest.split("/", 1)[0]
+        parsed = urllib.parse.urlsplit(f"//{hostport}")
+        host = parsed.hostname or ""
+        port = parsed.port or (443 if scheme == "https" else 80)
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if loopback:
+            host = self.client[0]
+        shown = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{shown}:{port}"
 
 
 # --------------------------------------------------------------------------- validation
@@ -544,6 +569,7 @@ class Master:
         delay: float = 0.0,
         tls: bool = False,
         port: int = 0,
+        host: str = "127.0.0.1",
     ) -> None:
         if generation not in GENERATIONS:
             raise ValueError(f"generation must be one of {GENERATIONS}")
@@ -560,6 +586,7 @@ class Master:
         #: when False, the ``master`` fixture fails a test whose requests had errors
         self.allow_invalid = False
         self.port = port
+        self.host = host  # the address it listens on (a veth's, for a container's engine)
         self.tls_errors: list[str] = []
         self._mode = mode
         self._script: deque[str] = deque()
@@ -587,13 +614,13 @@ class Master:
 
     @property
     def address(self) -> str:
-        """``127.0.0.1:PORT`` (the ``host:port`` form of ``-m``)."""
-        return f"127.0.0.1:{self.port}"
+        """``HOST:PORT`` (the ``host:port`` form of ``-m``)."""
+        return f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
-        """``http(s)://127.0.0.1:PORT`` plus the prefix: what ``-m`` should be given."""
-        return f"{self.scheme}://127.0.0.1:{self.port}{self.prefix}"
+        """``http(s)://HOST:PORT`` plus the prefix: what ``-m`` should be given."""
+        return f"{self.scheme}://{self.host}:{self.port}{self.prefix}"
 
     @property
     def ca_file(self) -> Path | None:
@@ -626,7 +653,7 @@ class Master:
     def _listen(self) -> None:
         if self._server is not None:
             return
-        server = _Server(("127.0.0.1", self.port), _Handler)
+        server = _Server((self.host, self.port), _Handler)
         server.master = self
         self.port = int(server.server_address[1])
         self._server = server

@@ -73,7 +73,8 @@ class ImageFiles:
 
 
 def _inputs() -> list[Path]:
-    files = [BUILD_IMAGE, REPO / "packaging" / "sbom_image.py", *sorted((REPO / "image").iterdir())]
+    files = [BUILD_IMAGE, *(REPO / "packaging" / n for n in ("sbom_image.py", "zopfli_layer.py")),
+             *sorted((REPO / "image").iterdir())]
     for frozen in ("frozen", "frozen-arm64"):
         program = REPO / "build" / frozen / "dm-agent" / "dm-agent"
         if not program.exists():
@@ -205,6 +206,55 @@ class PodmanCli:
     def close(self) -> None:
         self("rmi", "--all", "--force")
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+class PodmanService:
+    """``podman system service`` of a PodmanCli's storage on a unix socket in its
+    directory: Podman's Docker-compatible API, what a Podman node's agent reads."""
+
+    def __init__(self, podman: PodmanCli) -> None:
+        self.podman = podman
+        self.socket = podman.base / "podman.sock"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = podman.base / "service.log"
+
+    def _curl(self, path: str) -> bytes | None:
+        proc = subprocess.run(["curl", "-sf", "--max-time", "5", "--unix-socket",
+                               str(self.socket), f"http://podman{path}"],
+                              capture_output=True, stdin=subprocess.DEVNULL)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def get(self, path: str) -> Any:
+        body = self._curl(path)
+        assert body is not None, f"podman's API: GET {path} failed"
+        return json.loads(body)
+
+    def name(self) -> str:
+        return str(self.get("/info")["Name"])
+
+    def __enter__(self) -> PodmanService:
+        with open(self._log, "wb") as log:
+            self._proc = subprocess.Popen(
+                [*self.podman.args, "system", "service", "--time=0", f"unix://{self.socket}"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while self._curl("/_ping") is None:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise AssertionError("podman system service did not answer: "
+                                     + self._log.read_text(errors="replace"))
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
 
 def docker_cli(host: str) -> list[str]:
