@@ -23,10 +23,11 @@
 #   dist/dm-agent-VERSION-image.cdx.json           the image's bill of materials
 #   dist/dm-agent-VERSION-image.digest             the index digest
 # Environment: SOURCE_DATE_EPOCH (packaging/build-env.sh), DM_IMAGE_DIST (instead of
-#   dist/), DM_IMAGE_WORK (instead of build/image/), DM_IMAGE_KEEP=1 (keep the work tree).
+#   dist/), DM_IMAGE_WORK (instead of build/image/), DM_IMAGE_KEEP=1 (keep the work tree),
+#   DM_IMAGE_LAYER_CACHE (the zopfli layers, instead of /var/cache/dm-agent/image-layers).
 #
 # Usage: packaging/build-image.sh [--arch amd64|arm64]...   (default both; the index
-#        holds the ones built). Needs root, buildah, skopeo, umoci, objdump, and
+#        holds the ones built). Needs root, buildah, skopeo, umoci, objdump, pigz, and
 #        `make frozen` first.
 set -euo pipefail
 
@@ -51,7 +52,7 @@ for a in "${ARCHES[@]}"; do
   [[ $a =~ ^(amd64|arm64)$ ]] || die "--arch must be amd64 or arm64, not '$a'"
 done
 [[ $(id -u) == 0 ]] || die "must run as root (buildah's storage)"
-for tool in buildah skopeo umoci objdump; do
+for tool in buildah skopeo umoci objdump pigz; do
   command -v "$tool" >/dev/null || die "$tool is missing (bash .ci/deps installs it)"
 done
 
@@ -64,6 +65,7 @@ DIST=${DM_IMAGE_DIST:-$REPO/dist}
 WORK=${DM_IMAGE_WORK:-$REPO/build/image}
 STORE=(--root "$WORK/storage" --runroot "$WORK/run" --storage-driver vfs)
 OCI_OUT=$DIST/dm-agent-$VERSION-image.oci.tar
+LAYER_CACHE=${DM_IMAGE_LAYER_CACHE:-/var/cache/dm-agent/image-layers}
 NAME=localhost/dm-agent:$VERSION
 
 clean_storage() {
@@ -88,6 +90,7 @@ find_lib() {
   for d in "lib/$triplet-linux-gnu" "usr/lib/$triplet-linux-gnu" lib usr/lib; do
     [[ -e $root/$d/$name ]] && { echo "$d/$name"; return; }
   done
+  return 0
 }
 
 # Copy a library of the build root into the staged root at the same path, as the real
@@ -112,11 +115,18 @@ chroot_resolve() {
   echo "$rel"
 }
 
-# The image's copy of the onedir, smaller (the size target, docs/packaging.md): the
-# Python extensions that ship unstripped (cryptography's and bcrypt's Rust, cffi's,
-# psutil's) lose their symbol tables (--strip-unneeded keeps what dynamic linking needs;
-# tests/test_image.py runs the image's TLS paths), and the CJK codecs, which the agent
-# never uses (HTTP, JSON and Docker's API are ASCII or UTF-8), are left out.
+# The image's copy of the onedir, smaller (the size target, docs/packaging.md):
+# - the Python extensions that ship unstripped (cryptography's and bcrypt's Rust, cffi's,
+#   psutil's) lose their symbol tables (--strip-unneeded keeps what dynamic linking needs;
+#   tests/test_image.py runs the image's TLS paths);
+# - extension modules the image can do without: the CJK codecs (HTTP, JSON and Docker's
+#   API are ASCII or UTF-8), _decimal, _pickle and _statistics, which nothing the agent
+#   runs imports (NEVER_LOADED); and _bz2, _lzma (with their libraries) and _ctypes,
+#   which are imported where they are optional (OPTIONAL): shutil and zipfile try bz2 and
+#   lzma, PyInstaller's bootstrap tries ctypes, each inside `except ImportError`, and the
+#   agent decompresses nothing and calls no C library by ctypes.
+#   tests/test_image.py::test_image_leaves_out_only_modules_it_can_do_without checks both
+#   lists against the running agent's memory map.
 slim_onedir() {
   local dir=$1 f
   while IFS= read -r -d '' f; do
@@ -125,9 +135,14 @@ slim_onedir() {
       strip --strip-unneeded "$f"
     fi
   done < <(find "$dir/_internal" -name '*.so*' -type f -print0)
-  rm -f "$dir"/_internal/python3*/lib-dynload/_codecs_{cn,hk,iso2022,jp,kr,tw}.*.so \
-    "$dir"/_internal/python3*/lib-dynload/_multibytecodec.*.so
+  for f in "${NEVER_LOADED[@]}" "${OPTIONAL[@]}"; do
+    rm -f "$dir"/_internal/python3*/lib-dynload/"$f".*.so
+  done
+  rm -f "$dir"/_internal/{liblzma.so.5,libbz2.so.1.0}
 }
+# (the extension modules slim_onedir leaves out; tests/test_image.py reads these lines)
+NEVER_LOADED=(_codecs_cn _codecs_hk _codecs_iso2022 _codecs_jp _codecs_kr _codecs_tw _multibytecodec _decimal _pickle _statistics)
+OPTIONAL=(_bz2 _lzma _ctypes)
 
 stage_root() {
   local arch=$1 triplet root onedir stage interp f name rel
@@ -176,6 +191,14 @@ stage_root() {
     mapfile -t -O "${#queue[@]}" queue < <(objdump -p "$stage/$rel" | awk '$1 == "NEEDED" {print $2}')
   done
   copy_lib "$root" "${interp#/}" "$stage"
+  # The onedir's own copy of a library the image has as a system one (libz: the
+  # bootloader's, above) is the same file from the same root: one copy, linked.
+  for f in "$stage"/opt/dm-agent/_internal/*.so*; do
+    rel=$(find_lib "$stage" "$triplet" "$(basename "$f")")
+    if [[ -n $rel && -f $stage/$rel ]] && cmp -s "$f" "$stage/$rel"; then
+      ln -sf "/$rel" "$f"
+    fi
+  done
   # Which Debian 11 package each system file came from, for the bill of materials.
   (cd "$stage" && find lib* -type f) | sort | while read -r rel; do
     pkg=$({ dpkg-query --admindir="$root/var/lib/dpkg" -S "/$rel" 2>/dev/null ||
@@ -211,10 +234,14 @@ for arch in "${ARCHES[@]}"; do
     "docker-archive:$out:dm-agent:$VERSION" >/dev/null
   # The OCI image of this architecture, its layer at gzip's best (buildah's default level
   # leaves ~1 MB on the table; zstd would halve that again, but Docker 20.10 pulls only
-  # gzip), then into the index.
+  # gzip), then into the index: first at the best buildah's Go gzip does ...
   buildah "${STORE[@]}" push --quiet --format oci --compression-format gzip \
     --compression-level 9 "localhost/dm-agent:$VERSION-$arch" \
     "oci:$WORK/layout:$VERSION-$arch" >/dev/null
+  # ... and then at zopfli's (packaging/zopfli_layer.py: still gzip, 0.9 MB smaller;
+  # cached on the layer's content, so a second build of the same tree is quick)
+  python3 "$HERE/zopfli_layer.py" "$WORK/layout" "$VERSION-$arch" "$LAYER_CACHE" 2>&1 |
+    while IFS= read -r line; do log "$line"; done
   buildah "${STORE[@]}" manifest add --arch "$arch" --os linux "$NAME" \
     "oci:$WORK/layout:$VERSION-$arch" >/dev/null
   log "$arch: $(du -h "$out" | cut -f1) uncompressed docker archive $out"
