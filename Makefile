@@ -84,7 +84,7 @@ $(PACKAGE_ARCHES): packages-%: frozen-%
 repo: packages ## signed apt and yum repositories of the ARCH packages in dist/repo/ (throwaway key unless DM_REPO_KEY; refused for a release)
 	DM_REPO_ARCHES="$(ARCH)" packaging/build-repo.sh
 
-image: frozen ## the container image: OCI index (amd64 + arm64) and per-arch docker archives in dist/ (root; buildah, skopeo, umoci)
+image: frozen ## the container image: OCI index (amd64 + arm64) and per-arch docker archives in dist/ (root; buildah, skopeo, umoci, pigz)
 	packaging/build-image.sh $(addprefix --arch ,$(ARCH))
 
 bench: venv frozen ## benchmarks of the frozen program with their targets (root: private dockerd)
