@@ -237,7 +237,7 @@ def edge(engine: Dockerd, certs: TlsFiles, tmp_path: Path) -> Iterator[dict[str,
     yield {"listen": listen, "recorder": recorder}
     for listener in made:
         listener.stop()
-    recorder.server.close()
+    recorder.close()
 
 
 def tls_conn(port: int, certs: TlsFiles | None = None) -> ssl.SSLSocket:

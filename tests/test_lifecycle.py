@@ -306,8 +306,14 @@ def test_configured(node: Node) -> None:
         # standalone); the agent must then say so once and recover, nothing else
         slow = [m for m in errors if m.startswith(f"{node.master.url} ")
                 or re.search(r"did not answer within|answer too slowly", m)]
-        assert errors == slow and len(slow) <= 1, errors
-        if slow:
+        # (what the master saw: arrived after the start, answered within, status, port)
+        seen = [(round(r.time - since, 3), None if r.answered is None else
+                 round(r.answered - r.time, 3), r.status, r.client[1])
+                for r in node.master.requests if r.time >= since]
+        assert errors == slow and len(slow) <= 1, (errors, seen)
+        node.notes["late_first_answer"] = slow
+        if slow:  # (for the hunt of its cause: the master's side of it)
+            node.notes["late_first_answer_master_view"] = seen
             node.wait_lines(r"^registration recovered after", after=mark)
 
 
@@ -317,7 +323,10 @@ def test_journald(node: Node) -> None:
     with node.step("journald", needs=["configured"]):
         info = "\n".join(node.messages(priority="info"))
         assert re.search(r"Started (dm-agent\.service - )?DockMaster node agent", info), info
-        assert node.messages(priority="err") == [], "errors while all is well"
+        # (but the one late first answer the configured step may have accepted)
+        late = node.notes.get("late_first_answer", [])
+        assert [m for m in node.messages(priority="err") if m not in late] == [], \
+            "errors while all is well"
 
         first = outage(node)
         node.notes["outage_err_line"] = first
@@ -331,7 +340,8 @@ def test_journald(node: Node) -> None:
         assert second, "nothing logged after journald's restart"
         assert node.main_pid() == pid
         assert len(node.messages(mark, priority="err")) == 1
-        assert len(node.messages(priority="err")) == 2  # two outages, two lines in all
+        # two outages, two lines in all
+        assert len([m for m in node.messages(priority="err") if m not in late]) == 2
 
 
 def outage(node: Node, seconds: float = 2.0) -> str:

@@ -188,7 +188,12 @@ class Recorder:
             except OSError:
                 return
             up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            up.connect(self.target)
+            try:
+                up.connect(self.target)
+            except OSError:  # Docker gone: the client sees its connection closed
+                conn.close()
+                up.close()
+                continue
             threading.Thread(target=self._pipe, args=(conn, up, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(up, conn, False), daemon=True).start()
 
@@ -204,6 +209,10 @@ class Recorder:
             pass
 
     def close(self) -> None:
+        """Stop accepting: shutdown wakes the accept that closing alone would leave
+        blocked (a thread of a finished test, still there for later ones)."""
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
 
 

@@ -129,6 +129,8 @@ class RecordedRequest:
     client: tuple[str, int] = ("", 0)
     #: time.monotonic() when the client closed a dribbled answer (``dribble`` mode)
     ended: float | None = None
+    #: time.monotonic() when the answer had been written (None: not answered)
+    answered: float | None = None
 
     @property
     def valid(self) -> bool:
@@ -542,6 +544,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
+        rec.answered = time.monotonic()
 
 
 class Master:
