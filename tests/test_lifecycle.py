@@ -302,18 +302,16 @@ def test_configured(node: Node) -> None:
         assert node.secret not in inside
         errors = node.agent_lines(mark, priority="err")
         # a first answer of the test's master slower than the 0.5 s read timeout of a 1 s
-        # interval happens under CI load (seen in 2 of 8 nodes of two full runs, never
+        # interval happens under CI load (5 of 27 booted nodes over four full runs, never
         # standalone); the agent must then say so once and recover, nothing else
+        # (docs/developer-guide.md, *A known intermittent*)
         slow = [m for m in errors if m.startswith(f"{node.master.url} ")
                 or re.search(r"did not answer within|answer too slowly", m)]
-        # (what the master saw: arrived after the start, answered within, status, port)
-        seen = [(round(r.time - since, 3), None if r.answered is None else
-                 round(r.answered - r.time, 3), r.status, r.client[1])
-                for r in node.master.requests if r.time >= since]
-        assert errors == slow and len(slow) <= 1, (errors, seen)
+        assert errors == slow and len(slow) <= 1, errors
         node.notes["late_first_answer"] = slow
         if slow:  # (for the hunt of its cause: the master's side of it)
-            node.notes["late_first_answer_master_view"] = seen
+            node.notes["late_first_answer_master_view"] = lifecycle.late_first_answer(
+                node.name, node.master, since)
             node.wait_lines(r"^registration recovered after", after=mark)
 
 

@@ -177,6 +177,7 @@ def test_operator_path_as_written(node: Node, pkgs: lifecycle.Packages, repo_url
     slow = [m for m in agent if m.startswith(f"{url} ")  # "URL did not answer within…"
             or re.search(r"did not answer within|answer too slowly", m)]
     if slow:
+        lifecycle.late_first_answer("operator path", node.master, since)
         assert len(slow) == 1 and any(m.startswith("registration recovered after")
                                       for m in agent), agent
         agent = [m for m in agent if m not in slow

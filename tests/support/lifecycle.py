@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -400,6 +401,21 @@ class Node:
                     f"{self.name}: {len(got)} of {count} registration(s) (ttl {ttl}) within "
                     f"{timeout:.0f} s; the master saw (s, status, ttl): {seen}")
             time.sleep(0.05)
+
+
+def late_first_answer(name: str, master: Master, since: float) -> list[Any]:
+    """The master's view of the exchanges since *since* (arrived after it, answered
+    within, status, client port), said as a warning: a booted node's first registration
+    is sometimes answered late under CI load, and its cause is not found yet
+    (docs/developer-guide.md); the warning shows in CI's summary even when the test
+    passes."""
+    seen = [(round(r.time - since, 3), None if r.answered is None else
+             round(r.answered - r.time, 3), r.status, r.client[1])
+            for r in master.requests if r.time >= since]
+    warnings.warn(f"{name}: the test master's first answer was late for the agent; the "
+                  f"master's view (arrived s, answered in s, status, port): {seen}",
+                  stacklevel=2)
+    return seen
 
 
 def docker_containers(dockerd: Dockerd) -> list[dict[str, Any]]:
