@@ -142,6 +142,17 @@ def layer_members(archive: Path) -> dict[str, tarfile.TarInfo]:
             return {m.name.removeprefix("./").rstrip("/"): m for m in layer.getmembers()}
 
 
+def _end(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a helper server still running, SIGKILL it after 10 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Registry:
     """Debian's ``docker-registry`` (the distribution registry) on 127.0.0.1, plain HTTP,
     its config and storage in a temporary directory."""
@@ -179,13 +190,7 @@ class Registry:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        _end(self._proc)
         self._tmp.cleanup()
 
 
@@ -248,13 +253,7 @@ class PodmanService:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        _end(self._proc)
 
 
 def docker_cli(host: str) -> list[str]:
