@@ -12,6 +12,7 @@ import urllib.parse
 from collections.abc import Callable
 
 from . import loop
+from .address import is_loopback
 from .agent import Agent, describe
 from .config import Settings
 from .notify import Watchdog
@@ -64,8 +65,6 @@ def announces_loopback(url: str) -> bool:
     """Whether the announced ``https://HOST:PORT`` names a loopback host, which the master
     replaces with the registration's source address (docs/design.md §1: the image's
     setting, docs/container.md)."""
-    from .address import is_loopback
-
     host = urllib.parse.urlsplit(url).hostname
     return host is not None and is_loopback(host)
 
