@@ -305,8 +305,7 @@ def test_configured(node: Node) -> None:
         # interval happens under CI load (5 of 27 booted nodes over four full runs, never
         # standalone); the agent must then say so once and recover, nothing else
         # (docs/developer-guide.md, *A known intermittent*)
-        slow = [m for m in errors if m.startswith(f"{node.master.url} ")
-                or re.search(r"did not answer within|answer too slowly", m)]
+        slow = lifecycle.late_answer_lines(errors, node.master.url)
         assert errors == slow and len(slow) <= 1, errors
         node.notes["late_first_answer"] = slow
         if slow:  # (for the hunt of its cause: the master's side of it)

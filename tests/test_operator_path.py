@@ -174,8 +174,7 @@ def test_operator_path_as_written(node: Node, pkgs: lifecycle.Packages, repo_url
     agent = [m for m in agent if m not in notes]
     # under CI load the test master's first answer can be late once: then the agent says
     # so and its recovery, and nothing else (tests/test_lifecycle.py's step 3 likewise)
-    slow = [m for m in agent if m.startswith(f"{url} ")  # "URL did not answer within…"
-            or re.search(r"did not answer within|answer too slowly", m)]
+    slow = lifecycle.late_answer_lines(agent, url)
     if slow:
         lifecycle.late_first_answer("operator path", node.master, since)
         assert len(slow) == 1 and any(m.startswith("registration recovered after")

@@ -403,6 +403,13 @@ class Node:
             time.sleep(0.05)
 
 
+def late_answer_lines(lines: Sequence[str], master_url: str) -> list[str]:
+    """The agent's lines that say the test master answered late ("URL did not answer
+    within…", "…answer too slowly"): see late_first_answer."""
+    return [m for m in lines if m.startswith(f"{master_url} ")
+            or re.search(r"did not answer within|answer too slowly", m)]
+
+
 def late_first_answer(name: str, master: Master, since: float) -> list[Any]:
     """The master's view of the exchanges since *since* (arrived after it, answered
     within, status, client port), said as a warning: a booted node's first registration
