@@ -17,7 +17,7 @@ from . import reload as reloading
 from .agent import Agent
 from .config import Settings
 from .notify import Watchdog
-from .rounds import RoundThread
+from .rounds import STOP_GRACE, RoundThread
 from .schedule import Schedule
 from .services import Services
 from .signals import Signals, Waker
@@ -93,7 +93,9 @@ def run(agent: Agent, signals: Signals, reload: Callable[[], Settings] | None = 
     try:
         return _iterate(agent, signals, schedule, act, rounds, watchdog, state, nudges)
     finally:
+        by = time.monotonic() + STOP_GRACE  # one grace for the services and the round
         services.stop()
+        rounds.finish(by)
         agent.close()
 
 

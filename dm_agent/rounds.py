@@ -23,6 +23,11 @@ ROUND_MAX = 30.0
 # or on a peer that dribbles its answer): past this many no new round is started, so
 # threads never pile up on a peer that holds each one for ever.
 MAX_STUCK = 2
+# On a stop, what a round in flight may still take to end its exchange with the master
+# (the gateway drains its connections meanwhile): the exit never cuts a request between
+# its headers and its body, which the master would see as a truncated request. A round
+# still blocked past it (a master that does not read) is left, as before.
+STOP_GRACE = 1.0
 
 
 def _clamp(value: float, low: float, high: float) -> float:
@@ -51,6 +56,8 @@ class Progress:
     def __init__(self) -> None:
         self.worker: threading.Thread | None = None
         self.stage = "starting"
+        #: set when the agent is stopping: a round that has not sent yet sends nothing
+        self.stopping = threading.Event()
 
     def live(self) -> bool:
         """False in a round abandoned at its deadline: its outcome is no one's business."""
@@ -68,6 +75,8 @@ class RoundThread:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.stuck: list[tuple[threading.Thread, str]] = []
+        #: the end of the round a stop interrupted (``finish()`` waits for it)
+        self.in_flight: threading.Event | None = None
 
     def run(self, register: Callable[[float], bool], interval: int, signals: Signals,
             failed: Callable[[str, str], None], abandoned: Callable[[], None]) -> bool | None:
@@ -110,6 +119,15 @@ class RoundThread:
             # in the schedule and a signal in the pending list, so draining loses nothing.
             waker.wait(min(0.5, give_up - now))
             if signals.stop_requested():  # other signals wait until the round is over
+                self.progress.stopping.set()
+                self.in_flight = done
                 return None
         self.progress.worker = None
         return bool(result and result[0])
+
+    def finish(self, by: float) -> bool:
+        """After a stop: wait until ``by`` (monotonic) for the round it interrupted to
+        end its exchange; True when no round is left in flight."""
+        if self.in_flight is None:
+            return True
+        return self.in_flight.wait(max(0.0, by - time.monotonic()))

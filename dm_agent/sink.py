@@ -61,6 +61,8 @@ class MasterSink:
         reporter, doing = self.reporter, self.progress.doing
         doing("encoding the registration")
         data = self.encoder.encode(body)
+        if self.progress.stopping.is_set():  # the exit may come at any moment now
+            return "stopped", "not sent: the agent is stopping"
         doing(f"sending the registration to {reporter.master}")
         try:
             reporter.send(body["name"], self.settings.ttl, data, deadline=deadline)

@@ -10,12 +10,13 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from agentproc import BIN, clean_env, popen, stop
-from support.master import Master
+from support.dockerd import Dockerd, create_containers
+from support.master import BodyGate, Master
 
 from dm_agent import address as address_mod
 from dm_agent.address import Announcer
@@ -60,6 +61,54 @@ def test_a_dribbling_master_does_not_hold_the_round(tmp_path: Path) -> None:
     assert len(errors) == 1, err  # then flood control: repeats at DEBUG
     assert "too slowly" in errors[0] or "registration abandoned" in errors[0], errors
     assert "registration recovered after" in err
+
+
+def test_a_stop_never_cuts_a_registration_in_half(
+        tmp_path: Path, dockerd_factory: Callable[..., Dockerd]) -> None:
+    """SIGTERM while the registration is on the wire: the exit waits for the exchange
+    (``rounds.STOP_GRACE``), so the master reads the whole body and answers it. Before,
+    the round's thread was left mid-send and the master read a truncated request (seen
+    in CI as ``body: not strict UTF-8 JSON`` from a node its Ansible role restarted).
+    Labels of 6.4 MB in all make the body larger than the sockets' buffers, so the send
+    is still going when the signal comes; the master holds its read meanwhile."""
+    engine = dockerd_factory()
+    create_containers(engine, 8, labels={"bulk": "x" * 800_000})
+    gate = BodyGate()
+    with Master() as master:
+        master.body_gate = gate
+        proc = popen(["-d", engine.unix_url, "-m", master.url, "-t", "10"], tmp_path,
+                     {"DM_AGENT_JITTER": "no"})
+        try:
+            assert gate.reached.wait(60), "no registration came"
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)  # an agent that did not wait has exited by now
+            gate.release.set()
+            master.wait_for(1, timeout=10)
+            _, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    [rec] = master.requests
+    assert (rec.errors, rec.status) == ([], 200), rec.errors
+    assert len(rec.json["containers"]) == 8
+    assert proc.returncode == 0, err
+
+
+def test_a_round_that_has_not_sent_when_the_stop_comes_sends_nothing() -> None:
+    """The other half of the stop: a round still reading Docker when the agent stops does
+    not start its exchange with the master (the exit may come at any moment, and cut
+    it)."""
+    with Master() as master:
+        agent = Agent(Settings(docker=NO_DOCKER, master=master.url, interval=1,
+                               jitter=False, docker_events=False))
+        try:
+            agent.progress.stopping.set()
+            assert agent.register() is False
+        finally:
+            agent.close()
+        assert master.requests == []
+    assert agent.last_error == ("stopped", "not sent: the agent is stopping")
 
 
 def test_a_value_the_reporter_cannot_send_is_a_logged_failed_round(

@@ -59,6 +59,7 @@ __all__ = [
     "GENERATIONS",
     "MODES",
     "UNAUTHORIZED_BODY",
+    "BodyGate",
     "Master",
     "MasterTimeout",
     "RecordedRequest",
@@ -101,6 +102,17 @@ def _html_502() -> bytes:
 
 
 HTML_502 = _html_502()
+
+
+@dataclass
+class BodyGate:
+    """Holds the master's read of the next large body: the first ``after`` bytes are read,
+    ``reached`` is set, and the rest is read only once ``release`` is set, so a test can
+    act while the client is in the middle of sending (once: the gate then stays open)."""
+
+    after: int = 64 * 1024
+    reached: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 class MasterTimeout(AssertionError):
@@ -493,7 +505,17 @@ class _Handler(BaseHTTPRequestHandler):
             n = int(length)
         except ValueError:
             return b"", [f"Content-Length: {length!r} is not a number"]
-        return self.rfile.read(n), errors
+        gate = self.server.master.body_gate
+        body = b""
+        if gate is not None and n > gate.after and not gate.reached.is_set():
+            body = self.rfile.read(gate.after)
+            gate.reached.set()
+            gate.release.wait(30)
+        body += self.rfile.read(n - len(body))
+        if len(body) < n:  # what a real server sees when its client dies mid-request
+            errors.append(f"body: truncated: the client closed after {len(body)} of the "
+                          f"{n} bytes its Content-Length announced")
+        return body, errors
 
     def _dribble(self, rec: RecordedRequest) -> None:
         """Headers at once, then a body byte every DRIBBLE_EVERY s until the client closes
@@ -518,7 +540,7 @@ class _Handler(BaseHTTPRequestHandler):
         master = self.server.master
         arrived = time.monotonic()
         body, body_errors = self._read_body()
-        rec = master._check(self, body, arrived)
+        rec = master._check(self, body, arrived, truncated=bool(body_errors))
         rec.errors[:0] = body_errors
         mode = master._next_mode()
         rec.mode = mode
@@ -586,6 +608,8 @@ class Master:
         self.expected_ttl = expected_ttl
         self.reject_invalid = reject_invalid
         self.delay = delay
+        #: set by a test: holds the read of the next large body (BodyGate)
+        self.body_gate: BodyGate | None = None
         #: when False, the ``master`` fixture fails a test whose requests had errors
         self.allow_invalid = False
         self.port = port
@@ -773,7 +797,8 @@ class Master:
                 self._conns.discard(conn)
 
     # ----------------------------------------------------------------- checking
-    def _check(self, h: _Handler, body: bytes, arrived: float) -> RecordedRequest:
+    def _check(self, h: _Handler, body: bytes, arrived: float,
+               truncated: bool = False) -> RecordedRequest:
         errors: list[str] = []
         notes: list[str] = []
         raw = h.path
@@ -867,7 +892,9 @@ class Master:
         if h.headers.get("Host") is None:
             errors.append("Host: missing")
 
-        if h.command == "POST":
+        if truncated:  # said by _read_body; its JSON would only repeat it
+            rec.refused = True
+        elif h.command == "POST":
             try:
                 rec.json = parse_json_strict(body)
             except ValueError as e:
