@@ -75,6 +75,7 @@ TOOLS = {
     "man": "man-db",
     "readelf": "binutils",
     "shellcheck": "shellcheck",
+    "openssl": "openssl",
 }
 
 
@@ -375,12 +376,14 @@ def test_deb_conffiles_and_scripts(deb_tree: Path) -> None:
     assert "dpkg-statoverride" in postinst and 'chgrp "$gid" "$conf"' in postinst
     assert "#DEBHELPER#" not in postinst
     assert "deb-systemd-invoke stop 'dm-agent.service'" in (ctl / "prerm").read_text()
-    assert "deb-systemd-helper purge 'dm-agent.service'" in (ctl / "postrm").read_text()
+    postrm = (ctl / "postrm").read_text()
+    assert "deb-systemd-helper purge 'dm-agent.service'" in postrm
+    assert 'rm -rf "${DPKG_ROOT:-}/var/lib/dm-agent"' in postrm and "#DEBHELPER#" not in postrm
     # private libraries: no shlibs, no ldconfig trigger
     assert not (ctl / "shlibs").exists() and not (ctl / "triggers").exists()
     for script in ("postinst", "prerm", "postrm"):
         run(["sh", "-n", ctl / script])
-    run(["shellcheck", "-s", "sh", "-e", "SC2016", ctl / "postinst"])
+    run(["shellcheck", "-s", "sh", "-e", "SC2016", ctl / "postinst", ctl / "postrm"])
 
 
 def test_deb_postinst_conffile_mode(deb_tree: Path, tmp_path: Path) -> None:
@@ -410,6 +413,60 @@ def test_deb_postinst_conffile_mode(deb_tree: Path, tmp_path: Path) -> None:
     assert configure(0o600) == (0, 0o600)  # an admin's choice stays
     (root / "var/lib/dpkg/statoverride").write_text("root root 0644 /etc/dm-agent.ini\n")
     assert configure(0o644) == (0, 0o644)  # dpkg applies the statoverride, not postinst
+
+
+def test_deb_postrm_purges_the_state_directory(deb_tree: Path, tmp_path: Path) -> None:
+    """The postrm's own part, run against a scratch root (DPKG_ROOT): purge removes
+    /var/lib/dm-agent (the gateway's self-issued certificate and key, docs/gateway.md),
+    remove keeps it, and neither touches the operator's /etc/dm-agent/."""
+    postrm = (deb_tree / "DEBIAN/postrm").read_text()
+    block = postrm[postrm.index('if [ "$1" = purge ]; then\n\trm -rf'):]
+    root = tmp_path / "root"
+    state = root / "var/lib/dm-agent/gateway"
+    operator = root / "etc/dm-agent/gateway_password_hash"
+
+    def postrm_run(action: str) -> None:
+        run(["sh", "-c", "set -e\n" + block, "postrm", action],
+            env={**os.environ, "DPKG_ROOT": str(root)})
+
+    state.mkdir(parents=True)
+    (state / "gateway.key").write_text("made by the agent\n")
+    operator.parent.mkdir(parents=True)
+    operator.write_text("$2b$12$operator\n")
+    postrm_run("remove")
+    assert (state / "gateway.key").is_file()
+    postrm_run("purge")
+    assert not (root / "var/lib/dm-agent").exists() and (root / "var/lib").is_dir()
+    assert operator.is_file()
+    postrm_run("purge")  # again, with nothing left: still exits 0
+
+
+#: A PEM private key of any kind (PKCS#8, RSA, EC, ENCRYPTED, OPENSSH): issue 20's rule
+#: that no key is shared between installs (the original agent shipped its CA's key).
+PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+
+
+def test_no_private_key_in_the_packages(deb_tree: Path, rpm_tree: Path, tmp_path: Path) -> None:
+    """No file of either payload holds a PEM private key; the pattern is first shown to
+    find the keys openssl writes, so a scan that finds nothing means something."""
+    for algorithm in ("EC", "RSA"):
+        key = tmp_path / f"{algorithm}.key"
+        opts = ["-pkeyopt", "ec_paramgen_curve:P-256"] if algorithm == "EC" else []
+        run(["openssl", "genpkey", "-algorithm", algorithm, *opts, "-out", key])
+        assert PEM_PRIVATE_KEY.search(key.read_bytes()), key
+        legacy = key.with_suffix(".legacy")  # "BEGIN EC/RSA PRIVATE KEY"
+        run(["openssl", "pkey", "-in", key, "-traditional", "-out", legacy])
+        assert PEM_PRIVATE_KEY.search(legacy.read_bytes()), legacy
+    found = []
+    scanned = 0
+    for tree in (deb_tree, rpm_tree):
+        for path in sorted(tree.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                scanned += 1
+                if PEM_PRIVATE_KEY.search(path.read_bytes()):
+                    found.append(str(path.relative_to(tree)))
+    assert scanned > 50, scanned  # both payloads were there to scan
+    assert not found, f"private keys shipped: {found}"
 
 
 def test_deb_payload_byte_for_byte(deb_tree: Path, payload: Path) -> None:
