@@ -671,7 +671,8 @@ def test_upgrade(node: Node, pkgs: lifecycle.Packages) -> None:
 
 @pytest.mark.parametrize("node", DEB_NODES, indirect=True)
 def test_remove_and_purge(node: Node) -> None:
-    """8. remove: stopped, configuration kept; purge: configuration gone, user kept."""
+    """8. remove: stopped, configuration and state kept; purge: configuration and the
+    agent's state (/var/lib/dm-agent) gone, user kept."""
     with node.step("purge", needs=["install"]):
         # running and registering, whatever the earlier steps left: remove must stop it
         node.configure(timeout=1)
@@ -688,6 +689,7 @@ def test_remove_and_purge(node: Node) -> None:
         assert node.run(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "dm-agent"]
                         ).stdout.strip() == "rc"
         assert node.run(["cat", INI]).stdout == configured  # a conffile: kept on remove
+        assert node.exists("/var/lib/dm-agent")  # the unit's StateDirectory=: kept too
         for gone in ("/usr/bin/dm-agent", "/usr/lib/dm-agent", UNIT_PATH):
             assert not node.exists(gone), gone
         since = time.monotonic()
@@ -698,7 +700,9 @@ def test_remove_and_purge(node: Node) -> None:
         query = node.run(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "dm-agent"],
                          check=False)
         assert query.returncode != 0 or query.stdout.strip() in ("", "un"), query.stdout
-        for gone in (INI, f"/etc/systemd/system/multi-user.target.wants/{UNIT}",
+        # /var/lib/dm-agent: the agent's own state (the gateway's self-issued key)
+        for gone in (INI, "/var/lib/dm-agent",
+                     f"/etc/systemd/system/multi-user.target.wants/{UNIT}",
                      f"/var/lib/systemd/deb-systemd-helper-enabled/{UNIT}.dsh-also"):
             assert not node.exists(gone), gone
         # Debian policy keeps system users on purge (files they owned may remain): so
