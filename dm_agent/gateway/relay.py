@@ -496,7 +496,7 @@ class Connection:
         ahead = conn.trailing_data[0]
         if ahead:
             up.sendall(ahead)
-        self.up, self.up_conn = None, None  # no longer HTTP: closed here, not reused
+        self.up_conn = None  # no longer HTTP: not reused (abort() still reaches self.up)
         try:
             pump(client, up)
         finally:
