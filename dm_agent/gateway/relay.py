@@ -58,6 +58,10 @@ class Listener(Protocol):
     read_only: bool
     header_timeout: float
 
+    def exchange_begins(self, conn: Connection) -> bool: ...
+
+    def exchange_ends(self, conn: Connection) -> bool: ...
+
     def gone(self, conn: Connection) -> None: ...
 
 
@@ -176,7 +180,10 @@ class Connection:
         self.up: Stream | None = None
         self.up_conn: h11.Connection | None = None
         self.cert_verified = False
+        #: the listener is stopping (or cut it): no next request is read
         self.closing = False
+        #: a request's exchange is under way: a stop lets it finish (the listener's lock)
+        self.busy = False
         self.thread: threading.Thread | None = None
 
     # --- life
@@ -245,11 +252,11 @@ class Connection:
         if self._handshake() is None:
             return
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=edge.MAX_HEAD)
-        while not self.closing:
-            if not self._request(conn):
-                return
+        while self._request(conn):
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
+            if not self.listener.exchange_ends(self):
+                return  # the listener stops: end with close_notify, read no next request
             conn.start_next_cycle()
             self.deadline = time.monotonic() + KEEPALIVE_IDLE
 
@@ -314,11 +321,13 @@ class Connection:
             log.debug("gateway: bad request from %s: %s", self.client, exc)
             return False
         self.deadline = None
+        if not self.listener.exchange_begins(self):
+            return False  # the listener stops and found this connection idle: not relayed
         has_body = edge.has_body(event.headers)
         refusal = self._check(event)
         if refusal is not None:
             status, message, headers = refusal
-            self._answer(conn, status, message, headers, close=has_body)
+            self._answer(conn, status, message, headers, close=has_body or self.closing)
             if has_body:
                 return False
             self._next(conn)  # EndOfMessage
@@ -404,7 +413,7 @@ class Connection:
         length = edge.header(answer.headers, b"content-length")
         if length is not None:
             out_headers.append((b"content-length", length))
-        if early:
+        if early or self.closing:  # the listener stops: this is the last exchange
             out_headers.append((b"connection", b"close"))
         # What Docker's last read completed goes out in one write (Docker writes many
         # small chunks: one TLS record and one syscall each added ~15 ms to a 1 MB list);
@@ -496,9 +505,12 @@ class Connection:
         ahead = conn.trailing_data[0]
         if ahead:
             up.sendall(ahead)
-        self.up, self.up_conn = None, None  # no longer HTTP: closed here, not reused
+        self.up_conn = None  # no longer HTTP: not reused (abort() still reaches self.up)
         try:
-            pump(client, up)
+            # A raw stream never finishes as an exchange does, so a stop cuts it at once
+            # rather than at the end of its grace: not busy from here on.
+            if self.listener.exchange_ends(self):
+                pump(client, up)
         finally:
             up.close()
 

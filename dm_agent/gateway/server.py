@@ -5,6 +5,12 @@ Each accepted connection gets a thread of its own (``relay.Connection``). The ac
 thread also reaps: twice a second it cuts the connections whose TLS handshake or
 request head is overdue (slowloris), so no connection needs a timer of its own and
 a stream, once its head is in, has no timeout at all.
+
+A stop drains, as Go's ``http.Server.Shutdown`` with a deadline does: the listening
+socket closes at once, idle connections are cut at once, and an exchange in flight (the
+master's ``POST /containers/create`` or ``/start``, relayed to Docker) may finish within
+GRACE seconds, so that an agent restart (an upgrade, a configuration push) does not leave
+the master guessing whether Docker did it. What is left then (streams) is cut.
 """
 
 from __future__ import annotations
@@ -26,6 +32,13 @@ log = logging.getLogger("dm_agent")
 
 #: Seconds between two looks at the deadlines (and at a stop).
 TICK = 0.5
+#: Seconds a stop lets the exchanges in flight finish before it cuts what is still open
+#: (streams never finish: ``events``, ``logs -f``). It bounds the stop, and the container
+#: image's ``docker stop`` must end within 2 s: not longer.
+GRACE = 1.0
+#: Seconds a stop then waits for the connections' threads (blocking calls on their cut
+#: sockets return at once; a thread still there is a daemon and does not hold the exit).
+JOIN = 0.5
 #: Seconds after which a new burst of connections over the cap is logged again.
 CAP_QUIET = 60.0
 
@@ -47,6 +60,10 @@ class Listener:
         self.refused_at_cap = 0
         self._open: set[Connection] = set()
         self._lock = threading.Lock()
+        #: notified under ``_lock`` when a connection is gone (a stop waits on it)
+        self._changed = threading.Condition(self._lock)
+        #: a stop has decided which connections are idle: no request is relayed any more
+        self._closing = False
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -68,6 +85,7 @@ class Listener:
         sock.settimeout(TICK)
         self._sock = sock
         self._stopping.clear()
+        self._closing = False
         self._thread = threading.Thread(target=self._accept, name="gateway-accept",
                                         daemon=True)
         self._thread.start()
@@ -82,22 +100,66 @@ class Listener:
         self.context = context
 
     def stop(self) -> None:
-        """Stop listening and end every connection; returns within about 2 s."""
+        """Stop listening and end every connection, within about GRACE + JOIN seconds.
+
+        1. The listening socket is shut at once (which wakes the accept thread).
+        2. Under the lock, every connection is marked closing; the idle ones (in their
+           handshake, awaiting a request head, kept alive between requests, or hijacked:
+           see ``Connection._switch``) are cut now. A connection that has begun an
+           exchange (``exchange_begins``) finishes it (its answer says ``Connection:
+           close`` unless its head went before), then ends with close_notify instead
+           of reading another request. Since the same lock decides both, a request is never relayed
+           to Docker once its connection was found idle here.
+        3. After GRACE seconds whatever is still open is cut, and the threads joined."""
         self._stopping.set()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # a blocked accept() returns now
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(timeout=2 * TICK)
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if sock is not None:
+            sock.close()
         with self._lock:
+            self._closing = True
             open_now = list(self._open)
-        for conn in open_now:
+            for conn in open_now:
+                conn.closing = True
+            idle = [conn for conn in open_now if not conn.busy]
+        for conn in idle:
             conn.abort()
-        end = time.monotonic() + 1.0
-        for conn in open_now:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._open, timeout=GRACE)
+            left = list(self._open)
+        if left:
+            log.debug("gateway: stopping: %d connection(s) still open after %gs: cut",
+                      len(left), GRACE)
+        for conn in left:
+            conn.abort()
+        end = time.monotonic() + JOIN
+        for conn in left:
             thread = conn.thread
             if thread is not None:
                 thread.join(timeout=max(0.0, end - time.monotonic()))
+
+    def exchange_begins(self, conn: Connection) -> bool:
+        """``conn`` has read a request's head: True, and a stop now waits for its
+        exchange (up to GRACE); False when a stop has already found it idle (it must
+        relay nothing, and end)."""
+        with self._lock:
+            if conn.closing:
+                return False
+            conn.busy = True
+            return True
+
+    def exchange_ends(self, conn: Connection) -> bool:
+        """``conn``'s exchange is over (answered, or switched to a raw stream): True
+        when it may go on, False when a stop is under way (it ends now)."""
+        with self._lock:
+            conn.busy = False
+            return not conn.closing
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -106,8 +168,9 @@ class Listener:
                 "refused_at_cap": self.refused_at_cap}
 
     def gone(self, conn: Connection) -> None:
-        with self._lock:
+        with self._changed:
             self._open.discard(conn)
+            self._changed.notify_all()
 
     # --- the accept thread
 
@@ -145,6 +208,9 @@ class Listener:
         thread = threading.Thread(target=conn.run, name=f"gateway-{peer[0]}", daemon=True)
         conn.thread = thread
         with self._lock:
+            if self._closing:  # a stop took its list of connections: this one is not in it
+                raw.close()
+                return
             self._open.add(conn)
             self.connections_total += 1
         thread.start()
