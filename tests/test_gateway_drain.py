@@ -176,16 +176,15 @@ def test_exchanges_in_flight_at_the_stop_get_their_whole_answer(
     The modern wait has sent its head before the stop; the pre-1.30 one, whose head comes
     with its answer, also says ``Connection: close``."""
     proc = agent["proc"]
-    legacy = min_api(engine) <= (1, 29)
+    assert min_api(engine) <= (1, 29), "the engine takes API 1.29 no more: the test needs one"
     waited = connect(agent)
     send(waited, "POST", f"/containers/{trapped}/wait")
     head = read_head(waited)  # Docker says 200 at once, the exit code when it comes
     assert head.startswith(b"HTTP/1.1 200"), head
-    if legacy:
-        old = connect(agent)
-        send(old, "POST", f"/v1.29/containers/{trapped}/wait")
-        wait_for(lambda: f"/v1.29/containers/{trapped}/wait".encode() in recorder.sent,
-                 "the pre-1.30 wait relayed to Docker")
+    old = connect(agent)
+    send(old, "POST", f"/v1.29/containers/{trapped}/wait")
+    wait_for(lambda: f"/v1.29/containers/{trapped}/wait".encode() in recorder.sent,
+             "the pre-1.30 wait relayed to Docker")
 
     t0 = terminate(proc)
     engine.api(f"/containers/{trapped}/kill", "POST", params={"signal": "TERM"},
@@ -193,12 +192,9 @@ def test_exchanges_in_flight_at_the_stop_get_their_whole_answer(
     answer, body = parse(head + read_clean_end(waited))
     print(f"the wait's answer ended {time.monotonic() - t0:.2f}s after SIGTERM")
     assert answer.status == 200 and json.loads(body)["StatusCode"] == 3, body
-    if legacy:
-        answer, body = parse(read_clean_end(old))
-        assert answer.status == 200 and json.loads(body)["StatusCode"] == 3, body
-        assert answer.getheader("Connection") == "close"
-    else:
-        print("the engine no longer takes API 1.29: the Connection: close check skipped")
+    answer, body = parse(read_clean_end(old))
+    assert answer.status == 200 and json.loads(body)["StatusCode"] == 3, body
+    assert answer.getheader("Connection") == "close"
     code, err = exited(proc)
     print(f"the agent exited {time.monotonic() - t0:.2f}s after SIGTERM")
     assert code == 0, err[-2000:]
