@@ -94,6 +94,7 @@ def run(agent: Agent, signals: Signals, reload: Callable[[], Settings] | None = 
         return _iterate(agent, signals, schedule, act, rounds, watchdog, state, nudges)
     finally:
         by = time.monotonic() + STOP_GRACE  # one grace for the services and the round
+        agent.progress.stopping.set()  # a round not sending yet (or abandoned) never will
         services.stop()
         rounds.finish(by)
         agent.close()

@@ -119,7 +119,6 @@ class RoundThread:
             # in the schedule and a signal in the pending list, so draining loses nothing.
             waker.wait(min(0.5, give_up - now))
             if signals.stop_requested():  # other signals wait until the round is over
-                self.progress.stopping.set()
                 self.in_flight = done
                 return None
         self.progress.worker = None
