@@ -46,12 +46,18 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
     """Signal the agent (SIGTERM) and return its stderr; a test fails when it does not
     stop within 5 s."""
     proc.send_signal(sig)
+    return stopped(proc, f"on {sig}")
+
+
+def stopped(proc: subprocess.Popen[str], after: str = "") -> str:
+    """The stderr of an agent already told to stop (its exit code in ``proc.returncode``);
+    a test fails when it does not stop within 5 s."""
     try:
         _, err = proc.communicate(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
-        pytest.fail(f"agent did not stop on {sig}: {err[-2000:]}")
+        pytest.fail(f"agent did not stop {after}: {err[-2000:]}".replace(" :", ":"))
     return err
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import popen, stop
+from agentproc import popen, stop, stopped
 from support import gateway as shared
 from support.dockerd import Dockerd, TlsFiles, make_tls_files
 from support.gateway import GatewayRig, Recorder, free_port, wait_for
@@ -113,26 +113,17 @@ def read_head(tls: ssl.SSLSocket) -> bytes:
     return data
 
 
-def read_clean_end(tls: ssl.SSLSocket) -> bytes:
-    """All until the gateway's close_notify (AssertionError on a cut connection)."""
+def read_to_end(tls: ssl.SSLSocket, *, clean: bool = True) -> bytes:
+    """All that arrives until the connection ends. ``clean``: it must end with the
+    gateway's close_notify (AssertionError on a cut connection); else any end will do."""
     out = b""
     try:
         while more := tls.recv(65536):
             out += more
-    except (ssl.SSLEOFError, ConnectionResetError) as exc:
-        raise AssertionError(f"the connection was cut ({type(exc).__name__}) after "
-                             f"{out!r}") from None
-    return out
-
-
-def ends(tls: ssl.SSLSocket) -> bytes:
-    """What arrives until the connection ends, cleanly or not."""
-    out = b""
-    try:
-        while more := tls.recv(65536):
-            out += more
-    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
-        pass
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as exc:
+        if clean:
+            raise AssertionError(f"the connection was cut ({type(exc).__name__}) after "
+                                 f"{out!r}") from None
     return out
 
 
@@ -155,12 +146,7 @@ def terminate(proc: subprocess.Popen[str]) -> float:
 
 def exited(proc: subprocess.Popen[str]) -> tuple[int, str]:
     """The agent's exit code and stderr (SIGTERM was sent: it must end within 5 s)."""
-    try:
-        _, err = proc.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        pytest.fail(f"the agent did not stop: {err[-2000:]}")
+    err = stopped(proc, "after SIGTERM")
     return proc.returncode, err
 
 
@@ -189,10 +175,10 @@ def test_exchanges_in_flight_at_the_stop_get_their_whole_answer(
     t0 = terminate(proc)
     engine.api(f"/containers/{trapped}/kill", "POST", params={"signal": "TERM"},
                expect_json=False)
-    answer, body = parse(head + read_clean_end(waited))
+    answer, body = parse(head + read_to_end(waited))
     print(f"the wait's answer ended {time.monotonic() - t0:.2f}s after SIGTERM")
     assert answer.status == 200 and json.loads(body)["StatusCode"] == 3, body
-    answer, body = parse(read_clean_end(old))
+    answer, body = parse(read_to_end(old))
     assert answer.status == 200 and json.loads(body)["StatusCode"] == 3, body
     assert answer.getheader("Connection") == "close"
     code, err = exited(proc)
@@ -225,7 +211,7 @@ def test_idle_and_hijacked_connections_close_at_once_and_late_requests_are_not_r
 
     t0 = terminate(proc)
     for name, tls in (("idle", idle), ("hijacked", hijacked)):
-        rest = ends(tls)
+        rest = read_to_end(tls, clean=False)
         print(f"the {name} connection ended {time.monotonic() - t0:.2f}s after SIGTERM")
         assert b"HTTP/" not in rest, rest
     name = f"drain-late-{uuid.uuid4().hex[:8]}"
@@ -235,11 +221,11 @@ def test_idle_and_hijacked_connections_close_at_once_and_late_requests_are_not_r
              "Content-Type: application/json\r\n")
     except OSError:
         pass  # already cut: a client may see that as well as an end without an answer
-    assert ends(late) == b"", "a request after the stop was answered"
+    assert read_to_end(late, clean=False) == b"", "a request after the stop was answered"
 
     engine.api(f"/containers/{trapped}/kill", "POST", params={"signal": "TERM"},
                expect_json=False)
-    answer, body = parse(head + read_clean_end(waited))
+    answer, body = parse(head + read_to_end(waited))
     assert answer.status == 200 and json.loads(body)["StatusCode"] == 3, body
     code, err = exited(proc)
     assert code == 0, err[-2000:]
@@ -258,7 +244,7 @@ def test_a_stream_is_cut_at_the_grace_and_the_agent_exits_0(
     send(events, "GET", "/events")
     assert read_head(events).startswith(b"HTTP/1.1 200")
     t0 = terminate(proc)
-    ends(events)
+    read_to_end(events, clean=False)
     print(f"the event stream ended {time.monotonic() - t0:.2f}s after SIGTERM")
     code, err = exited(proc)
     print(f"the agent exited {time.monotonic() - t0:.2f}s after SIGTERM")

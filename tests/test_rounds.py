@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import BIN, clean_env, popen, stop
+from agentproc import BIN, clean_env, popen, stop, stopped
 from support.dockerd import Dockerd, create_containers
 from support.master import BodyGate, Master
 
@@ -84,7 +84,7 @@ def test_a_stop_never_cuts_a_registration_in_half(
             time.sleep(0.2)  # an agent that did not wait has exited by now
             gate.release.set()
             master.wait_for(1, timeout=10)
-            _, err = proc.communicate(timeout=10)
+            err = stopped(proc, "after SIGTERM")
         finally:
             if proc.poll() is None:
                 proc.kill()
