@@ -52,8 +52,12 @@ for a in "${ARCHES[@]}"; do
   [[ $a =~ ^(amd64|arm64)$ ]] || die "--arch must be amd64 or arm64, not '$a'"
 done
 [[ $(id -u) == 0 ]] || die "must run as root (buildah's storage)"
-for tool in buildah skopeo umoci objdump pigz; do
+for tool in buildah skopeo umoci objdump readelf pigz; do
   command -v "$tool" >/dev/null || die "$tool is missing (bash .ci/deps installs it)"
+done
+for a in "${ARCHES[@]}"; do
+  command -v "$(dm_arch_triplet "$a")-linux-gnu-strip" >/dev/null ||
+    die "$(dm_arch_triplet "$a")-linux-gnu-strip is missing (bash .ci/deps installs binutils-$(dm_arch_triplet "$a" | tr _ -)-linux-gnu)"
 done
 
 VERSION=$(dm_version)
@@ -127,12 +131,14 @@ chroot_resolve() {
 #   agent decompresses nothing and calls no C library by ctypes.
 #   tests/test_image.py::test_image_leaves_out_only_modules_it_can_do_without checks both
 #   lists against the running agent's memory map.
+#   The strip is the architecture's own binutils (TRIPLET-linux-gnu-strip): the host's
+#   plain strip reads x86-64 only (.ci/deps installs binutils-aarch64-linux-gnu).
 slim_onedir() {
-  local dir=$1 f
+  local dir=$1 strip=$2 f
   while IFS= read -r -d '' f; do
     is_elf "$f" || continue
     if readelf -S --wide "$f" | grep -q ' \.symtab '; then
-      strip --strip-unneeded "$f"
+      "$strip" --strip-unneeded "$f"
     fi
   done < <(find "$dir/_internal" -name '*.so*' -type f -print0)
   for f in "${NEVER_LOADED[@]}" "${OPTIONAL[@]}"; do
@@ -159,7 +165,7 @@ stage_root() {
     "$stage/etc/"
   # The CA bundle: certifi's, which the onedir carries (one copy, linked).
   ln -s /opt/dm-agent/_internal/certifi/cacert.pem "$stage/etc/ssl/certs/ca-certificates.crt"
-  slim_onedir "$stage/opt/dm-agent"
+  slim_onedir "$stage/opt/dm-agent" "$triplet-linux-gnu-strip"
 
   interp=$(objdump -s -j .interp "$onedir/dm-agent" | awk 'NR > 4 {printf "%s", $NF}' |
     sed 's/\.*$//')
