@@ -1,0 +1,174 @@
+"""A real OpenSSH ``sshd`` as the tunnel's relay (docs/tunnel.md), with its own config
+file, host key and ``authorized_keys``, run in a network namespace of the test's own.
+
+The relay's user exists only for this sshd: it runs in a private mount namespace whose
+``/etc/passwd`` and ``/etc/group`` are copies with that user added, so this host gains no
+account. Its files live in a directory under /run (sshd's StrictModes refuses
+``authorized_keys`` under a world-writable /tmp). The config is the one docs/tunnel.md
+gives operators, with this test's paths and shorter ``ClientAlive*`` when asked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+SSHD = "/usr/sbin/sshd"
+USER = "dmrelay"
+UID = 64123
+
+#: The relay's sshd configuration (docs/tunnel.md writes the same out in full).
+CONFIG = """\
+# dm-agent's relay: {user} may reverse-forward the one port its key names, nothing else
+Port {port}
+ListenAddress {listen}
+HostKey {dir}/ssh_host_ed25519_key
+PidFile {dir}/sshd.pid
+AuthorizedKeysFile {dir}/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin no
+UsePAM no
+AllowUsers {user}
+LogLevel VERBOSE
+MaxStartups {max_startups}
+MaxSessions 10
+LoginGraceTime 20
+ClientAliveInterval {alive_interval}
+ClientAliveCountMax {alive_count}
+TCPKeepAlive no
+
+Match User {user}
+    AllowTcpForwarding remote
+    GatewayPorts clientspecified
+    PermitTTY no
+    AllowAgentForwarding no
+    AllowStreamLocalForwarding no
+    X11Forwarding no
+    PermitTunnel no
+    PermitUserRC no
+    ForceCommand /bin/false
+"""
+
+
+def keygen(path: Path, comment: str = "") -> str:
+    """An ed25519 key pair at ``path`` (and ``path.pub``); returns the public line."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
+                    "-f", str(path)], check=True, capture_output=True, timeout=30,
+                   stdin=subprocess.DEVNULL)
+    return Path(f"{path}.pub").read_text().strip()
+
+
+class Relay:
+    """sshd in namespace ``netns`` on ``listen``:``port``. ``authorize()`` writes a
+    node's line; ``restart()`` kills every process of it (the listener and the sessions,
+    as a reboot of the relay would) and starts it again."""
+
+    def __init__(self, netns: str, listen: str, *, port: int = 22, alive_interval: int = 15,
+                 alive_count: int = 3, max_startups: str = "10:30:100") -> None:
+        self.netns, self.listen, self.port = netns, listen, port
+        self.dir = Path(tempfile.mkdtemp(prefix="dmt-relay-", dir="/run"))
+        os.chmod(self.dir, 0o755)
+        self.host_key = keygen(self.dir / "ssh_host_ed25519_key", "relay")
+        (self.dir / "authorized_keys").write_text("")
+        os.chmod(self.dir / "authorized_keys", 0o644)
+        self.config = self.dir / "sshd_config"
+        self.config.write_text(CONFIG.format(
+            port=port, listen=listen, dir=self.dir, user=USER, alive_interval=alive_interval,
+            alive_count=alive_count, max_startups=max_startups))
+        for name, line in (("passwd", f"{USER}:x:{UID}:{UID}:dm-agent relay:/nonexistent:"
+                                      "/bin/sh\n"),
+                           ("group", f"{USER}:x:{UID}:\n")):
+            text = Path(f"/etc/{name}").read_text()
+            (self.dir / name).write_text(text + line)
+        self.log = self.dir / "sshd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation
+
+    @property
+    def host_key_file(self) -> Path:
+        return self.dir / "ssh_host_ed25519_key.pub"
+
+    def authorize(self, lines: Sequence[str]) -> None:
+        """The whole ``authorized_keys`` table (sshd reads it at each login)."""
+        (self.dir / "authorized_keys").write_text("".join(f"{ln}\n" for ln in lines))
+
+    def start(self) -> Relay:
+        check = subprocess.run([SSHD, "-t", "-f", str(self.config)], capture_output=True,
+                               text=True, timeout=30, stdin=subprocess.DEVNULL)
+        if check.returncode != 0:
+            raise AssertionError(f"sshd -t: {check.stderr}")
+        script = (f"mount --bind {self.dir}/passwd /etc/passwd && "
+                  f"mount --bind {self.dir}/group /etc/group && "
+                  f"exec {SSHD} -D -e -f {self.config}")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation",
+                 "private", "sh", "-c", script], stdout=log, stderr=log,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.wait_listening()
+        return self
+
+    def wait_listening(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.listens(self.port):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"sshd exited {self.proc.returncode}: {self.logs()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"sshd not listening after {timeout}s: {self.logs()}")
+            time.sleep(0.05)
+
+    def listens(self, port: int, host: str | None = None) -> bool:
+        """Whether something listens on ``host``:``port`` in the relay's namespace."""
+        out = subprocess.run(["ip", "netns", "exec", self.netns, "ss", "-Hltn",
+                              f"sport = :{port}"], capture_output=True, text=True,
+                             timeout=30, stdin=subprocess.DEVNULL).stdout
+        return any(host is None or f"{host}:{port}" in line for line in out.splitlines())
+
+    def pids(self) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True,
+                             text=True, timeout=30, stdin=subprocess.DEVNULL).stdout
+        return [int(p) for p in out.split()]
+
+    def kill(self) -> None:
+        """Every process in the relay's namespace (sshd and its sessions), at once."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            self.proc = None
+        deadline = time.monotonic() + 10
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def logs(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Relay:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
