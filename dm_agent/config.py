@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from .errors import ConfigError
 from .net import SECRET_MASK, USERINFO, redact_userinfo
+from .tunnel.spec import parse_host_key, parse_tunnel, parse_tunnel_listen
 
 SECTION = "main"
 ENV_PREFIX = "DM_AGENT_"
@@ -296,6 +297,10 @@ KEYS: tuple[Key, ...] = (
     Key("gateway_password_hash", parse_password_hash, "", secret=True),
     Key("gateway_access", parse_access, "full"),
     Key("gateway_optional", parse_bool, "no"),
+    Key("tunnel", parse_tunnel, ""),
+    Key("tunnel_listen", parse_tunnel_listen, ""),
+    Key("tunnel_host_key", parse_host_key, ""),
+    Key("tunnel_key", parse_existing_file, "", path=True),
 )
 BY_NAME = {k.name: k for k in KEYS}
 #: Keys holding a path: made absolute before use, since a daemon runs in ``/``.
@@ -330,6 +335,10 @@ class Settings(NamedTuple):
     gateway_password_hash: Secret | None
     gateway_access: str
     gateway_optional: bool
+    tunnel: str | None
+    tunnel_listen: str | None
+    tunnel_host_key: str | None
+    tunnel_key: str | None
     config_file: str | None
     sources: Mapping[str, str]
     #: why a configured gateway does not run (``gateway_optional`` without credentials)
@@ -503,6 +512,7 @@ def load(
             "docker_tls_key (and usually docker_tls_ca)"
         )
     values["gateway_off_reason"] = _check_gateway(values, sources)
+    _check_tunnel(values, sources)
     return Settings(**values, config_file=path, sources=sources), warnings
 
 
@@ -541,6 +551,36 @@ def _check_gateway(values: dict[str, Any], sources: Mapping[str, str]) -> str | 
             raise ConfigError(f"{sources['gateway_cert']}: invalid gateway_cert/gateway_key: "
                               f"{exc}") from None
     return None
+
+
+def _check_tunnel(values: dict[str, Any], sources: Mapping[str, str]) -> None:
+    """A tunnel needs where the relay listens, the relay's pinned host key, and the
+    gateway it forwards to (docs/design.md §8)."""
+    if not values["tunnel"]:
+        for name in ("tunnel_listen", "tunnel_host_key", "tunnel_key"):
+            if values[name] and sources[name] != "default":
+                raise ConfigError(f"{sources[name]}: {name} is set but tunnel is not; set "
+                                  "tunnel = USER@RELAY[:PORT] (docs/tunnel.md), or remove it")
+        return
+    where = sources["tunnel"]
+    for name, what in (("tunnel_listen", "the address on the relay that the master dials "
+                                         "(ADDR:PORT, its permitlisten)"),
+                       ("tunnel_host_key", "the relay's host public key, pinned (its "
+                                           "/etc/ssh/ssh_host_ed25519_key.pub)")):
+        if not values[name]:
+            raise ConfigError(f"{where}: tunnel = {values['tunnel']} needs {name}: {what}")
+    if values["tunnel_key"]:
+        from .tunnel.keys import public_line
+
+        try:
+            public_line(values["tunnel_key"])
+        except ValueError as exc:
+            raise ConfigError(f"{sources['tunnel_key']}: invalid tunnel_key: {exc}") from None
+    if not values["gateway"]:
+        why = values["gateway_off_reason"] or "gateway is not set"
+        raise ConfigError(f"{where}: tunnel = {values['tunnel']} forwards the master to "
+                          f"the gateway, which is off: {why}; set gateway = "
+                          "127.0.0.1:8771 and its credentials (docs/gateway.md)")
 
 
 CREDENTIAL = "secret"
@@ -625,6 +665,7 @@ def pidfile_path(settings: Settings) -> str:
 _EMPTY_MEANS = {
     "address": "default: the Docker TCP host:port, else the IP that routes to the master",
     "master_ca": "default: the system CA store",
+    "tunnel_key": "default: the ed25519 key in the state directory (dm-agent tunnel-key)",
 }
 
 
