@@ -260,6 +260,24 @@ def _gateway(state: dict[str, Any], now: float) -> list[str]:
     return lines
 
 
+def _tunnel(state: dict[str, Any], now: float) -> list[str]:
+    """The tunnel's line (docs/design.md §8): up since when and through which relay, or
+    down since when and why."""
+    tun = state.get("tunnel")
+    if not isinstance(tun, dict) or tun.get("state") in (None, "off"):
+        return []
+    since = _num(tun.get("since"))
+    when = f" since {clock(since, now)}" if since else ""
+    relay, listen = tun.get("relay"), tun.get("listen")
+    if tun.get("state") == "up":
+        return [f"tunnel: up{when} through {relay}, the master dials https://{listen}"]
+    if tun.get("state") == "connecting":
+        return [f"tunnel: connecting to {relay}{when}"]
+    attempts = tun.get("attempts")
+    tries = f", {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
+    return [f"tunnel: down{when}{tries}: {tun.get('error')}"]
+
+
 def judge(state: dict[str, Any], now: float) -> tuple[int, str, str]:
     """(exit code, status word, summary) of a running agent's state."""
     master = state.get("master") or "(no master)"
@@ -340,7 +358,7 @@ def check(pidfile: str, now: float | None = None) -> Result:
                       f"PID {state.get('pid')}'s (the agent is starting; ask again)", pid, state)
     code, status, message = judge(state, now)
     error = _last_error(state, now)
-    for line in (error, *_gateway(state, now)):
+    for line in (error, *_gateway(state, now), *_tunnel(state, now)):
         if line:
             message += "\n" + line
     return result(code, status, message, pid or state.get("pid"), state)
