@@ -18,6 +18,7 @@ _EMPTY_DEFAULTS = {
     "pidfile": "/run/dm-agent/dm-agent.pid (root), $XDG_RUNTIME_DIR/dm-agent.pid (others)",
     "address": "(found at run time)",
     "master_ca": "(the system CA store)",
+    "tunnel_key": "(an ed25519 key made in the state directory: dm-agent tunnel-key)",
 }
 
 
@@ -54,6 +55,9 @@ Commands (see dm-agent COMMAND --help):
   dm-agent hash-password [--rounds N]
                              the bcrypt hash of a password read from stdin, for
                              gateway_password_hash (the gateway, docs/gateway.md)
+  dm-agent tunnel-key [-f CONFIG] [--name NAME] [--json]
+                             this node's public key for the tunnel's relay and its
+                             authorized_keys line (made on first use; docs/tunnel.md)
 """
 
 
@@ -75,9 +79,16 @@ def _hash_password(argv: list[str]) -> int:
     return hashpw.main(argv)
 
 
+def _tunnel_key(argv: list[str]) -> int:
+    from .tunnel import command
+
+    return command.main(argv)
+
+
 # Subcommands, each with its own parser and exit codes; the agent itself takes none.
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "status": _status, "migrate": _migrate, "hash-password": _hash_password}
+    "status": _status, "migrate": _migrate, "hash-password": _hash_password,
+    "tunnel-key": _tunnel_key}
 
 # Set while re-executing with the -s value moved out of the command line (see without_secret).
 _SECRET_ENV = "DM_AGENT__CLI_SECRET"

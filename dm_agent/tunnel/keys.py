@@ -29,13 +29,26 @@ def default_path(state_dir: str) -> str:
     return os.path.join(state_dir, KEY_DIR, KEY_NAME)
 
 
-def _owner_of(directory: str) -> tuple[int, int] | None:
-    """The owner to give a key that root makes in another user's state directory (the
-    unit's ``dm-agent`` user reads it, not root); None when there is nothing to change."""
+#: The packaged unit's user, whose state directory root may write in first.
+SERVICE_USER = "dm-agent"
+
+
+def _owner_of(state_dir: str) -> tuple[int, int] | None:
+    """The owner to give a key that root makes for the service (``dm-agent tunnel-key``
+    before the first start): the state directory's, else the unit's user when it exists;
+    None when there is nothing to change."""
     if os.geteuid() != 0:
         return None
     try:
-        st = os.stat(directory)
+        st = os.stat(state_dir)
+    except FileNotFoundError:
+        import pwd
+
+        try:
+            pw = pwd.getpwnam(SERVICE_USER)
+        except KeyError:
+            return None
+        return pw.pw_uid, pw.pw_gid
     except OSError:
         return None
     return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
@@ -45,8 +58,13 @@ def create(path: str) -> None:
     """A new ed25519 key at ``path``, 0600 from its first byte, in a 0700 directory;
     written beside and renamed, so a reader never sees half a key. An existing key wins."""
     directory = os.path.dirname(path)
-    owner = _owner_of(os.path.dirname(directory))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    state_dir = os.path.dirname(directory)
+    owner = _owner_of(state_dir)
+    for made in (state_dir, directory):
+        if not os.path.isdir(made):
+            os.makedirs(made, mode=0o700, exist_ok=True)
+            if owner is not None:
+                os.chown(made, *owner)
     key = ed25519.Ed25519PrivateKey.generate()
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                              serialization.NoEncryption())
@@ -58,7 +76,6 @@ def create(path: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         if owner is not None:
-            os.chown(directory, *owner)
             os.chown(tmp, *owner)
         try:
             os.link(tmp, path)  # never over a key another process made meanwhile
