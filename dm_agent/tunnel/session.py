@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import warnings
 from collections.abc import Callable
@@ -124,7 +125,7 @@ async def connect_and_forward(relay: Relay, listen: Listen, host_key: HostKey, k
                                      f"{exc.strerror or exc}") from None
     except OSError as exc:
         raise TunnelError("connect", f"cannot reach the relay {where}: "
-                                     f"{exc.strerror or exc}") from None
+                                     f"{_oserror(exc)}") from None
     try:
         try:
             await conn.forward_remote_port(listen.host, listen.port, *target)
@@ -149,6 +150,13 @@ async def connect_and_forward(relay: Relay, listen: Listen, host_key: HostKey, k
             await asyncio.wait_for(conn.wait_closed(), 1.0)
         except (asyncio.TimeoutError, TimeoutError, OSError, asyncssh.Error):
             pass
+
+
+def _oserror(exc: OSError) -> str:
+    """``Connection refused`` rather than asyncio's ``Connect call failed (…)``."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
 
 
 def _why(client: _Client) -> str:
