@@ -351,7 +351,7 @@ def test_the_relay_refuses_all_but_the_nodes_own_port(
             try:
                 local = PORT + 2 if forward[0] == "-L" else PORT + 3
                 wait("the client's local listener",
-                     lambda port=local: not refused("127.0.0.1", port, 1))  # type: ignore[misc]
+                     lambda port=local: not refused("127.0.0.1", port, 1))
                 before = len(master.requests)
                 curl = ["curl", "-s", "--max-time", "10", "-o", "/dev/null", "-w",
                         "%{http_code}"]
