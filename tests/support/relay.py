@@ -4,13 +4,15 @@ file, host key and ``authorized_keys``, run in a network namespace of the test's
 The relay's user exists only for this sshd: it runs in a private mount namespace whose
 ``/etc/passwd`` and ``/etc/group`` are copies with that user added, so this host gains no
 account. Its files live in a directory under /run (sshd's StrictModes refuses
-``authorized_keys`` under a world-writable /tmp). The config is the one docs/tunnel.md
-gives operators, with this test's paths and shorter ``ClientAlive*`` when asked.
+``authorized_keys`` under a world-writable /tmp). What makes it a relay is the block
+docs/tunnel.md gives operators, read from there, with this test's paths and shorter
+``ClientAlive*`` when asked.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,42 +23,34 @@ from pathlib import Path
 from types import TracebackType
 
 SSHD = "/usr/sbin/sshd"
-USER = "dmrelay"
+USER = "dm-relay"
 UID = 64123
 
-#: The relay's sshd configuration (docs/tunnel.md writes the same out in full).
-CONFIG = """\
-# dm-agent's relay: {user} may reverse-forward the one port its key names, nothing else
+DOC = Path(__file__).resolve().parents[2] / "docs" / "tunnel.md"
+
+#: This relay's own lines: where it listens, its files, and no PAM (its user exists in
+#: its mount namespace only). What makes it a relay comes from docs/tunnel.md.
+GLOBAL = """\
 Port {port}
 ListenAddress {listen}
 HostKey {dir}/ssh_host_ed25519_key
 PidFile {dir}/sshd.pid
-AuthorizedKeysFile {dir}/authorized_keys
-PasswordAuthentication no
-KbdInteractiveAuthentication no
 PubkeyAuthentication yes
 PermitRootLogin no
 UsePAM no
 AllowUsers {user}
 LogLevel VERBOSE
-MaxStartups {max_startups}
-MaxSessions 10
-LoginGraceTime 20
-ClientAliveInterval {alive_interval}
-ClientAliveCountMax {alive_count}
-TCPKeepAlive no
-
-Match User {user}
-    AllowTcpForwarding remote
-    GatewayPorts clientspecified
-    PermitTTY no
-    AllowAgentForwarding no
-    AllowStreamLocalForwarding no
-    X11Forwarding no
-    PermitTunnel no
-    PermitUserRC no
-    ForceCommand /bin/false
 """
+
+
+def documented_config() -> str:
+    """The relay's configuration as docs/tunnel.md writes it out for operators (its first
+    fenced block): the tests run exactly what the operators are told to."""
+    text = DOC.read_text(encoding="utf-8")
+    section = text.split("## The relay's side", 1)[1]
+    block = section.split("```", 2)[1]
+    return "\n".join(line.strip() and line[3:] if line.startswith("   ") else line
+                     for line in block.splitlines()[1:]).strip() + "\n"
 
 
 def keygen(path: Path, comment: str = "") -> str:
@@ -73,7 +67,7 @@ class Relay:
     as a reboot of the relay would) and starts it again."""
 
     def __init__(self, netns: str, listen: str, *, port: int = 22, alive_interval: int = 15,
-                 alive_count: int = 3, max_startups: str = "10:30:100") -> None:
+                 alive_count: int = 3, max_startups: str | None = None) -> None:
         self.netns, self.listen, self.port = netns, listen, port
         self.dir = Path(tempfile.mkdtemp(prefix="dmt-relay-", dir="/run"))
         os.chmod(self.dir, 0o755)
@@ -81,11 +75,16 @@ class Relay:
         (self.dir / "authorized_keys").write_text("")
         os.chmod(self.dir / "authorized_keys", 0o644)
         self.config = self.dir / "sshd_config"
-        self.config.write_text(CONFIG.format(
-            port=port, listen=listen, dir=self.dir, user=USER, alive_interval=alive_interval,
-            alive_count=alive_count, max_startups=max_startups))
+        relay = documented_config().replace(
+            "/etc/ssh/dm-relay/authorized_keys", str(self.dir / "authorized_keys"))
+        relay = re.sub(r"ClientAliveInterval \d+", f"ClientAliveInterval {alive_interval}", relay)
+        relay = re.sub(r"ClientAliveCountMax \d+", f"ClientAliveCountMax {alive_count}", relay)
+        if max_startups:
+            relay = re.sub(r"MaxStartups \S+", f"MaxStartups {max_startups}", relay)
+        self.config.write_text(GLOBAL.format(port=port, listen=listen, dir=self.dir, user=USER)
+                               + relay)
         for name, line in (("passwd", f"{USER}:x:{UID}:{UID}:dm-agent relay:/nonexistent:"
-                                      "/bin/sh\n"),
+                                      "/usr/sbin/nologin\n"),
                            ("group", f"{USER}:x:{UID}:\n")):
             text = Path(f"/etc/{name}").read_text()
             (self.dir / name).write_text(text + line)
