@@ -73,6 +73,7 @@ class Tunnel:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        self._kick: asyncio.Event | None = None
         self._halt = threading.Event()
         self._snap: dict[str, Any] = {"state": "off"}
         self._said: set[str] = set()
@@ -99,6 +100,7 @@ class Tunnel:
         old, self.settings = self.settings, settings
         if all(getattr(old, f) == getattr(settings, f) for f in FIELDS) and (
                 self._thread is not None or not settings.tunnel):
+            self._try_now()
             return
         self.stop()
         if settings.tunnel:
@@ -120,6 +122,16 @@ class Tunnel:
             log.info("tunnel: closed")
         self._set(state="off", up_since=None)
 
+    def _try_now(self) -> None:
+        """A reload while the tunnel is down tries again at once, from the shortest wait:
+        the operator has just changed something (the relay's table, its sshd)."""
+        loop, kick = self._loop, self._kick
+        if loop is not None and kick is not None and self._snap.get("state") == "down":
+            try:
+                loop.call_soon_threadsafe(kick.set)
+            except RuntimeError:
+                pass
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return dict(self._snap)
@@ -135,7 +147,7 @@ class Tunnel:
 
         loop = asyncio.new_event_loop()
         try:
-            self._stopping = asyncio.Event()
+            self._stopping, self._kick = asyncio.Event(), asyncio.Event()
             self._loop = loop
             if self._halt.is_set():  # stopped before the loop could be told
                 return
@@ -185,10 +197,17 @@ class Tunnel:
             delay = backoff(attempt, permanent, self._rand)
             attempt += 1
             self._set(attempts=attempt, retry_at=time.time() + delay)
-            try:
-                await asyncio.wait_for(stopping.wait(), delay)
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
+            kick = self._kick
+            assert kick is not None
+            kick.clear()
+            waits = {asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(kick.wait())}
+            _, pending = await asyncio.wait(waits, timeout=delay,
+                                            return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if kick.is_set() and not stopping.is_set():
+                log.info("tunnel: trying again now (reload)")
+                attempt = 0
 
     def _up(self, relay: Relay, listen: Listen) -> None:
         now = time.time()
