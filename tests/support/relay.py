@@ -133,12 +133,22 @@ class Relay:
         return any(host is None or f"{host}:{port}" in line for line in out.splitlines())
 
     def pids(self) -> list[int]:
+        """The relay's processes: sshd's, in its namespace (which may hold others: a
+        dockerd, in the image's tests)."""
         out = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True,
                              text=True, timeout=30, stdin=subprocess.DEVNULL).stdout
-        return [int(p) for p in out.split()]
+        mine = []
+        for pid in out.split():
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm.startswith("sshd") or (self.proc is not None and int(pid) == self.proc.pid):
+                mine.append(int(pid))
+        return mine
 
     def kill(self) -> None:
-        """Every process in the relay's namespace (sshd and its sessions), at once."""
+        """Every sshd process of the relay (the listener and its sessions), at once."""
         for pid in self.pids():
             try:
                 os.kill(pid, signal.SIGKILL)
