@@ -35,6 +35,7 @@ from bench_agent import (  # noqa: E402
     Row,
     cpu_seconds,
     ensure_containers,
+    parse_with_program,
     report,
     status_kb,
     stop,
@@ -180,13 +181,11 @@ def gaps(master: Master, since: float) -> list[float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bin", default=str(ROOT / "build/frozen/dm-agent/dm-agent"))
     ap.add_argument("--quick", action="store_true", help="256 MiB, fewer repetitions")
-    args = ap.parse_args()
-    binary = os.path.abspath(args.bin)
-    if not os.access(binary, os.X_OK):
-        print(f"bench: {binary} is not built (make frozen)", file=sys.stderr)
+    args = parse_with_program(ap)
+    if args is None:
         return 2
+    binary = args.bin
     reps = 1 if args.quick else 3
     mib = 256 if args.quick else 1024
     streams_n = 100 if args.quick else 500

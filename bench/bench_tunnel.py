@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from bench_agent import Row, report, status_kb, stop  # noqa: E402
+from bench_agent import Row, parse_with_program, report, status_kb, stop  # noqa: E402
 from bench_gateway import BIG, CHUNK, make_big_image, rmi  # noqa: E402
 from support.dockerd import Dockerd, TlsFiles, make_tls_files  # noqa: E402
 from support.image import ensure_image  # noqa: E402
@@ -260,15 +260,13 @@ def fleet(site: NatSite, work: Path, n: int, rows: list[Row]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bin", default=str(ROOT / "build/frozen/dm-agent/dm-agent"))
     ap.add_argument("--quick", action="store_true", help="256 MiB, 100 tunnels")
     ap.add_argument("--tunnels", type=int, default=0,
                     help="how many tunnels (default 500; 0 with --quick: 100; -1: none)")
-    args = ap.parse_args()
-    binary = os.path.abspath(args.bin)
-    if not os.access(binary, os.X_OK):
-        print(f"bench: {binary} is not built (make frozen)", file=sys.stderr)
+    args = parse_with_program(ap)
+    if args is None:
         return 2
+    binary = args.bin
     mib = 256 if args.quick else 1024
     reps = 1 if args.quick else 3
     n = args.tunnels if args.tunnels else (100 if args.quick else 500)
