@@ -52,13 +52,13 @@ CHUNK = 256 * 1024
 class Endpoint:
     """One HTTPS endpoint of the engine, with the client certificate."""
 
-    def __init__(self, name: str, port: int, files: TlsFiles) -> None:
-        self.name, self.port = name, port
+    def __init__(self, name: str, port: int, files: TlsFiles, host: str = "127.0.0.1") -> None:
+        self.name, self.port, self.host = name, port, host
         self.ctx = ssl.create_default_context(cafile=str(files.ca))
         self.ctx.load_cert_chain(str(files.client_cert), str(files.client_key))
 
     def conn(self) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=600)
+        return http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=600)
 
     def save(self, sink: Path) -> float:
         """Seconds to stream the big image's ``save`` into ``sink``."""

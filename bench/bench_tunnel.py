@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import ssl
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from bench_agent import Row, parse_with_program, report, status_kb, stop  # noqa: E402
-from bench_gateway import BIG, CHUNK, make_big_image, rmi  # noqa: E402
+from bench_gateway import Endpoint, make_big_image, rmi  # noqa: E402
 from support.dockerd import Dockerd, TlsFiles, make_tls_files  # noqa: E402
 from support.image import ensure_image  # noqa: E402
 from support.master import Master  # noqa: E402
@@ -59,34 +58,10 @@ FLEET_BASE = 21000
 
 def client(what: str, host: str, port: int, certs: str, path: str) -> None:
     """``save`` (into ``path``) or ``load`` (from ``path``) through one HTTPS endpoint with
-    the client certificate; prints the seconds it took."""
-    import http.client
-
-    ctx = ssl.create_default_context(cafile=f"{certs}/ca.pem")
-    ctx.check_hostname = False
-    ctx.load_cert_chain(f"{certs}/cert.pem", f"{certs}/key.pem")
-    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=600)
-    began = time.monotonic()
-    if what == "save":
-        conn.request("GET", f"/v1.41/images/{BIG}/get")
-        resp = conn.getresponse()
-        assert resp.status == 200, resp.status
-        with open(path, "wb") as fh:
-            while chunk := resp.read(CHUNK):
-                fh.write(chunk)
-    else:
-        conn.putrequest("POST", "/v1.41/images/load?quiet=1")
-        conn.putheader("Content-Type", "application/x-tar")
-        conn.putheader("Transfer-Encoding", "chunked")
-        conn.endheaders()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        conn.send(b"0\r\n\r\n")
-        resp = conn.getresponse()
-        body = resp.read()
-        assert resp.status == 200, (resp.status, body[:200])
-    print(f"{time.monotonic() - began:.3f}")
+    the client certificate (bench_gateway's client); prints the seconds it took."""
+    tls = TlsFiles(client_dir=Path(certs), server_dir=Path(certs) / "server")
+    endpoint = Endpoint(what, port, tls, host)
+    print(f"{(endpoint.save if what == 'save' else endpoint.load)(Path(path)):.3f}")
 
 
 def timed(site: NatSite, ns: str | None, what: str, host: str, port: int, certs: Path,
