@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import socket
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import bcrypt
 import pytest
-from agentproc import NO_DOCKER, run
+from agentproc import NO_DOCKER, popen, run, stop
+from support.gateway import free_port
+from support.master import Master
 
 from dm_agent.tunnel import service, spec
 
@@ -196,3 +201,41 @@ def test_tunnel_key_shows_a_configured_key(tmp_path: Path) -> None:
     bad = write_ini(tmp_path, tunnel_key=str(ini))
     proc = run(["tunnel-key", "-f", str(bad)], tmp_path)
     assert proc.returncode == 78 and "tunnel_key" in proc.stderr, proc.stderr
+
+
+def test_a_reload_or_a_stop_gives_up_a_login_that_hangs(
+        tmp_path: Path, master_factory: Callable[..., Master]) -> None:
+    """A relay that accepts and then says nothing holds the login until asyncssh's
+    timeouts (15 s, 20 s): a SIGHUP that changes the tunnel closes that attempt at once
+    (no second tunnel left running beside the new one), and so does a stop."""
+    master = master_factory()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    silent.settimeout(20)
+    port = silent.getsockname()[1]
+    ini = write_ini(tmp_path, master=master.address, tunnel=f"relay@127.0.0.1:{port}",
+                    gateway=f"127.0.0.1:{free_port()}", timeout="1")
+    proc = popen(["-f", str(ini)], tmp_path, {"STATE_DIRECTORY": str(tmp_path / "state")})
+    try:
+        first, _ = silent.accept()
+        master.wait_for(1)
+        write_ini(tmp_path, master=master.address, tunnel=f"other@127.0.0.1:{port}",
+                  gateway=ini.read_text().split("gateway = ")[1].split()[0], timeout="1")
+        proc.send_signal(signal.SIGHUP)
+        first.settimeout(10)  # far below the login's own timeouts
+        assert first.recv(4096).startswith(b"SSH-2.0-")  # the client's banner, then
+        while first.recv(4096):  # nothing but its end
+            pass
+        second, _ = silent.accept()  # the new settings' attempt
+        master.wait_for(len(master.requests) + 1)
+    finally:
+        err = stop(proc)
+    second.settimeout(10)
+    assert second.recv(4096).startswith(b"SSH-2.0-")
+    while second.recv(4096):
+        pass
+    assert "Traceback" not in err, err
+    first.close()
+    second.close()
+    silent.close()

@@ -181,10 +181,19 @@ class Tunnel:
                                 "before the tunnel can come up: its authorized_keys line is "
                                 "printed by dm-agent tunnel-key", key.path)
                 self._set(key=key.path)
-                await connect_and_forward(relay, listen, host_key, key.path, target,
-                                          lambda: self._up(relay, listen), stopping)
+                # raced with the stop: a relay that accepts and then says nothing holds the
+                # login up to its timeouts, and a stop must not wait for those
+                held = asyncio.ensure_future(connect_and_forward(
+                    relay, listen, host_key, key.path, target,
+                    lambda: self._up(relay, listen), stopping))
+                stop = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait({held, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
                 if stopping.is_set():
+                    held.cancel()
+                    await asyncio.wait({held}, timeout=STOP_WAIT / 2)
                     return
+                held.result()
             except TunnelError as exc:
                 permanent = exc.permanent
                 self._down(exc.kind, str(exc), attempt)
