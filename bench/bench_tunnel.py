@@ -104,11 +104,11 @@ class Agent:
                               capture_output=True, text=True, check=True, env=self.env,
                               cwd=self.home, timeout=60).stdout
 
-    def rss_after(self, master: Master, rounds: int) -> int:
-        """VmRSS (KiB) once ``rounds`` more registrations have come from it."""
+    def rss_after(self, master: Master, rounds: int) -> tuple[int, int]:
+        """VmRSS and RssAnon (KiB) once ``rounds`` more registrations have come from it."""
         have = len(master.requests)
         master.wait_for(have + rounds, timeout=120)
-        return status_kb(self.proc.pid, "VmRSS")
+        return status_kb(self.proc.pid, "VmRSS"), status_kb(self.proc.pid, "RssAnon")
 
     def close(self) -> None:
         stop(self.proc)  # type: ignore[arg-type]
@@ -269,10 +269,18 @@ def main() -> int:
                 finally:
                     if not tunnel:
                         agent.close()
-            added = (rss[True] - rss[False]) / 1024
-            rows.append(Row("memory added to the agent by the tunnel (RSS)", added,
-                            f"MiB ({rss[False] / 1024:.1f} -> {rss[True] / 1024:.1f})",
+            # RssAnon: the memory the tunnel takes from the node. VmRSS adds the pages of
+            # shared libraries' code it runs (cryptography's OpenSSL for SSH's ciphers,
+            # _asyncio): file-backed, shared and reclaimable, reported beside it
+            (rss_off, anon_off), (rss_on, anon_on) = rss[False], rss[True]
+            added = (anon_on - anon_off) / 1024
+            rows.append(Row("memory added to the agent by the tunnel (RssAnon)", added,
+                            f"MiB ({anon_off / 1024:.1f} -> {anon_on / 1024:.1f})",
                             "<= 8", added <= 8))
+            rows.append(Row("  the same in VmRSS (with shared libraries' code pages)",
+                            (rss_on - rss_off) / 1024,
+                            f"MiB ({rss_off / 1024:.1f} -> {rss_on / 1024:.1f})", "report",
+                            None))
             try:
                 sink = work / "out.tar"
                 rate: dict[str, dict[str, float]] = {}

@@ -47,6 +47,28 @@ def backoff(attempt: int, permanent: bool, rand: Callable[[float, float], float]
     return rand(0.2, max(0.2, bound))
 
 
+def _inline_executor() -> Any:
+    """An executor that runs what it is given at once, in the tunnel's own thread.
+
+    asyncssh builds its connection options in the loop's default executor at every
+    connect (and resolves the relay's name there): with asyncio's own, that is a second
+    thread that stays, with its stack and malloc arena, for a few milliseconds of work.
+    A name that takes long to resolve then holds the tunnel's loop, and only it."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    class Inline(ThreadPoolExecutor):
+        def submit(self, fn: Callable[..., Any], /, *args: Any,
+                   **kwargs: Any) -> Future[Any]:
+            done: Future[Any] = Future()
+            try:
+                done.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to the awaiting coroutine
+                done.set_exception(exc)
+            return done
+
+    return Inline(max_workers=1)
+
+
 def forward_target(gateway: str) -> tuple[str, int]:
     """Where the relay's connections go on this node: the gateway's listen address, its
     loopback twin when it listens on every address."""
@@ -146,6 +168,7 @@ class Tunnel:
         import asyncio
 
         loop = asyncio.new_event_loop()
+        loop.set_default_executor(_inline_executor())
         try:
             self._stopping, self._kick = asyncio.Event(), asyncio.Event()
             self._loop = loop
