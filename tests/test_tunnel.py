@@ -344,28 +344,37 @@ def test_the_relay_refuses_all_but_the_nodes_own_port(
         finally:
             os.killpg(ok.pid, signal.SIGTERM)
             _finish(ok)
-        # a local forward and a dynamic one (SOCKS): the relay opens no connection
-        for forward in (["-L", f"127.0.0.1:{PORT + 2}:{site.master_ip}:{master.port}"],
+        # a local forward and a dynamic one (SOCKS): the relay opens no connection, to
+        # a listener on the master's segment that counts who connects
+        target = socket.create_server((site.master_ip, 0))
+        target.settimeout(0.2)
+        for forward in (["-L", f"127.0.0.1:{PORT + 2}:{site.master_ip}:"
+                               f"{target.getsockname()[1]}"],
                         ["-D", f"127.0.0.1:{PORT + 3}"]):
             fwd = _ssh(relay, site, key, tmp_path, "-N", *forward)
             try:
                 local = PORT + 2 if forward[0] == "-L" else PORT + 3
                 wait("the client's local listener",
                      lambda port=local: not refused("127.0.0.1", port, 1))
-                before = len(master.requests)
                 curl = ["curl", "-s", "--max-time", "10", "-o", "/dev/null", "-w",
                         "%{http_code}"]
                 if forward[0] == "-L":
                     curl.append(f"http://127.0.0.1:{local}/")
                 else:
-                    curl += ["--socks5", f"127.0.0.1:{local}", f"http://{master.address}/"]
+                    curl += ["--socks5", f"127.0.0.1:{local}",
+                             f"http://{site.master_ip}:{target.getsockname()[1]}/"]
                 got = subprocess.run(curl, capture_output=True, text=True, timeout=30)
                 assert got.stdout in ("000", ""), got
-                assert len(master.requests) - before <= 1  # the agent's own, at most
             finally:
                 os.killpg(fwd.pid, signal.SIGTERM)
                 code, out = _finish(fwd)
             assert "administratively prohibited" in out, out
+        try:
+            peer = target.accept()[1]
+        except TimeoutError:
+            peer = None
+        target.close()
+        assert peer is None, f"the relay opened a connection for the node: {peer}"
         # a command: the forced one does nothing, and no TTY
         code, out = _finish(_ssh(relay, site, key, tmp_path, "-tt", "id"))
         assert "uid=" not in out and code != 0, out
