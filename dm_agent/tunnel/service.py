@@ -180,7 +180,8 @@ class Tunnel:
             log.debug("the failure's traceback:", exc_info=True)
             self._set(state="down", error=f"{type(exc).__name__}: {exc}")
         finally:
-            self._loop = None
+            if self._loop is loop:  # not a newer thread's, after a reload's short wait
+                self._loop = None
             loop.close()
 
     async def _keep(self, relay: Relay, listen: Listen, stopping: asyncio.Event) -> None:
