@@ -170,11 +170,11 @@ class Tunnel:
         loop = asyncio.new_event_loop()
         loop.set_default_executor(_inline_executor())
         try:
-            self._stopping, self._kick = asyncio.Event(), asyncio.Event()
-            self._loop = loop
+            stopping, kick = asyncio.Event(), asyncio.Event()
+            self._stopping, self._kick, self._loop = stopping, kick, loop
             if self._halt.is_set():  # stopped before the loop could be told
                 return
-            loop.run_until_complete(self._keep(relay, listen, self._stopping))
+            loop.run_until_complete(self._keep(relay, listen, stopping, kick))
         except Exception as exc:  # never out of the thread: say it, stay down
             log.error("tunnel: stopped on an unexpected %s: %s", type(exc).__name__, exc)
             log.debug("the failure's traceback:", exc_info=True)
@@ -184,7 +184,8 @@ class Tunnel:
                 self._loop = None
             loop.close()
 
-    async def _keep(self, relay: Relay, listen: Listen, stopping: asyncio.Event) -> None:
+    async def _keep(self, relay: Relay, listen: Listen, stopping: asyncio.Event,
+                    kick: asyncio.Event) -> None:
         """Connect, hold, and on any end try again after a jittered backoff."""
         import asyncio
 
@@ -230,8 +231,6 @@ class Tunnel:
             delay = backoff(attempt, permanent, self._rand)
             attempt += 1
             self._set(attempts=attempt, retry_at=time.time() + delay)
-            kick = self._kick
-            assert kick is not None
             kick.clear()
             waits = {asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(kick.wait())}
             _, pending = await asyncio.wait(waits, timeout=delay,
