@@ -25,7 +25,7 @@ import bcrypt
 import pytest
 from agentproc import BIN, clean_env, stop
 from support import gateway as shared
-from support.dockerd import Dockerd, TlsFiles, make_tls_files
+from support.dockerd import DOCKER_CLI, Dockerd, TlsFiles, make_tls_files
 from support.gateway import lines, write_image_tar
 from support.image import IMAGE
 from support.master import Master
@@ -185,7 +185,7 @@ def docker_cli(site: NatSite, certs: TlsFiles, home: Path, *args: str,
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")},
            "DOCKER_HOST": f"tcp://{site.relay_ip}:{PORT}", "DOCKER_TLS_VERIFY": "1",
            "DOCKER_CERT_PATH": str(certs.client_dir), "DOCKER_CONFIG": str(home / "dcfg")}
-    proc = subprocess.run(["docker", *args], input=stdin, capture_output=True, env=env,
+    proc = subprocess.run([DOCKER_CLI, *args], input=stdin, capture_output=True, env=env,
                           timeout=timeout, stdin=None if stdin is not None else
                           subprocess.DEVNULL)
     assert proc.returncode == 0, f"docker {args}: {proc.stderr.decode(errors='replace')}"
@@ -233,7 +233,7 @@ def through_the_tunnel(program: str, site: NatSite, relay: Relay, master: Master
                          "sleep", "300").decode().strip()
         code, body = as_master(site.relay_ip, PORT, "/containers/json?all=1", certs)
         assert code == 200
-        engine_ids = subprocess.run(["docker", "-H", engine.unix_url, "ps", "-aq",
+        engine_ids = subprocess.run([DOCKER_CLI, "-H", engine.unix_url, "ps", "-aq",
                                      "--no-trunc"], capture_output=True, text=True,
                                     timeout=60, check=True).stdout.split()
         assert sorted(c["Id"] for c in json.loads(body)) == sorted(engine_ids)
