@@ -385,7 +385,14 @@ def test_tunnel_through_the_relay_role(fleet_: Fleet) -> None:
                               f"https://{listen}/version"], capture_output=True, text=True,
                              timeout=30)
         assert '"ApiVersion"' in out.stdout, out.stdout + out.stderr
-        assert "tunnel: up since" in node.run(["dm-agent", "status"]).stdout
+        deadline = time.monotonic() + 30  # the state file is written after each round
+        while "tunnel: up since" not in (status := node.run(["dm-agent", "status"]).stdout):
+            if time.monotonic() > deadline:
+                journal = node.run(["journalctl", "-u", UNIT, "--no-pager", "-n", "40"]).stdout
+                sshd = relay.run(["journalctl", "-u", "ssh", "--no-pager", "-n", "40"]).stdout
+                pytest.fail(f"status: {status}\nthe node's journal:\n{journal}\n"
+                            f"the relay's sshd:\n{sshd}")
+            time.sleep(0.5)
 
         again = fleet_.controller.play()
         for n in fleet_.nodes:
