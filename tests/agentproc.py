@@ -15,6 +15,17 @@ import pytest
 BIN = os.environ.get("DM_AGENT_BIN") or os.path.join(os.path.dirname(sys.executable), "dm-agent")
 #: a Docker endpoint that is not there: the agent reports host figures only
 NO_DOCKER = "unix:///nonexistent/docker.sock"
+#: another user's uid and gid (nobody's, as Debian numbers them): conftest's
+#: ``other_user`` fixture, which marks a test ``root``
+NOBODY = 65534
+
+
+def as_user(user: Sequence[int], cmd: Sequence[str]) -> list[str]:
+    """``cmd`` run as ``user`` = (uid, gid, supplementary gids…) through setpriv (root)."""
+    uid, gid, *groups = user
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+            "--", *cmd]
 
 
 def clean_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

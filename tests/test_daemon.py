@@ -18,7 +18,8 @@ from support.scripted_docker import ScriptedDocker
 
 from dm_agent.pidfile import read_pid
 
-pytestmark = pytest.mark.daemon
+# paced: waits on a real agent's intervals, so not in the unit tier
+pytestmark = [pytest.mark.daemon, pytest.mark.paced]
 SECRET = "daemon-secret-77Q"
 
 

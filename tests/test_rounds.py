@@ -28,6 +28,8 @@ from dm_agent.rounds import Progress, RoundThread
 from dm_agent.signals import Signals, Waker
 from dm_agent.source import NodeSource
 
+pytestmark = pytest.mark.paced  # waits on a real agent's intervals: not in the unit tier
+
 NO_DOCKER = "unix:///nonexistent/docker.sock"
 
 

@@ -19,16 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import BIN, NO_DOCKER, clean_env, run, wait_gone
+from agentproc import BIN, NO_DOCKER, as_user, clean_env, run, wait_gone
 from support.master import Master
 
 from dm_agent.config import Settings
 from dm_agent.pidfile import read_pid
 from dm_agent.state import state_path
 
-pytestmark = pytest.mark.daemon
+# paced: waits on a real agent's intervals, so not in the unit tier
+pytestmark = [pytest.mark.daemon, pytest.mark.paced]
 SECRET = "status-secret-3xK"
-NOBODY = 65534
 
 
 class Node:
@@ -63,10 +63,7 @@ class Node:
         """``dm-agent status``, as root or as ``user`` = (uid, gid, supplementary gids…)."""
         cmd = [BIN, "status", "--pidfile", str(self.pidfile), *args]
         if user is not None:
-            uid, gid, *groups = user
-            cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid}",
-                   f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
-                   "--", *cmd]
+            cmd = as_user(user, cmd)
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
                               cwd=self.home, env=clean_env(self.home),
                               stdin=subprocess.DEVNULL)
@@ -229,21 +226,21 @@ def test_unknown_exit_4_without_state_but_with_the_lock_held(node: Node) -> None
 
 
 def test_group_members_read_it_others_get_exit_4_saying_what_they_lack(
-        node: Node, master: Master) -> None:
+        node: Node, master: Master, other_user: tuple[int, int]) -> None:
     node.start()
     master.wait_for(1)
     assert node.wait_status(0).returncode == 0
     gid = node.state.stat().st_gid  # root's agent outside the unit: root's group
-    member = node.status(user=(NOBODY, NOBODY, gid))
+    member = node.status(user=(*other_user, gid))
     assert member.returncode == 0, member.stdout + member.stderr
     assert member.stdout.startswith("registered ")
-    other = node.status(user=(NOBODY, NOBODY))
+    other = node.status(user=other_user)
     assert other.returncode == 4, other.stdout + other.stderr
     assert other.stdout.startswith(f"permission denied: cannot read {node.state}: "), other.stdout
     assert "is readable by root and the dm-agent group only; you are nobody (uid 65534)" \
         in other.stdout
     assert "run it as root" in other.stdout.lower() and "usermod -aG dm-agent" in other.stdout
-    js = json.loads(node.status("--json", user=(NOBODY, NOBODY)).stdout)
+    js = json.loads(node.status("--json", user=other_user).stdout)
     assert js["status"] == "unknown" and js["exit_code"] == 4 and js["state"] is None
 
 
