@@ -229,7 +229,7 @@ def _warn_not_reloaded(running: config.Settings, new: config.Settings) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if sum(bool(x) for x in (args.daemon, args.once, args.check_config)) > 1:
-        raise UsageError("dm-agent: --daemon, --once and --check-config exclude each other")
+        raise UsageError("--daemon, --once and --check-config exclude each other")
     settings, warnings = _load(args)
     if args.check_config:
         for warning in warnings:

@@ -36,11 +36,19 @@ def test_help_lists_seed_flags(tmp_path: Path) -> None:
         assert flag in proc.stdout, flag
 
 
-@pytest.mark.parametrize("args", [["--bogus"], ["-t"], ["--once", "--daemon"], ["extra"]])
+@pytest.mark.parametrize("args", [["--bogus"], ["-t"], ["--once", "--daemon"], ["extra"],
+                                  ["--once", "--check-config"], ["--daemon", "--check-config"]])
 def test_usage_errors_exit_64(tmp_path: Path, args: list[str]) -> None:
     proc = run(args, tmp_path)
     assert proc.returncode == 64, proc.stderr
     assert "dm-agent" in proc.stderr and "Traceback" not in proc.stderr
+    # the program's name once: it printed "dm-agent: dm-agent: --daemon, --once …"
+    assert "dm-agent: dm-agent" not in proc.stderr, proc.stderr
+
+
+def test_exclusive_switches_say_so_in_one_line(tmp_path: Path) -> None:
+    proc = run(["--once", "--check-config"], tmp_path)
+    assert proc.stderr == "dm-agent: --daemon, --once and --check-config exclude each other\n"
 
 
 @pytest.mark.parametrize(
