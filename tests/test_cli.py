@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from agentproc import BIN, NO_DOCKER, clean_env, popen, run
+from agentproc import BIN, NO_DOCKER, clean_env, popen, run, stop
 from support.master import Master
 
 from dm_agent import __version__
@@ -232,3 +232,26 @@ def test_reexec_command_line_keeps_every_flag_but_the_secret() -> None:
     again = cli._parse(cli.without_secret(args))
     assert again.secret is None
     assert {**vars(again), "secret": SECRET} == vars(args)
+
+
+
+@pytest.mark.parametrize(("docker", "manageable"), [(NO_DOCKER, False),
+                                                    ("tcp://127.0.0.1:9", True)])
+def test_the_start_line_says_when_the_master_cannot_manage_the_node(
+        tmp_path: Path, master: Master, docker: str, manageable: bool) -> None:
+    """A node whose Docker is on a unix socket, without the gateway, is one the master
+    lists but cannot manage: the journal's start line says so, not only --check-config
+    and status (Docker on TCP is reached by the master itself)."""
+    proc = popen(["-d", docker, "-m", master.url, "-v"], tmp_path)
+    try:
+        master.wait_for(1)
+    finally:
+        err = stop(proc)
+    (start,) = [line for line in err.splitlines() if " - INFO - started: " in line]
+    if manageable:
+        assert start.endswith(", gateway off"), start
+    else:
+        assert ", gateway off; the master cannot manage this node's Docker: Docker is on a " \
+            "unix socket (/nonexistent/docker.sock)" in start, start
+        assert start.endswith("set gateway = 0.0.0.0:8771 and gateway_password_hash "
+                              "(docs/gateway.md)"), start
