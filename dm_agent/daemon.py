@@ -53,7 +53,7 @@ def preload(gateway: bool = False) -> None:
     from .collectors import events  # noqa: F401
 
     if not logs.under_journal(sys.stderr):
-        import logging.handlers  # noqa: F401  (syslog, outside systemd)
+        import logging.handlers  # noqa: F401  (syslog or the watched log_file, outside systemd)
 
     try:
         import charset_normalizer  # noqa: F401  (requests' text decoding)
