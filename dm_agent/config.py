@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from .errors import ConfigError
-from .net import SECRET_MASK, USERINFO, redact_userinfo
+from .net import SECRET_MASK, USERINFO, ignored_environment, redact_userinfo
 
 SECTION = "main"
 ENV_PREFIX = "DM_AGENT_"
@@ -478,6 +478,7 @@ def load(
     warnings: list[str] = []
     if path is not None:
         file_values, warnings = read_file(path)
+    warnings += ignored_environment(env)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key in KEYS:
