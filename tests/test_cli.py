@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -255,3 +256,31 @@ def test_the_start_line_says_when_the_master_cannot_manage_the_node(
             "unix socket (/nonexistent/docker.sock)" in start, start
         assert start.endswith("set gateway = 0.0.0.0:8771 and gateway_password_hash "
                               "(docs/gateway.md)"), start
+
+
+def test_a_proxy_or_docker_host_in_the_environment_is_not_used_and_said_so(
+        tmp_path: Path, master: Master) -> None:
+    """HTTP(S)_PROXY, ALL_PROXY and DOCKER_HOST all point at one listener on loopback: the
+    registration reaches the master directly (requests would send it through the proxy,
+    127.0.0.1 included, unless told not to), nothing connects to the listener, and each
+    variable is named in a warning without its value."""
+    with socket.socket() as trap:
+        trap.bind(("127.0.0.1", 0))
+        trap.listen()
+        trap.setblocking(False)
+        url = f"http://proxy-user:pr0xy-pw@127.0.0.1:{trap.getsockname()[1]}"
+        env = {name: url for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY",
+                                       "https_proxy", "ALL_PROXY")}
+        env["DOCKER_HOST"] = f"tcp://127.0.0.1:{trap.getsockname()[1]}"
+        proc = run(["--once", "-m", master.url, "-v"], tmp_path, env)
+        with pytest.raises(BlockingIOError):
+            trap.accept()  # nobody came
+    assert proc.returncode == 0, proc.stderr
+    assert len(master.requests) == 1
+    for name in env:
+        assert f"WARNING - {name} is set but not used: " in proc.stderr, name
+    assert "pr0xy-pw" not in proc.stderr
+    check = run(["--check-config", "-m", master.url], tmp_path, {"https_proxy": url})
+    assert check.returncode == 0
+    assert "dm-agent: warning: https_proxy is set but not used: the master is reached " \
+        "directly, never through a proxy" in check.stderr, check.stderr
