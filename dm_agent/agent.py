@@ -20,6 +20,7 @@ from .collectors.docker import NodeInfo
 from .collectors.events import EventWatcher
 from .collectors.host import HostCollector
 from .config import Settings
+from .errors import INTERNAL_KIND
 from .net import redact
 from .outage import Outage
 from .rounds import Progress, timeouts
@@ -149,7 +150,7 @@ class Agent:
         except Exception as exc:
             if self.progress.live():
                 reason = redact(f"{type(exc).__name__}: {exc}", self.settings.secret)
-                self.round_failed(f"internal:{type(exc).__name__}", "registration failed "
+                self.round_failed(INTERNAL_KIND + type(exc).__name__, "registration failed "
                                   f"while {self.progress.stage}: {reason}")
                 log.debug("the failure's traceback:", exc_info=True)
             return False

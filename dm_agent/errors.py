@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 EX_OK = 0
 EX_FAILURE = 1
 EX_USAGE = 64
 EX_TEMPFAIL = 75  # another instance holds the pidfile
 EX_CONFIG = 78  # the unit must not restart on it
+
+# The kinds of a failed round, as the state file's ``last_failure.kind`` gives them
+# (docs/operator-guide.md, Status; tests/test_docs.py holds the table to these).
+#: the master did not take the registration (``ReportError.kind``)
+MasterKind = Literal["unauthorized", "http", "connection", "timeout", "tls"]
+#: the round itself: ``stuck`` (earlier rounds still blocked, none started), ``timeout``
+#: (abandoned at its deadline), ``stopped`` (the agent stopped before it sent)
+RoundKind = Literal["stuck", "timeout", "stopped"]
+#: a round that raised: this and the exception's class name (``internal:KeyError``)
+INTERNAL_KIND = "internal:"
+#: a failed round that left no reason (not expected; the state says so rather than lie)
+UNKNOWN_KIND = "unknown"
 
 
 class AgentError(Exception):
@@ -54,6 +68,6 @@ class ReportError(AgentError):
     ``connection``, ``timeout``, ``tls``.
     """
 
-    def __init__(self, message: str, kind: str = "http") -> None:
+    def __init__(self, message: str, kind: MasterKind = "http") -> None:
         super().__init__(message)
-        self.kind = kind
+        self.kind: MasterKind = kind

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .errors import RoundKind
 from .outage import fmt_duration
 from .signals import Signals
 
@@ -79,7 +80,7 @@ class RoundThread:
         self.in_flight: threading.Event | None = None
 
     def run(self, register: Callable[[float], bool], interval: int, signals: Signals,
-            failed: Callable[[str, str], None], abandoned: Callable[[], None]) -> bool | None:
+            failed: Callable[[RoundKind, str], None], abandoned: Callable[[], None]) -> bool | None:
         """``register(deadline)``'s outcome; None when a stop came first.
 
         Past the deadline it is a failed round (``failed(kind, message)``), and

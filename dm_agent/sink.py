@@ -8,7 +8,7 @@ from typing import IO, Any
 
 from . import payload
 from .config import Settings
-from .errors import ReportError
+from .errors import MasterKind, ReportError, RoundKind
 from .outage import Outage
 from .reporter import Reporter
 from .rounds import Progress, timeouts
@@ -16,7 +16,7 @@ from .rounds import Progress, timeouts
 log = logging.getLogger("dm_agent")
 
 #: A failed delivery: (kind, message), as the state file reports it.
-Failure = tuple[str, str]
+Failure = tuple[MasterKind | RoundKind, str]
 
 
 class Printer:

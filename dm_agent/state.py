@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .errors import UNKNOWN_KIND
 from .net import redact
 
 if TYPE_CHECKING:  # the agent imports this module, not the other way round
@@ -75,7 +76,7 @@ class StateWriter:
                                  "ttl": agent.settings.ttl}
         else:
             self.failures += 1
-            kind, message = agent.last_error or ("unknown", "the round failed")
+            kind, message = agent.last_error or (UNKNOWN_KIND, "the round failed")
             message = redact(message, agent.settings.secret)
             self.last_failure = {"kind": kind, "message": message, "time": now}
         self.write(agent, now)
