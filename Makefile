@@ -91,6 +91,9 @@ repo: packages ## signed apt and yum repositories of the ARCH packages in dist/r
 image: frozen ## the container image: OCI index (amd64 + arm64) and per-arch docker archives in dist/ (root; buildah, skopeo, umoci, pigz)
 	packaging/build-image.sh $(addprefix --arch ,$(ARCH))
 
+figures: venv ## the figures the documents quote: test counts and bcrypt's cost into docs/figures.json, then every quote
+	$(BIN)/python bench/figures.py counts bcrypt docs
+
 bench: venv frozen ## benchmarks of the frozen program with their targets (root: private dockerd)
 	$(BIN)/python bench/bench_agent.py $(BENCH_ARGS)
 
@@ -103,5 +106,5 @@ bench-image: venv image ## the image run by the master's line: size per architec
 clean: ## remove build outputs and caches (not the cached build roots in /var/cache)
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis $(RUN_VENV)
 
-.PHONY: help venv run deps lint typecheck unit test check check-fast check-loaded clean frozen smoke-frozen packages repo image bench bench-gateway bench-image \
+.PHONY: help venv run deps lint typecheck unit figures test check check-fast check-loaded clean frozen smoke-frozen packages repo image bench bench-gateway bench-image \
   $(FROZEN_ARCHES) $(PACKAGE_ARCHES)
