@@ -39,7 +39,7 @@ from bench_agent import (  # noqa: E402
     status_kb,
     stop,
 )
-from support.dockerd import Dockerd, TlsFiles  # noqa: E402
+from support.dockerd import DOCKER_CLI, Dockerd, TlsFiles  # noqa: E402
 from support.gateway import free_port  # noqa: E402
 from support.image import ensure_image  # noqa: E402
 from support.master import Master  # noqa: E402
@@ -146,7 +146,7 @@ def make_big_image(dockerd: Dockerd, work: Path, mib: int) -> Path:
     layer = work / "layer.tar"
     subprocess.run(["tar", "-C", str(rootfs), "-cf", str(layer), "."], check=True)
     (rootfs / "blob").unlink()
-    direct = ["docker", "-H", dockerd.unix_url]
+    direct = [DOCKER_CLI, "-H", dockerd.unix_url]
     subprocess.run([*direct, "import", str(layer), BIG], check=True, capture_output=True)
     layer.unlink()
     saved = work / "big.tar"
@@ -155,7 +155,7 @@ def make_big_image(dockerd: Dockerd, work: Path, mib: int) -> Path:
 
 
 def rmi(dockerd: Dockerd) -> None:
-    subprocess.run(["docker", "-H", dockerd.unix_url, "rmi", "-f", BIG], capture_output=True)
+    subprocess.run([DOCKER_CLI, "-H", dockerd.unix_url, "rmi", "-f", BIG], capture_output=True)
 
 
 def open_streams(port: int, ctx: ssl.SSLContext, n: int) -> list[ssl.SSLSocket]:

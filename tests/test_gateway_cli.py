@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from support import gateway as shared
-from support.dockerd import Dockerd, make_tls_files
+from support.dockerd import DOCKER_CLI, Dockerd, make_tls_files
 from support.gateway import GatewayRig, RssWatch, lines, wait_for, write_image_tar
 from support.image import IMAGE
 
@@ -96,7 +96,7 @@ def test_events_bounded(gw: GatewayRig, cfg: Path) -> None:
 def test_events_stream_ends_when_client_leaves(gw: GatewayRig, cfg: Path) -> None:
     """A stream has no idle timeout; the client leaving ends it (and its upstream)."""
     before = gw.listener.snapshot()["connections"]
-    events = subprocess.Popen(["docker", "events", "--format", "{{.Action}} {{.Actor.ID}}"],
+    events = subprocess.Popen([DOCKER_CLI, "events", "--format", "{{.Action}} {{.Actor.ID}}"],
                               stdout=subprocess.PIPE, env=gw.cli_env(cfg))
     seen: queue.Queue[str] = queue.Queue()
     assert events.stdout is not None

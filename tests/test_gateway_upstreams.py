@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from support import gateway as shared
-from support.dockerd import Dockerd, make_tls_files
+from support.dockerd import DOCKER_CLI, Dockerd, make_tls_files
 from support.gateway import GatewayRig, lines, read_to_end, split_answer, wait_for
 from support.image import IMAGE, ensure_image
 
@@ -61,7 +61,7 @@ def test_cat_half_close(gw: GatewayRig, cfg: Path) -> None:
 
 
 def test_events_client_leaves(gw: GatewayRig, cfg: Path) -> None:
-    events = subprocess.Popen(["docker", "events", "--format", "{{.Action}}"],
+    events = subprocess.Popen([DOCKER_CLI, "events", "--format", "{{.Action}}"],
                               stdout=subprocess.PIPE, env=gw.cli_env(cfg))
     try:
         wait_for(lambda: gw.listener.snapshot()["connections"] >= 1, "the events stream")

@@ -48,6 +48,7 @@ from .netns import Netns
 
 __all__ = [
     "API_VERSION",
+    "DOCKER_CLI",
     "BulkResult",
     "Dockerd",
     "DockerdError",
@@ -66,6 +67,10 @@ __all__ = [
 API_VERSION = "1.41"
 
 DOCKERD = shutil.which("dockerd") or "/usr/sbin/dockerd"
+#: The docker CLI the tests drive: the one Debian's docker.io installs (.ci/deps), by its
+#: path. A machine may have another ahead of it on PATH (/usr/local/bin/docker), which a
+#: fresh machine does not: the tests run what the project installs.
+DOCKER_CLI = "/usr/bin/docker"
 _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MNT_DETACH = 2
 

@@ -28,11 +28,11 @@ from dm_agent.gateway.server import Listener
 from dm_agent.gateway.tls import server_context
 from dm_agent.gateway.upstream import Upstream
 
-from .dockerd import Dockerd, TlsFiles
+from .dockerd import DOCKER_CLI, Dockerd, TlsFiles
 from .image import ensure_image
 
 PASSWORD = "s3cret-gateway-pw"
-DOCKER = "docker"
+DOCKER = DOCKER_CLI
 
 
 def free_port() -> int:

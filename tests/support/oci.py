@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from .dockerd import DOCKER_CLI
 from .gateway import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -259,7 +260,7 @@ class PodmanService:
 def docker_cli(host: str) -> list[str]:
     """The docker CLI against *host*, with an empty config (not the machine's)."""
     cfg = tempfile.mkdtemp(prefix="dmtest-dockercfg-")
-    return ["docker", "--config", cfg, "-H", host]
+    return [DOCKER_CLI, "--config", cfg, "-H", host]
 
 
 def tools_missing() -> list[str]:
