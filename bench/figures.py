@@ -161,16 +161,15 @@ def timed(target: str) -> float:
 
 def rewrite_docs(figures: dict[str, dict[str, str]]) -> list[Path]:
     """Every quote in every document set to its figure's text; the documents changed."""
+    def quote(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in figures:
+            raise SystemExit(f"no figure {key!r} in {FIGURES}: {match.group(0)}")
+        return f"<!--fig:{key}-->{figures[key]['text']}<!--/fig-->"
+
     changed = []
     for doc in documents():
         text = doc.read_text(encoding="utf-8")
-
-        def quote(match: re.Match[str]) -> str:
-            key = match.group(1)
-            if key not in figures:
-                raise SystemExit(f"{doc.relative_to(ROOT)}: no figure {key!r} in {FIGURES}")
-            return f"<!--fig:{key}-->{figures[key]['text']}<!--/fig-->"
-
         new = QUOTE.sub(quote, text)
         if new != text:
             doc.write_text(new, encoding="utf-8")
