@@ -138,6 +138,8 @@ class Delegate:
     def pytest_runtest_protocol(self, item: pytest.Item) -> bool | None:
         if item.nodeid not in self.delegated or self.run is None:
             return None
+        if self.run.own_done is None:  # the root run's own tests are over
+            self.run.own_done = time.monotonic()
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         for kind, data in self.run.results(item.nodeid):
@@ -191,6 +193,8 @@ class Run:
         self.started = time.monotonic()
         self.ready: float | None = None
         self.ended: float | None = None
+        #: when the root run reached the first of these tests, its own being done
+        self.own_done: float | None = None
         self.exitstatus: int | None = None
         self.who: dict[str, Any] = {}
         self.reports: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -348,9 +352,13 @@ class Run:
         user = f"user {self.user} (uid {who.get('uid')}, gid {who.get('gid')})" if who \
             else f"user {self.user} (it did not start)"
         python = f", {who.get('python')} {who.get('version')}" if who else ""
+        own = self.own_done if self.own_done is not None else ended
+        waited = max(0.0, ended - own)
         return (f"{len(self.nodeids)} tests run as {user}{python}, beside the root run: "
                 f"{ended - self.started:.0f} s from collection to its end "
-                f"(copy and venv {setup:.0f} s), exit status {self.exitstatus}"
+                f"(copy and venv {setup:.0f} s), exit status {self.exitstatus}; the root "
+                f"run's own tests took {own - self.started:.0f} s, then it waited "
+                f"{waited:.0f} s for these"
                 + (f"; {self.error}" if self.error else ""))
 
     def close(self) -> None:
