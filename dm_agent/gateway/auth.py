@@ -3,8 +3,7 @@
 ``gateway_password_hash`` — the master's ``dm.agent.client.password``, in the format of
 the Java agent's ``dm.auth.adminPassword``.
 
-The master sends Basic auth on every request and bcrypt costs tenths of a second at
-cost 12 (docs/configuration.md, hash-password, has the figure), so a verified
+The master sends Basic auth on every request and bcrypt costs ~100 ms, so a verified
 header is remembered: keyed by an HMAC of the header under a key made at start (never
 the header itself), for at most ``CACHE_TTL`` seconds, at most ``CACHE_SIZE`` of them. A
 wrong password is never remembered. Failures are counted per client address: after
