@@ -6,6 +6,7 @@ import json
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -239,10 +240,13 @@ def test_reexec_command_line_keeps_every_flag_but_the_secret() -> None:
 @pytest.mark.parametrize(("docker", "manageable"), [(NO_DOCKER, False),
                                                     ("tcp://127.0.0.1:9", True)])
 def test_the_start_line_says_when_the_master_cannot_manage_the_node(
-        tmp_path: Path, master: Master, docker: str, manageable: bool) -> None:
+        tmp_path: Path, master_factory: Callable[..., Master], docker: str,
+        manageable: bool) -> None:
     """A node whose Docker is on a unix socket, without the gateway, is one the master
     lists but cannot manage: the journal's start line says so, not only --check-config
-    and status (Docker on TCP is reached by the master itself)."""
+    and status (Docker on TCP is reached by the master itself). One master generation:
+    the subject is the start line."""
+    master = master_factory()
     proc = popen(["-d", docker, "-m", master.url, "-v"], tmp_path)
     try:
         master.wait_for(1)
@@ -259,11 +263,12 @@ def test_the_start_line_says_when_the_master_cannot_manage_the_node(
 
 
 def test_a_proxy_or_docker_host_in_the_environment_is_not_used_and_said_so(
-        tmp_path: Path, master: Master) -> None:
+        tmp_path: Path, master_factory: Callable[..., Master]) -> None:
     """HTTP(S)_PROXY, ALL_PROXY and DOCKER_HOST all point at one listener on loopback: the
     registration reaches the master directly (requests would send it through the proxy,
     127.0.0.1 included, unless told not to), nothing connects to the listener, and each
     variable is named in a warning without its value."""
+    master = master_factory()
     with socket.socket() as trap:
         trap.bind(("127.0.0.1", 0))
         trap.listen()
