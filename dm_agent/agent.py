@@ -91,6 +91,10 @@ class Agent:
     def events(self) -> EventWatcher | None:
         return self.parts.source.events
 
+    def announced(self) -> str:
+        """The address the registrations announce now (the current configuration's)."""
+        return self.parts.announcer.address()
+
     def follow_events(self, on_change: Callable[[str], None]) -> None:
         """Follow Docker's event stream of the current configuration's source."""
         self.parts.source.start_events(on_change)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__, config, logs
+from . import __version__, config, gateway, logs
 from .command import Parser
 from .errors import EX_OK, AgentError, UsageError
 
@@ -170,9 +170,13 @@ def _reexec(argv: list[str]) -> NoReturn:
 
 
 def _load(args: argparse.Namespace) -> tuple[config.Settings, list[str]]:
+    """The settings, by the one path of a start and a reload (SIGHUP): the precedence
+    rule, then what the gateway refuses to serve with; ConfigError (exit 78) on either."""
     overrides = config.cli_overrides(args.verbose,
                                      **{key: getattr(args, key) for _, _, key, _ in KEY_FLAGS})
-    return config.load(overrides, args.config, cwd=args.cwd)
+    settings, warnings = config.load(overrides, args.config, cwd=args.cwd)
+    gateway.check(settings)
+    return settings, warnings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

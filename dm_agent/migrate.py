@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from . import config
+from . import config, gateway
 from .command import Parser, parse_command
 from .errors import EX_FAILURE, EX_OK, AgentError, ConfigError, UsageError
 from .net import SECRET_MASK
@@ -280,6 +280,7 @@ def _validate(text: str, where: str) -> None:
         fh.flush()
         try:
             settings, _ = config.load({}, fh.name, env={})
+            gateway.check(settings)
             settings.require_master()
         except ConfigError as exc:
             raise ConfigError(f"the old settings are not valid for dm-agent, nothing was "

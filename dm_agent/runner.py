@@ -29,7 +29,7 @@ def build_services(agent: Agent, nudges: loop.Nudges) -> Services:
     memory budget."""
     from .gateway.service import Gateway
 
-    return Services([EventsService(agent, nudges), Gateway(agent)])
+    return Services([EventsService(agent, nudges), Gateway(agent.settings, agent.announced)])
 
 
 def serve(settings: Settings, reload: Callable[[], Settings] | None, *, dry_run: bool = False,
@@ -73,7 +73,7 @@ def gateway_line(agent: Agent) -> str:
     """The gateway's part of the start line."""
     settings = agent.settings
     if settings.gateway:
-        announced = agent.parts.announcer.address()
+        announced = agent.announced()
         line = (f"gateway on {settings.gateway} ({settings.gateway_access} access), "
                 f"announced as {announced}")
         if announces_loopback(announced):
