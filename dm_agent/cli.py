@@ -12,6 +12,7 @@ from typing import NoReturn
 from . import __version__, config, gateway, logs
 from .command import Parser
 from .errors import EX_OK, AgentError, UsageError
+from .pidfile import pidfile_path
 
 #: what an empty default means, where it is not "unset"
 _EMPTY_DEFAULTS = {
@@ -169,11 +170,23 @@ def _reexec(argv: list[str]) -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-m", "dm_agent", *argv])
 
 
+def cli_overrides(verbose: int = 0, **given: str | None) -> dict[str, str | None]:
+    """Map parsed command-line options onto key names (raw text, None when absent):
+    ``cli_overrides(verbose=2, master="10.0.0.3:8761")``. ``-v`` counts into log_level."""
+    unknown = set(given) - set(config.BY_NAME)
+    if unknown:
+        raise TypeError(f"cli_overrides: not config keys: {sorted(unknown)}")
+    out: dict[str, str | None] = {name: None for name in config.BY_NAME}
+    out.update(given)
+    out["log_level"] = str(min(verbose, 2)) if verbose else None
+    return out
+
+
 def _load(args: argparse.Namespace) -> tuple[config.Settings, list[str]]:
     """The settings, by the one path of a start and a reload (SIGHUP): the precedence
     rule, then what the gateway refuses to serve with; ConfigError (exit 78) on either."""
-    overrides = config.cli_overrides(args.verbose,
-                                     **{key: getattr(args, key) for _, _, key, _ in KEY_FLAGS})
+    overrides = cli_overrides(args.verbose,
+                              **{key: getattr(args, key) for _, _, key, _ in KEY_FLAGS})
     settings, warnings = config.load(overrides, args.config, cwd=args.cwd)
     gateway.check(settings)
     return settings, warnings
@@ -223,7 +236,7 @@ def _warn_not_reloaded(running: config.Settings, new: config.Settings) -> None:
     """A daemon keeps its pidfile (systemd's PIDFile= names it) and its log file for its
     whole life; a reload that changes them says so rather than ignoring them silently."""
     for key, was, now in (
-        ("pidfile", config.pidfile_path(running), config.pidfile_path(new)),
+        ("pidfile", pidfile_path(running), pidfile_path(new)),
         ("log_file", running.log_file, new.log_file),
     ):
         if was != now:
@@ -238,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.check_config:
         for warning in warnings:
             print(f"dm-agent: warning: {warning}", file=sys.stderr)
-        sys.stdout.write(config.render(settings))
+        sys.stdout.write(config.render(settings, {"pidfile": pidfile_path(settings)}))
         if not args.dry_run:
             settings.require_master()
         from .address import unmanaged

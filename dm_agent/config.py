@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -597,18 +597,6 @@ def read_secret_file(path: str, where: str, name: str = "secret",
     return secret
 
 
-def _pidfile_default() -> str:
-    if os.geteuid() == 0:
-        return "/run/dm-agent/dm-agent.pid"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dm-agent-{os.geteuid()}"
-    return os.path.join(runtime, "dm-agent.pid")
-
-
-def pidfile_path(settings: Settings) -> str:
-    """The pidfile: the setting, else /run/dm-agent for root, $XDG_RUNTIME_DIR otherwise."""
-    return settings.pidfile or _pidfile_default()
-
-
 #: what an empty setting means, for --check-config: the effective value is found at run time
 _EMPTY_MEANS = {
     "address": "default: the Docker TCP host:port, else the IP that routes to the master",
@@ -616,13 +604,16 @@ _EMPTY_MEANS = {
 }
 
 
-def render(settings: Settings) -> str:
-    """The effective settings as INI text, the secret masked, each with its source."""
+def render(settings: Settings, found: Mapping[str, str] | None = None) -> str:
+    """The effective settings as INI text, the secret masked, each with its source.
+    ``found`` holds values the program finds itself where a key is empty (the pidfile a
+    daemon would really use), shown in their place."""
+    found = found or {}
     lines = [f"# config file: {settings.config_file or '(none found)'}", f"[{SECTION}]"]
     for key in KEYS:
         value = getattr(settings, key.attr)
-        if key.name == "pidfile":  # the file a daemon would really use
-            value = pidfile_path(settings)
+        if not value and key.name in found:
+            value = found[key.name]
         if key.secret:
             text = SECRET_MASK if value else ""
         elif isinstance(value, bool):
@@ -638,19 +629,3 @@ def render(settings: Settings) -> str:
             source = _EMPTY_MEANS.get(key.name, source)
         lines.append(f"{key.name} = {text}".rstrip() + f"  ; {source}")
     return "\n".join(lines) + "\n"
-
-
-def cli_overrides(verbose: int = 0, **given: str | None) -> dict[str, str | None]:
-    """Map parsed command-line options onto key names (raw text, None when absent):
-    ``cli_overrides(verbose=2, master="10.0.0.3:8761")``. ``-v`` counts into log_level."""
-    unknown = set(given) - set(BY_NAME)
-    if unknown:
-        raise TypeError(f"cli_overrides: not config keys: {sorted(unknown)}")
-    out: dict[str, str | None] = {name: None for name in BY_NAME}
-    out.update(given)
-    out["log_level"] = str(min(verbose, 2)) if verbose else None
-    return out
-
-
-def is_excluded(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

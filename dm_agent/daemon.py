@@ -19,11 +19,11 @@ import signal
 import sys
 from collections.abc import Callable
 
-from . import config, logs
+from . import logs
 from .config import Settings
 from .errors import EX_FAILURE, EX_OK, AgentError
 from .net import redact
-from .pidfile import LockedPidfile
+from .pidfile import LockedPidfile, pidfile_path
 from .state import state_path
 
 READY_TIMEOUT = 30.0
@@ -128,7 +128,7 @@ def run(settings: Settings, warnings: list[str], reload: Callable[[], Settings],
         dry_run: bool = False) -> int:
     """Start the daemon; in the invoking process returns the exit code."""
     preload(bool(settings.gateway))
-    pidpath = config.pidfile_path(settings)
+    pidpath = pidfile_path(settings)
     starter_pid = os.getpid()  # systemd's WATCHDOG_PID names it
     rfd, wfd = os.pipe()
     sys.stdout.flush()

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 from . import config
 from .command import Parser, parse_command
 from .errors import ConfigError
+from .pidfile import pidfile_path
 from .state import GROUP, state_path
 
 REGISTERED, FAILING, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
@@ -87,7 +88,7 @@ def pidfile_of(explicit: str | None, config_path: str | None) -> str:
         return raw.text.strip()
     if os.geteuid() == 0 or os.path.isdir(os.path.dirname(SYSTEM_PIDFILE)):
         return SYSTEM_PIDFILE
-    return config.pidfile_path(config.DEFAULTS)
+    return pidfile_path(config.DEFAULTS)
 
 
 def lock_holder(path: str, st: os.stat_result) -> tuple[bool | None, int | None]:

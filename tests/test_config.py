@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from dm_agent import config
+from dm_agent.cli import cli_overrides
+from dm_agent.collectors.host import is_excluded
 from dm_agent.errors import ConfigError
 
 SECRET = "s3cr3t-value-that-must-not-leak"
@@ -117,7 +119,7 @@ def test_home_config_without_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_precedence_cli_env_file_default(tmp_path: Path) -> None:
     path = write(tmp_path / "a.ini", "[main]\ntimeout = 10\nmaster = file:1\nlog_level = 1\n")
     env = {"DM_AGENT_TIMEOUT": "20", "DM_AGENT_MASTER": "env:2"}
-    settings, _ = config.load(config.cli_overrides(timeout="30"), path, env)
+    settings, _ = config.load(cli_overrides(timeout="30"), path, env)
     assert settings.interval == 30
     assert settings.sources["timeout"] == "command line"
     assert settings.master == "http://env:2"
@@ -203,7 +205,7 @@ def test_secret_never_in_errors_or_render(tmp_path: Path) -> None:
     assert SECRET not in text and "secret = ********" in text
     # an invalid secret's error does not echo it either
     with pytest.raises(ConfigError) as err:
-        config.load(config.cli_overrides(secret=SECRET + "\nX-Evil: 1"), path, {})
+        config.load(cli_overrides(secret=SECRET + "\nX-Evil: 1"), path, {})
     assert SECRET not in str(err.value) and "line breaks" in str(err.value)
 
 
@@ -253,8 +255,8 @@ def test_bool_and_patterns() -> None:
     with pytest.raises(ValueError, match="yes/no"):
         config.parse_bool("maybe")
     assert config.parse_patterns("lo, veth*  docker0") == ("lo", "veth*", "docker0")
-    assert config.is_excluded("veth12ab", ("lo", "veth*"))
-    assert not config.is_excluded("eth0", ("lo", "veth*"))
+    assert is_excluded("veth12ab", ("lo", "veth*"))
+    assert not is_excluded("eth0", ("lo", "veth*"))
 
 
 def test_secret_precedence_cli_env_credential_secret_file_file(tmp_path: Path) -> None:
@@ -267,7 +269,7 @@ def test_secret_precedence_cli_env_credential_secret_file_file(tmp_path: Path) -
                  "[main]\nsecret = from-file\nsecret_file = node.secret\n")
     env = {"CREDENTIALS_DIRECTORY": str(creds)}
     cases = [
-        (config.cli_overrides(secret="from-cli"), {**env, "DM_AGENT_SECRET": "from-env"},
+        (cli_overrides(secret="from-cli"), {**env, "DM_AGENT_SECRET": "from-env"},
          "from-cli", "command line"),
         ({}, {**env, "DM_AGENT_SECRET": "from-env"}, "from-env",
          "environment DM_AGENT_SECRET"),
@@ -323,7 +325,7 @@ def test_missing_secret_file_names_the_setting(tmp_path: Path) -> None:
 def test_secret_that_cannot_travel_in_a_header_is_refused(tmp_path: Path, bad: str) -> None:
     path = write(tmp_path / "h.ini", "[main]\nmaster = m:1\n")
     for cli, env, where in [
-        (config.cli_overrides(secret=bad), {}, "command line: invalid secret:"),
+        (cli_overrides(secret=bad), {}, "command line: invalid secret:"),
         ({}, {"DM_AGENT_SECRET": bad}, "environment DM_AGENT_SECRET: invalid secret:"),
     ]:
         with pytest.raises(ConfigError) as err:
@@ -331,7 +333,7 @@ def test_secret_that_cannot_travel_in_a_header_is_refused(tmp_path: Path, bad: s
         assert str(err.value).startswith(where), str(err.value)
         assert bad not in str(err.value) and bad[:3] not in str(err.value)
     # Latin-1 is what http.client sends: accepted, as before
-    settings, _ = config.load(config.cli_overrides(secret="sécret"), path, {})
+    settings, _ = config.load(cli_overrides(secret="sécret"), path, {})
     assert settings.secret == "sécret"
 
 
@@ -364,7 +366,7 @@ def test_relative_paths_in_the_file_are_relative_to_its_directory(tmp_path: Path
     assert settings.master_ca == f"{conf_dir}/ca.pem"
     assert settings.secret_file == f"{conf_dir}/node.secret"
     # the command line and the environment: against the starting directory, as is -f
-    settings, _ = config.load(config.cli_overrides(pidfile="cli.pid"), "../etc/r.ini",
+    settings, _ = config.load(cli_overrides(pidfile="cli.pid"), "../etc/r.ini",
                               {"DM_AGENT_LOG_FILE": "x.log"}, cwd=str(start))
     assert settings.config_file == path
     assert settings.pidfile == f"{start}/cli.pid"
