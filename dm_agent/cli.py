@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__, config, gateway, logs
-from .command import Parser
+from .commands.parser import Parser
 from .errors import EX_OK, AgentError, UsageError
 from .pidfile import pidfile_path
 
@@ -59,21 +59,21 @@ Commands (see dm-agent COMMAND --help):
 
 
 def _status(argv: list[str]) -> int:
-    from . import status
+    from .commands import status
 
     return status.main(argv)
 
 
 def _migrate(argv: list[str]) -> int:
-    from . import migrate
+    from .commands import migrate
 
     return migrate.main(argv)
 
 
 def _hash_password(argv: list[str]) -> int:
-    from . import hashpw
+    from .commands import hash_password
 
-    return hashpw.main(argv)
+    return hash_password.main(argv)
 
 
 # Subcommands, each with its own parser and exit codes; the agent itself takes none.

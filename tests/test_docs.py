@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from agentproc import run
 
-from dm_agent import cli, config, errors, migrate, status
+from dm_agent import cli, config, errors
+from dm_agent.commands import migrate, status
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "packaging" / "dm-agent.8"

@@ -28,10 +28,10 @@ import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from . import config, gateway
-from .command import Parser, parse_command
-from .errors import EX_FAILURE, EX_OK, AgentError, ConfigError, UsageError
-from .net import SECRET_MASK
+from .. import config, gateway
+from ..errors import EX_FAILURE, EX_OK, AgentError, ConfigError, UsageError
+from ..net import SECRET_MASK
+from .parser import Parser, parse_command
 
 UNIT_DIR = "/etc/systemd/system"
 SCRIPT_DIR = "/usr/local/bin"

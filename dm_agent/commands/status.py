@@ -26,11 +26,11 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from . import config
-from .command import Parser, parse_command
-from .errors import ConfigError
-from .pidfile import pidfile_path
-from .state import GROUP, state_path
+from .. import config
+from ..errors import ConfigError
+from ..pidfile import pidfile_path
+from ..state import GROUP, state_path
+from .parser import Parser, parse_command
 
 REGISTERED, FAILING, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
 SYSTEM_PIDFILE = "/run/dm-agent/dm-agent.pid"
