@@ -12,7 +12,7 @@ from typing import NoReturn
 from . import __version__, config, gateway, logs
 from .commands.parser import Parser
 from .errors import EX_OK, AgentError, UsageError
-from .pidfile import pidfile_path
+from .process.pidfile import pidfile_path
 
 #: what an empty default means, where it is not "unset"
 _EMPTY_DEFAULTS = {
@@ -254,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(config.render(settings, {"pidfile": pidfile_path(settings)}))
         if not args.dry_run:
             settings.require_master()
-        from .address import unmanaged
+        from .round.address import unmanaged
 
         if note := unmanaged(settings):
             print(f"dm-agent: note: {note}", file=sys.stderr)
@@ -273,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
         return new
 
     if args.daemon:
-        from . import daemon
+        from .process import daemon
 
         return daemon.run(settings, warnings, reload, dry_run=args.dry_run)
 
@@ -282,7 +282,7 @@ def _run(args: argparse.Namespace) -> int:
         logs.logger.warning("%s", warning)
     logs.logger.info("Configs: %s", settings.config_file or "(none found)")
     if args.once:
-        from .agent import Agent
+        from .round.agent import Agent
 
         agent = Agent(settings, dry_run=args.dry_run)
         ok = agent.register()
@@ -296,10 +296,10 @@ def _foreground(settings: config.Settings, reload: Callable[[], config.Settings]
     """The agent in the foreground. With a ``pidfile`` configured (the container image
     sets one) it holds it and writes the state file beside it, as the daemon does, so
     that ``dm-agent status`` answers; otherwise it leaves no file behind."""
-    from . import runner
-    from .notify import Watchdog
-    from .pidfile import LockedPidfile
-    from .state import state_path
+    from .process import runner
+    from .process.notify import Watchdog
+    from .process.pidfile import LockedPidfile
+    from .process.state import state_path
 
     watchdog = Watchdog.from_env({os.getpid()})
     if not settings.pidfile:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from support.clock import Clock
 
-from dm_agent import rounds, schedule
-from dm_agent.outage import Outage, fmt_duration
+from dm_agent.process import rounds, schedule
+from dm_agent.round.outage import Outage, fmt_duration
 
 
 def test_backoff_grows_exponentially_and_is_capped_at_the_interval() -> None:
@@ -118,8 +118,8 @@ def test_info_is_reused_only_between_periodic_rounds_of_a_connected_stream() -> 
     stream, or a stream that is down read /info again."""
     from dm_agent.collectors.events import EventWatcher
     from dm_agent.config import Settings
-    from dm_agent.rounds import Progress
-    from dm_agent.source import NodeSource
+    from dm_agent.process.rounds import Progress
+    from dm_agent.round.source import NodeSource
 
     clock = Clock()
     source = NodeSource(Settings(interval=60), Progress(), Outage("Docker"), clock=clock)

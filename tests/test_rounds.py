@@ -18,15 +18,15 @@ from agentproc import BIN, clean_env, popen, stop, stopped
 from support.dockerd import Dockerd, create_containers
 from support.master import BodyGate, Master
 
-from dm_agent import address as address_mod
-from dm_agent.address import Announcer
-from dm_agent.agent import Agent
 from dm_agent.config import Settings
 from dm_agent.net import master_endpoint
-from dm_agent.outage import Outage
-from dm_agent.rounds import Progress, RoundThread
-from dm_agent.signals import Signals, Waker
-from dm_agent.source import NodeSource
+from dm_agent.process.rounds import Progress, RoundThread
+from dm_agent.process.signals import Signals, Waker
+from dm_agent.round import address as address_mod
+from dm_agent.round.address import Announcer
+from dm_agent.round.agent import Agent
+from dm_agent.round.outage import Outage
+from dm_agent.round.source import NodeSource
 
 NO_DOCKER = "unix:///nonexistent/docker.sock"
 

@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 
 from .. import config
 from ..errors import ConfigError
-from ..pidfile import pidfile_path
-from ..state import GROUP, state_path
+from ..process.pidfile import pidfile_path
+from ..process.state import GROUP, state_path
 from .parser import Parser, parse_command
 
 REGISTERED, FAILING, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4

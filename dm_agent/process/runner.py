@@ -11,10 +11,10 @@ import logging
 import urllib.parse
 from collections.abc import Callable
 
+from ..config import Settings
+from ..round.address import is_loopback
+from ..round.agent import Agent, describe
 from . import loop
-from .address import is_loopback
-from .agent import Agent, describe
-from .config import Settings
 from .notify import Watchdog
 from .services import EventsService, Services
 from .signals import Signals, Waker
@@ -27,7 +27,7 @@ def build_services(agent: Agent, nudges: loop.Nudges) -> Services:
     """Docker's event stream and the gateway. The gateway's parser, bcrypt and TLS
     modules are imported only when it is configured: a node without it keeps the agent's
     memory budget."""
-    from .gateway.service import Gateway
+    from ..gateway.service import Gateway
 
     return Services([EventsService(agent, nudges), Gateway(agent.settings, agent.announced)])
 

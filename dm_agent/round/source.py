@@ -7,12 +7,12 @@ import socket
 import time
 from collections.abc import Callable
 
-from .collectors.docker import DockerCollector, DockerTLS, NodeInfo, connect
-from .collectors.events import EventWatcher
-from .config import Settings
-from .errors import DockerError
+from ..collectors.docker import DockerCollector, DockerTLS, NodeInfo, connect
+from ..collectors.events import EventWatcher
+from ..config import Settings
+from ..errors import DockerError
+from ..process.rounds import Progress, timeouts
 from .outage import Outage
-from .rounds import Progress, timeouts
 
 # With a live event stream the container list is re-read only after a change, and at
 # least this often (seconds) in case the stream missed something.

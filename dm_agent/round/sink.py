@@ -6,12 +6,12 @@ import json
 import logging
 from typing import IO, Any
 
+from ..config import Settings
+from ..errors import ReportError
+from ..process.rounds import Progress, timeouts
 from . import payload
-from .config import Settings
-from .errors import ReportError
 from .outage import Outage
 from .reporter import Reporter
-from .rounds import Progress, timeouts
 
 log = logging.getLogger("dm_agent")
 

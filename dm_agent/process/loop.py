@@ -13,9 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..config import Settings
+from ..round.agent import Agent
 from . import reload as reloading
-from .agent import Agent
-from .config import Settings
 from .notify import Watchdog
 from .rounds import STOP_GRACE, RoundThread
 from .schedule import Schedule

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .outage import fmt_duration
+from ..round.outage import fmt_duration
 from .signals import Signals
 
 # The longest a round may take, in seconds, whatever the interval: the unit's

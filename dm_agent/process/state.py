@@ -18,11 +18,11 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .net import redact
+from .. import __version__
+from ..net import redact
 
 if TYPE_CHECKING:  # the agent imports this module, not the other way round
-    from .agent import Agent
+    from ..round.agent import Agent
     from .services import Services
 
 log = logging.getLogger("dm_agent")

@@ -14,15 +14,15 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
+from ..collectors.docker import NodeInfo
+from ..collectors.events import EventWatcher
+from ..collectors.host import HostCollector
+from ..config import Settings
+from ..net import redact
+from ..process.rounds import Progress, timeouts
 from . import nodename, payload
 from .address import Announcer, unmanaged
-from .collectors.docker import NodeInfo
-from .collectors.events import EventWatcher
-from .collectors.host import HostCollector
-from .config import Settings
-from .net import redact
 from .outage import Outage
-from .rounds import Progress, timeouts
 from .sink import MasterSink, Printer
 from .source import NodeSource
 

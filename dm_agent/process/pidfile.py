@@ -19,10 +19,10 @@ import stat
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from .errors import AgentError, PidfileLockedError
+from ..errors import AgentError, PidfileLockedError
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from ..config import Settings
 
 
 def _default() -> str:

@@ -19,10 +19,10 @@ import signal
 import sys
 from collections.abc import Callable
 
-from . import logs
-from .config import Settings
-from .errors import EX_FAILURE, EX_OK, AgentError
-from .net import redact
+from .. import logs
+from ..config import Settings
+from ..errors import EX_FAILURE, EX_OK, AgentError
+from ..net import redact
 from .pidfile import LockedPidfile, pidfile_path
 from .state import state_path
 
@@ -49,8 +49,8 @@ def preload(gateway: bool = False) -> None:
     import requests.adapters  # noqa: F401
     import urllib3  # noqa: F401
 
+    from ..collectors import events  # noqa: F401
     from . import runner  # noqa: F401  (the agent, the loop, the services)
-    from .collectors import events  # noqa: F401
 
     if not logs.under_journal(sys.stderr):
         import logging.handlers  # noqa: F401  (syslog, outside systemd)
@@ -61,7 +61,7 @@ def preload(gateway: bool = False) -> None:
         pass
     "probe".encode("idna")
     if gateway:
-        from .gateway import auth, edge, relay, server, tls, upstream  # noqa: F401
+        from ..gateway import auth, edge, relay, server, tls, upstream  # noqa: F401
 
 
 class _Starter:
