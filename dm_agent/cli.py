@@ -9,8 +9,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__, config, gateway, logs
+from . import __version__, gateway, logs
 from .commands.parser import Parser
+from .config import settings as config
 from .errors import EX_OK, AgentError, UsageError
 from .process.pidfile import pidfile_path
 

@@ -117,7 +117,7 @@ def test_info_is_reused_only_between_periodic_rounds_of_a_connected_stream() -> 
     name and labels; a periodic round (an interval later), a reconnect of the event
     stream, or a stream that is down read /info again."""
     from dm_agent.collectors.events import EventWatcher
-    from dm_agent.config import Settings
+    from dm_agent.config.settings import Settings
     from dm_agent.process.rounds import Progress
     from dm_agent.round.source import NodeSource
 

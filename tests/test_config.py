@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from dm_agent import config
+import dm_agent
 from dm_agent.cli import cli_overrides
 from dm_agent.collectors.host import is_excluded
+from dm_agent.config import settings as config
 from dm_agent.errors import ConfigError
 
 SECRET = "s3cr3t-value-that-must-not-leak"
+
+PACKAGE = Path(dm_agent.__file__).parent
 
 
 def write(path: Path, body: str) -> str:
@@ -180,14 +183,14 @@ def test_unreadable_file_as_other_user(tmp_path: Path) -> None:
 
         os.chmod(tmp_path, 0o755)
         code = (
-            "import sys; from dm_agent import config\n"
+            "import sys; from dm_agent.config import settings as config\n"
             "try: config.load({}, sys.argv[1], {})\n"
             "except config.ConfigError as e: print(e); sys.exit(78)\n"
         )
         proc = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
              sys.executable, "-c", code, path],
-            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(config.__file__)),
+            capture_output=True, text=True, cwd=PACKAGE.parent,
         )
         assert proc.returncode == 78, proc.stderr
         assert "permission denied" in proc.stdout and path in proc.stdout
@@ -230,7 +233,7 @@ def test_require_master_names_the_file(tmp_path: Path) -> None:
 
 
 def test_sample_config_documents_every_key_with_its_default() -> None:
-    sample = Path(config.__file__).parent / "data" / "dm-agent.ini"
+    sample = PACKAGE / "data" / "dm-agent.ini"
     text = sample.read_text(encoding="utf-8")
     # every key shown at its default, commented out, but log_level: a packaged node logs
     # at INFO (docs/design.md §4), while the program's own default stays WARNING
@@ -390,12 +393,12 @@ def secret_file_behind_private_directory(tmp_path: Path) -> None:
     write(tmp_path / "private" / "node.secret", "s\n")
     path = write(tmp_path / "d.ini", f"[main]\nsecret_file = {tmp_path}/private/node.secret\n")
     os.chmod(path, 0o644)
-    code = ("import sys; from dm_agent import config\n"
+    code = ("import sys; from dm_agent.config import settings as config\n"
             "try: config.load({}, sys.argv[1], {})\n"
             "except config.ConfigError as e: print(e); sys.exit(78)\n")
     proc = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
          "-c", code, path], capture_output=True, text=True,
-        cwd=os.path.dirname(os.path.dirname(config.__file__)))
+        cwd=PACKAGE.parent)
     assert proc.returncode == 78, proc.stderr
     assert "cannot be reached: permission denied on a directory above it" in proc.stdout

@@ -18,7 +18,7 @@ from agentproc import BIN, clean_env, popen, stop, stopped
 from support.dockerd import Dockerd, create_containers
 from support.master import BodyGate, Master
 
-from dm_agent.config import Settings
+from dm_agent.config.settings import Settings
 from dm_agent.net import master_endpoint
 from dm_agent.process.rounds import Progress, RoundThread
 from dm_agent.process.signals import Signals, Waker

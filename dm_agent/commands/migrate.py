@@ -28,7 +28,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .. import config, gateway
+from .. import gateway
+from ..config import settings as config
 from ..errors import EX_FAILURE, EX_OK, AgentError, ConfigError, UsageError
 from ..net import SECRET_MASK
 from .parser import Parser, parse_command

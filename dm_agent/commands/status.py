@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from .. import config
+from ..config import settings as config
 from ..errors import ConfigError
 from ..process.pidfile import pidfile_path
 from ..process.state import GROUP, state_path

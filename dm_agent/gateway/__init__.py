@@ -21,7 +21,7 @@ its own.
 
 from __future__ import annotations
 
-from ..config import Settings
+from ..config.settings import Settings
 from ..errors import ConfigError
 
 

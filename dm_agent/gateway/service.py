@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..config import Settings
+from ..config.settings import Settings
 
 if TYPE_CHECKING:
     from .server import Listener

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 
 from .. import logs
-from ..config import Settings
+from ..config.settings import Settings
 from ..errors import EX_FAILURE, EX_OK, AgentError
 from ..net import redact
 from .pidfile import LockedPidfile, pidfile_path

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..config import Settings
+from ..config.settings import Settings
 from ..round.agent import Agent
 from . import reload as reloading
 from .notify import Watchdog

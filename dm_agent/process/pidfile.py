@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from ..errors import AgentError, PidfileLockedError
 
 if TYPE_CHECKING:
-    from ..config import Settings
+    from ..config.settings import Settings
 
 
 def _default() -> str:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 
 from .. import logs
-from ..config import Settings
+from ..config.settings import Settings
 from ..errors import ConfigError
 from ..round.agent import Agent
 from .services import Services

@@ -11,7 +11,7 @@ import logging
 import urllib.parse
 from collections.abc import Callable
 
-from ..config import Settings
+from ..config.settings import Settings
 from ..round.address import is_loopback
 from ..round.agent import Agent, describe
 from . import loop

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..config import Settings
+from ..config.settings import Settings
 
 if TYPE_CHECKING:  # the agent is handed in, not imported at run time
     from ..round.agent import Agent

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from ..config import Settings
+from ..config.settings import Settings
 from ..net import route_address, tcp_address
 
 

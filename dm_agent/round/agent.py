@@ -17,7 +17,7 @@ from typing import IO, Any
 from ..collectors.docker import NodeInfo
 from ..collectors.events import EventWatcher
 from ..collectors.host import HostCollector
-from ..config import Settings
+from ..config.settings import Settings
 from ..net import redact
 from ..process.rounds import Progress, timeouts
 from . import nodename, payload

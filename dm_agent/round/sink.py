@@ -6,7 +6,7 @@ import json
 import logging
 from typing import IO, Any
 
-from ..config import Settings
+from ..config.settings import Settings
 from ..errors import ReportError
 from ..process.rounds import Progress, timeouts
 from . import payload

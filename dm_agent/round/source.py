@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from ..collectors.docker import DockerCollector, DockerTLS, NodeInfo, connect
 from ..collectors.events import EventWatcher
-from ..config import Settings
+from ..config.settings import Settings
 from ..errors import DockerError
 from ..process.rounds import Progress, timeouts
 from .outage import Outage

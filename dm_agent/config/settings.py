@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .errors import ConfigError
-from .net import SECRET_MASK, USERINFO, redact_userinfo
+from ..errors import ConfigError
+from ..net import SECRET_MASK, USERINFO, redact_userinfo
 
 SECTION = "main"
 ENV_PREFIX = "DM_AGENT_"

@@ -1,0 +1,2 @@
+"""The configuration (docs/design.md §3, docs/configuration.md): ``settings``, the one table
+of keys, the precedence rule and the effective ``Settings``."""
