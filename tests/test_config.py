@@ -11,6 +11,7 @@ import dm_agent
 from dm_agent.cli import cli_overrides
 from dm_agent.collectors.host import is_excluded
 from dm_agent.config import settings as config
+from dm_agent.config import values
 from dm_agent.errors import ConfigError
 
 SECRET = "s3cr3t-value-that-must-not-leak"
@@ -34,7 +35,7 @@ def write(path: Path, body: str) -> str:
     ],
 )
 def test_docker_endpoint_forms(raw: str, expected: str) -> None:
-    assert config.parse_docker(raw) == expected
+    assert values.parse_docker(raw) == expected
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ def test_docker_endpoint_forms(raw: str, expected: str) -> None:
 )
 def test_docker_endpoint_errors(raw: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
-        config.parse_docker(raw)
+        values.parse_docker(raw)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +64,7 @@ def test_docker_endpoint_errors(raw: str, fragment: str) -> None:
     ],
 )
 def test_master_forms(raw: str, expected: str | None) -> None:
-    assert config.parse_master(raw) == expected
+    assert values.parse_master(raw) == expected
 
 
 @pytest.mark.parametrize(
@@ -78,7 +79,7 @@ def test_master_forms(raw: str, expected: str | None) -> None:
 )
 def test_master_errors(raw: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
-        config.parse_master(raw)
+        values.parse_master(raw)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +89,7 @@ def test_master_errors(raw: str, fragment: str) -> None:
 )
 def test_interval_errors(raw: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
-        config.parse_interval(raw)
+        values.parse_interval(raw)
 
 
 def test_search_path_first_existing_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,10 +255,10 @@ def test_sample_config_documents_every_key_with_its_default() -> None:
 
 
 def test_bool_and_patterns() -> None:
-    assert config.parse_bool("Yes") is True and config.parse_bool("off") is False
+    assert values.parse_bool("Yes") is True and values.parse_bool("off") is False
     with pytest.raises(ValueError, match="yes/no"):
-        config.parse_bool("maybe")
-    assert config.parse_patterns("lo, veth*  docker0") == ("lo", "veth*", "docker0")
+        values.parse_bool("maybe")
+    assert values.parse_patterns("lo, veth*  docker0") == ("lo", "veth*", "docker0")
     assert is_excluded("veth12ab", ("lo", "veth*"))
     assert not is_excluded("eth0", ("lo", "veth*"))
 
