@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from support.clock import Clock
 
-from dm_agent.process import rounds, schedule
+from dm_agent.process import schedule
+from dm_agent.round import bounds
 from dm_agent.round.outage import Outage, fmt_duration
 
 
@@ -30,15 +31,15 @@ def test_backoff_is_jittered() -> None:
 
 def test_timeouts_are_shorter_than_the_interval() -> None:
     for interval in (1, 2, 5, 60, 3600):
-        t = rounds.timeouts(interval)
+        t = bounds.timeouts(interval)
         assert t["docker"] < interval or t["docker"] <= 0.8 * interval + 1e-9
         assert t["http"][0] < interval and t["http"][1] < interval
         assert t["disk"] < interval
         assert t["round"] < t["abandon"] < interval  # the whole round, DNS included
-        assert t["abandon"] <= rounds.ROUND_MAX
+        assert t["abandon"] <= bounds.ROUND_MAX
     # the unit's WatchdogSec is twice the longest round
     unit = (Path(__file__).parents[1] / "systemd/dm-agent.service").read_text()
-    assert f"\nWatchdogSec={2 * rounds.ROUND_MAX:g}\n" in unit
+    assert f"\nWatchdogSec={2 * bounds.ROUND_MAX:g}\n" in unit
 
 
 def test_thousand_agents_started_together_spread_evenly() -> None:
@@ -118,7 +119,7 @@ def test_info_is_reused_only_between_periodic_rounds_of_a_connected_stream() -> 
     stream, or a stream that is down read /info again."""
     from dm_agent.collectors.events import EventWatcher
     from dm_agent.config.settings import Settings
-    from dm_agent.process.rounds import Progress
+    from dm_agent.round.bounds import Progress
     from dm_agent.round.source import NodeSource
 
     clock = Clock()

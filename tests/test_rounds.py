@@ -20,11 +20,12 @@ from support.master import BodyGate, Master
 
 from dm_agent.config.settings import Settings
 from dm_agent.net import master_endpoint
-from dm_agent.process.rounds import Progress, RoundThread
+from dm_agent.process.rounds import RoundThread
 from dm_agent.process.signals import Signals, Waker
 from dm_agent.round import address as address_mod
 from dm_agent.round.address import Announcer
 from dm_agent.round.agent import Agent
+from dm_agent.round.bounds import Progress
 from dm_agent.round.outage import Outage
 from dm_agent.round.source import NodeSource
 

@@ -19,9 +19,9 @@ from ..collectors.events import EventWatcher
 from ..collectors.host import HostCollector
 from ..config.settings import Settings
 from ..net import redact
-from ..process.rounds import Progress, timeouts
 from . import nodename, payload
 from .address import Announcer, unmanaged
+from .bounds import Progress, timeouts
 from .outage import Outage
 from .sink import MasterSink, Printer
 from .source import NodeSource

@@ -8,8 +8,8 @@ from typing import IO, Any
 
 from ..config.settings import Settings
 from ..errors import ReportError
-from ..process.rounds import Progress, timeouts
 from . import payload
+from .bounds import Progress, timeouts
 from .outage import Outage
 from .reporter import Reporter
 

@@ -11,7 +11,7 @@ from ..collectors.docker import DockerCollector, DockerTLS, NodeInfo, connect
 from ..collectors.events import EventWatcher
 from ..config.settings import Settings
 from ..errors import DockerError
-from ..process.rounds import Progress, timeouts
+from .bounds import Progress, timeouts
 from .outage import Outage
 
 # With a live event stream the container list is re-read only after a change, and at
