@@ -286,9 +286,10 @@ def _run(args: argparse.Namespace) -> int:
         from .round.agent import Agent
 
         agent = Agent(settings, dry_run=args.dry_run)
-        ok = agent.register()
+        outcome = agent.register()  # one round, in this thread: its outcome applied here
+        agent.settle(outcome)
         agent.close()
-        return EX_OK if ok else 1
+        return EX_OK if outcome.ok else 1
     return _foreground(settings, reload, args.dry_run)
 
 

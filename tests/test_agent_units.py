@@ -32,11 +32,11 @@ def test_backoff_is_jittered() -> None:
 def test_timeouts_are_shorter_than_the_interval() -> None:
     for interval in (1, 2, 5, 60, 3600):
         t = bounds.timeouts(interval)
-        assert t["docker"] < interval or t["docker"] <= 0.8 * interval + 1e-9
-        assert t["http"][0] < interval and t["http"][1] < interval
-        assert t["disk"] < interval
-        assert t["round"] < t["abandon"] < interval  # the whole round, DNS included
-        assert t["abandon"] <= bounds.ROUND_MAX
+        assert t.docker < interval or t.docker <= 0.8 * interval + 1e-9
+        assert t.http[0] < interval and t.http[1] < interval
+        assert t.disk < interval
+        assert t.round < t.abandon < interval  # the whole round, DNS included
+        assert t.abandon <= bounds.ROUND_MAX
     # the unit's WatchdogSec is twice the longest round
     unit = (Path(__file__).parents[1] / "systemd/dm-agent.service").read_text()
     assert f"\nWatchdogSec={2 * bounds.ROUND_MAX:g}\n" in unit
@@ -123,7 +123,7 @@ def test_info_is_reused_only_between_periodic_rounds_of_a_connected_stream() -> 
     from dm_agent.round.source import NodeSource
 
     clock = Clock()
-    source = NodeSource(Settings(interval=60), Progress(), Outage("Docker"), clock=clock)
+    source = NodeSource(Settings(interval=60), Progress(), Outage("Docker"), 10.0, clock=clock)
     assert source.reinfo() == (True, -1)  # no stream
     events = EventWatcher(lambda: None, lambda action: None)  # never started
     source.events = events

@@ -11,7 +11,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..round.bounds import Progress, timeouts
+from ..round.agent import Outcome
+from ..round.bounds import Progress, Timeouts
 from ..round.outage import fmt_duration
 from .signals import Signals
 
@@ -32,29 +33,30 @@ class RoundThread:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.stuck: list[tuple[threading.Thread, str]] = []
-        #: the end of the round a stop interrupted (``finish()`` waits for it)
-        self.in_flight: threading.Event | None = None
+        #: the round a stop interrupted: its end, and its outcome once it has one
+        #: (``finish()`` waits for it)
+        self.in_flight: tuple[threading.Event, list[Outcome]] | None = None
 
-    def run(self, register: Callable[[float], bool], interval: int, signals: Signals,
-            failed: Callable[[str, str], None], abandoned: Callable[[], None]) -> bool | None:
-        """``register(deadline)``'s outcome; None when a stop came first.
+    def run(self, register: Callable[[float], Outcome], limits: Timeouts, signals: Signals,
+            abandoned: Callable[[], None]) -> Outcome | None:
+        """What ``register(deadline)`` came to; None when a stop came first.
 
-        Past the deadline it is a failed round (``failed(kind, message)``), and
-        ``abandoned()`` gives the next rounds fresh clients."""
+        Past the deadline (``limits.abandon``) it is a failed round, whatever the worker
+        does later, and ``abandoned()`` gives the next rounds fresh clients."""
         self.stuck = [(t, what) for t, what in self.stuck if t.is_alive()]
         if len(self.stuck) >= MAX_STUCK:
-            failed("stuck", f"registration not attempted: {MAX_STUCK} earlier rounds are "
-                   "still blocked, " + "; ".join(what for _, what in self.stuck))
-            return False
-        limits, waker = timeouts(interval), signals.waker
+            return Outcome(None, ("stuck", f"registration not attempted: {MAX_STUCK} earlier "
+                                  "rounds are still blocked, "
+                                  + "; ".join(what for _, what in self.stuck)))
+        waker = signals.waker
         started = time.monotonic()
-        give_up = started + limits["abandon"]
-        result: list[bool] = []
+        give_up = started + limits.abandon
+        result: list[Outcome] = []
         done = threading.Event()
 
         def work() -> None:
             try:
-                result.append(register(started + limits["round"]))
+                result.append(register(started + limits.round))
             finally:
                 done.set()  # before the wake-up: the loop below must see it when it wakes
                 waker.wake()
@@ -68,22 +70,27 @@ class RoundThread:
                 stage = self.progress.stage
                 self.progress.worker = None
                 self.stuck.append((worker, f"{stage} (since {fmt_duration(now - started)})"))
-                failed("timeout", f"registration abandoned: not done within "
-                       f"{limits['abandon']:g}s, while {stage}")
                 abandoned()
-                return False
+                return Outcome(None, ("timeout", f"registration abandoned: not done within "
+                                      f"{limits.abandon:g}s, while {stage}"))
             # Wakes for the round's end or any signal; a kick that arrives meanwhile is
             # in the schedule and a signal in the pending list, so draining loses nothing.
             waker.wait(min(0.5, give_up - now))
             if signals.stop_requested():  # other signals wait until the round is over
-                self.in_flight = done
+                self.in_flight = done, result
                 return None
         self.progress.worker = None
-        return bool(result and result[0])
+        return _only(result)
 
-    def finish(self, by: float) -> bool:
+    def finish(self, by: float) -> Outcome | None:
         """After a stop: wait until ``by`` (monotonic) for the round it interrupted to
-        end its exchange; True when no round is left in flight."""
+        end its exchange; what it came to, or None (no round in flight, or not ended)."""
         if self.in_flight is None:
-            return True
-        return self.in_flight.wait(max(0.0, by - time.monotonic()))
+            return None
+        done, result = self.in_flight
+        return _only(result) if done.wait(max(0.0, by - time.monotonic())) else None
+
+
+def _only(result: list[Outcome]) -> Outcome:
+    """The worker's outcome (``register`` never raises; should it, the round failed)."""
+    return result[0] if result else Outcome(None, ("unknown", "the round failed"))

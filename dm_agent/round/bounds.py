@@ -9,7 +9,7 @@ wakes up is neither logged nor kept (``Progress.live``).
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import NamedTuple
 
 # The longest a round may take, in seconds, whatever the interval: the unit's
 # WatchdogSec (60 s) is twice that, so only a hung agent misses the watchdog.
@@ -20,19 +20,31 @@ def _clamp(value: float, low: float, high: float) -> float:
     return max(low, min(high, value))
 
 
-def timeouts(interval: int) -> dict[str, Any]:
+class Timeouts(NamedTuple):
     """Bounds of every network call and probe of a round, all shorter than the interval.
 
     ``round`` bounds the whole exchange with the master (the body it sends back
     included); ``abandon`` bounds the whole round as the loop sees it — DNS lookups of
     the master and of a TCP Docker, which no socket timeout covers, included."""
-    return {
-        "docker": _clamp(0.8 * interval, 0.5, 10.0),
-        "http": (_clamp(0.4 * interval, 0.4, 5.0), _clamp(0.5 * interval, 0.5, 15.0)),
-        "disk": _clamp(0.25 * interval, 0.2, 1.0),
-        "round": _clamp(0.8 * interval, 0.8, ROUND_MAX - 5.0),
-        "abandon": _clamp(0.95 * interval, 0.95, ROUND_MAX),
-    }
+
+    docker: float
+    #: (connect, read) of each request to the master
+    http: tuple[float, float]
+    disk: float
+    round: float
+    abandon: float
+
+
+def timeouts(interval: int) -> Timeouts:
+    """The bounds of a round at this interval: computed once per configuration (the
+    agent's ``Parts``), which hands each part its own."""
+    return Timeouts(
+        docker=_clamp(0.8 * interval, 0.5, 10.0),
+        http=(_clamp(0.4 * interval, 0.4, 5.0), _clamp(0.5 * interval, 0.5, 15.0)),
+        disk=_clamp(0.25 * interval, 0.2, 1.0),
+        round=_clamp(0.8 * interval, 0.8, ROUND_MAX - 5.0),
+        abandon=_clamp(0.95 * interval, 0.95, ROUND_MAX),
+    )
 
 
 class Progress:
