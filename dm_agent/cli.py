@@ -15,17 +15,11 @@ from .config import settings as config
 from .errors import EX_OK, AgentError, UsageError
 from .process.pidfile import pidfile_path
 
-#: what an empty default means, where it is not "unset"
-_EMPTY_DEFAULTS = {
-    "pidfile": "/run/dm-agent/dm-agent.pid (root), $XDG_RUNTIME_DIR/dm-agent.pid (others)",
-    "address": "(found at run time)",
-    "master_ca": "(the system CA store)",
-}
-
 
 def _defaults() -> str:
-    """Every key of [main] with its default, one per line, for --help."""
-    return "\n".join(f"  {k.name} = {k.default or _EMPTY_DEFAULTS.get(k.name, '(unset)')}"
+    """Every key of [main] with its default, one per line, for --help (in brackets, what
+    an empty default means)."""
+    return "\n".join(f"  {k.name} = {k.default or '(' + (k.empty or 'unset') + ')'}"
                      for k in config.KEYS)
 
 

@@ -403,3 +403,20 @@ def secret_file_behind_private_directory(tmp_path: Path) -> None:
         cwd=PACKAGE.parent)
     assert proc.returncode == 78, proc.stderr
     assert "cannot be reached: permission denied on a directory above it" in proc.stdout
+
+
+def test_what_an_empty_value_means_is_said_alike_by_help_and_check_config() -> None:
+    """One field of the key (``Key.empty``) says what an empty value means; ``--help``
+    shows it in brackets, ``--check-config`` as the source of an empty default, but for
+    the pidfile, whose path found at run time it shows instead."""
+    from dm_agent.cli import EPILOG
+
+    meant = [k for k in config.KEYS if k.empty]
+    assert {k.name for k in meant} == {"address", "pidfile", "master_ca"}
+    rendered = config.render(config.DEFAULTS, {"pidfile": "/run/x.pid"})
+    for key in meant:
+        assert f"\n  {key.name} = ({key.empty})\n" in EPILOG, key.name
+    assert "\naddress =  ; default: the Docker TCP host:port, else the IP that routes" in rendered
+    assert "\nmaster_ca =  ; default: the system CA store\n" in rendered
+    assert "\npidfile = /run/x.pid  ; default\n" in rendered
+    assert "\nlog_file =  ; default\n" in rendered  # unset means unset

@@ -54,6 +54,9 @@ class Key(NamedTuple):
     #: environment variables read after ``DM_AGENT_<KEY>``: the master's own "add node"
     #: line names the master and the secret so (docs/design.md §7)
     aliases: tuple[str, ...] = ()
+    #: what an empty value means, where it is not "unset": the program finds the value
+    #: at run time (``--help`` and ``--check-config`` say what it is)
+    empty: str = ""
 
     @property
     def attr(self) -> str:
@@ -69,13 +72,15 @@ KEYS: tuple[Key, ...] = (
     Key("secret", parse_secret, "", secret=True, aliases=("dm_agent_notifier_secret",)),
     Key("secret_file", parse_existing_file, "", path=True),
     Key("log_level", parse_log_level, "0"),
-    Key("address", parse_address, ""),
-    Key("pidfile", parse_optional_path, "", path=True),
+    Key("address", parse_address, "",
+        empty="the Docker TCP host:port, else the IP that routes to the master"),
+    Key("pidfile", parse_optional_path, "", path=True,
+        empty="/run/dm-agent/dm-agent.pid for root, else $XDG_RUNTIME_DIR/dm-agent.pid"),
     Key("log_file", parse_optional_path, "", path=True),
     Key("docker_tls_ca", parse_existing_file, "", path=True),
     Key("docker_tls_cert", parse_existing_file, "", path=True),
     Key("docker_tls_key", parse_existing_file, "", path=True),
-    Key("master_ca", parse_existing_file, "", path=True),
+    Key("master_ca", parse_existing_file, "", path=True, empty="the system CA store"),
     Key("time_format", parse_time_format, "utc"),
     Key("net_exclude", parse_patterns, "lo, veth*"),
     Key("jitter", parse_bool, "yes"),
@@ -388,13 +393,6 @@ def read_secret_file(path: str, where: str, name: str = "secret",
     return secret
 
 
-#: what an empty setting means, for --check-config: the effective value is found at run time
-_EMPTY_MEANS = {
-    "address": "default: the Docker TCP host:port, else the IP that routes to the master",
-    "master_ca": "default: the system CA store",
-}
-
-
 def render(settings: Settings, found: Mapping[str, str] | None = None) -> str:
     """The effective settings as INI text, the secret masked, each with its source.
     ``found`` holds values the program finds itself where a key is empty (the pidfile a
@@ -416,7 +414,7 @@ def render(settings: Settings, found: Mapping[str, str] | None = None) -> str:
         else:
             text = str(value)
         source = settings.sources.get(key.name, "default")
-        if not text and source == "default":
-            source = _EMPTY_MEANS.get(key.name, source)
+        if not text and source == "default" and key.empty:
+            source = f"default: {key.empty}"
         lines.append(f"{key.name} = {text}".rstrip() + f"  ; {source}")
     return "\n".join(lines) + "\n"
