@@ -94,8 +94,6 @@ KEYS: tuple[Key, ...] = (
     Key("gateway_optional", parse_bool, "no"),
 )
 BY_NAME = {k.name: k for k in KEYS}
-#: Keys holding a path: made absolute before use, since a daemon runs in ``/``.
-PATH_KEYS = frozenset(k.name for k in KEYS if k.path)
 
 
 class Settings(NamedTuple):
