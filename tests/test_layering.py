@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -250,3 +251,15 @@ def test_an_import_up_a_layer_is_found(tmp_path: Path) -> None:
         "dm_agent.config.values -> dm_agent.process.loop"]
     # and the package as it is passes the same check
     assert upward(rooms(graph()), layers(rooms(graph()))) == []
+
+
+def test_the_developer_guide_shows_the_layers_as_they_are() -> None:
+    """docs/developer-guide.md's Architecture table gives each room its layer: the same
+    as the imports make it, every room in it."""
+    guide = (PACKAGE.parent / "docs" / "developer-guide.md").read_text(encoding="utf-8")
+    section = guide.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    shown: dict[str, int] = {}
+    for row in re.findall(r"^\| (\d+) \| ([^|]+) \|", section, re.M):
+        for name in re.findall(r"`([\w]+)/?`", row[1]):
+            shown[name] = int(row[0])
+    assert shown == layers(rooms(graph()))
