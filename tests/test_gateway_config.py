@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import bcrypt
 import pytest
-from agentproc import NO_DOCKER, popen, run, stop
+from agentproc import NO_DOCKER, popen, run, stop, wait_listening
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -139,7 +138,7 @@ def test_a_reload_refuses_it_and_keeps_the_running_gateway(tmp_path: Path) -> No
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")),
                               daemon=True)
     try:
-        _listening(port, proc)
+        wait_listening(port, proc)
         reader.start()
         write_ini(tmp_path, **keys, gateway_password_hash=DEFAULT)
         proc.send_signal(signal.SIGHUP)
@@ -147,7 +146,7 @@ def test_a_reload_refuses_it_and_keeps_the_running_gateway(tmp_path: Path) -> No
         while not any("reload failed" in ln for ln in lines):
             assert time.monotonic() < deadline and proc.poll() is None, lines
             time.sleep(0.05)
-        _listening(port, proc)
+        wait_listening(port, proc)
     finally:
         err = stop(proc)
     reader.join(5)
@@ -155,18 +154,6 @@ def test_a_reload_refuses_it_and_keeps_the_running_gateway(tmp_path: Path) -> No
     assert f"keeping the running configuration: {ini} [main] gateway_password_hash: invalid " \
         "gateway_password_hash" in line, line
     assert DEFAULT not in "".join(lines) + err
-
-
-def _listening(port: int, proc: subprocess.Popen[str]) -> None:
-    """Wait until something accepts connections on 127.0.0.1:``port``."""
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, "the gateway never listened"
-            time.sleep(0.05)
 
 
 def test_certificate_files_are_checked_at_start(tmp_path: Path) -> None:
