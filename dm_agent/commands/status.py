@@ -3,7 +3,7 @@
 The answer comes from two things a hung agent cannot falsify: whether a process holds
 the lock on the pidfile (read from ``/proc/locks``, so the check needs no permission on
 the pidfile and never takes the lock itself, which would make a starting agent exit
-75), and the state file the daemon rewrites after every round (``dm_agent.state``),
+75), and the state file the daemon rewrites after every round (``dm_agent.process.state``),
 judged by its age. Exit codes:
 
 - 0 running and registered within its ttl;
