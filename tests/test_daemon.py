@@ -16,7 +16,7 @@ from agentproc import BIN, NO_DOCKER, alive, clean_env, run, wait_gone
 from support.master import Master
 from support.scripted_docker import ScriptedDocker
 
-from dm_agent.pidfile import read_pid
+from dm_agent.process.pidfile import read_pid
 
 pytestmark = pytest.mark.daemon
 SECRET = "daemon-secret-77Q"
@@ -240,7 +240,7 @@ def test_daemon_without_journal_logs_to_syslog_else_log_file(
 # reused by a file, and raises.
 DIES_AFTER_READINESS = """
 import os, sys
-from dm_agent import loop
+from dm_agent.process import loop
 REUSED = sys.argv.pop()
 
 def pipes(signals):

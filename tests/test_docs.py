@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from agentproc import run
 
-from dm_agent import cli, config, errors, migrate, status
+from dm_agent import cli, errors
+from dm_agent.commands import migrate, status
+from dm_agent.config import settings as config
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "packaging" / "dm-agent.8"

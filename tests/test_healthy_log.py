@@ -17,7 +17,7 @@ import pytest
 from agentproc import BIN, NO_DOCKER, clean_env, wait_gone
 from support.master import Master
 
-from dm_agent.pidfile import read_pid
+from dm_agent.process.pidfile import read_pid
 
 pytestmark = pytest.mark.daemon
 

@@ -22,9 +22,9 @@ import pytest
 from agentproc import BIN, NO_DOCKER, clean_env, run, wait_gone
 from support.master import Master
 
-from dm_agent.config import Settings
-from dm_agent.pidfile import read_pid
-from dm_agent.state import state_path
+from dm_agent.config.settings import Settings
+from dm_agent.process.pidfile import read_pid
+from dm_agent.process.state import state_path
 
 pytestmark = pytest.mark.daemon
 SECRET = "status-secret-3xK"
