@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NewType
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -15,12 +15,18 @@ EX_CONFIG = 78  # the unit must not restart on it
 #: the master did not take the registration (``ReportError.kind``)
 MasterKind = Literal["unauthorized", "http", "connection", "timeout", "tls"]
 #: the round itself: ``stuck`` (earlier rounds still blocked, none started), ``timeout``
-#: (abandoned at its deadline), ``stopped`` (the agent stopped before it sent)
-RoundKind = Literal["stuck", "timeout", "stopped"]
-#: a round that raised: this and the exception's class name (``internal:KeyError``)
+#: (abandoned at its deadline), ``stopped`` (the agent stopped before it sent),
+#: ``unknown`` (its thread ended without an outcome, which ``register`` never does)
+RoundKind = Literal["stuck", "timeout", "stopped", "unknown"]
+#: a round that raised: ``internal:`` and the exception's class name
+#: (``internal:KeyError``), made by ``internal_kind`` only
+InternalKind = NewType("InternalKind", str)
 INTERNAL_KIND = "internal:"
-#: a failed round that left no reason (not expected; the state says so rather than lie)
-UNKNOWN_KIND = "unknown"
+FailureKind = MasterKind | RoundKind | InternalKind
+
+
+def internal_kind(exc: BaseException) -> InternalKind:
+    return InternalKind(INTERNAL_KIND + type(exc).__name__)
 
 
 class AgentError(Exception):

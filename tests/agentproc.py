@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +78,20 @@ def stopped(proc: subprocess.Popen[str], after: str = "") -> str:
         _, err = proc.communicate()
         pytest.fail(f"agent did not stop {after}: {err[-2000:]}".replace(" :", ":"))
     return err
+
+
+def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port`` (the agent's
+    gateway); a test fails when ``proc`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"nothing listens on 127.0.0.1:{port} (exit {proc.poll()})")
+            time.sleep(0.05)
 
 
 def alive(pid: int) -> bool:

@@ -16,7 +16,7 @@ from agentproc import BIN, NO_DOCKER, alive, clean_env, run, wait_gone
 from support.master import Master
 from support.scripted_docker import ScriptedDocker
 
-from dm_agent.pidfile import read_pid
+from dm_agent.process.pidfile import read_pid
 
 # paced: waits on a real agent's intervals, so not in the unit tier
 pytestmark = [pytest.mark.daemon, pytest.mark.paced]
@@ -273,7 +273,7 @@ def test_log_file_moved_away_by_a_rotation_is_reopened(
 # reused by a file, and raises.
 DIES_AFTER_READINESS = """
 import os, sys
-from dm_agent import loop
+from dm_agent.process import loop
 REUSED = sys.argv.pop()
 
 def pipes(signals):

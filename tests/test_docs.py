@@ -23,10 +23,13 @@ import pytest
 from agentproc import NO_DOCKER, run
 from support.gateway import free_port
 
-from dm_agent import cli, config, errors, hashpw, loop, migrate, net, runner, status
-from dm_agent.agent import Agent
-from dm_agent.signals import Waker
-from dm_agent.state import StateWriter
+from dm_agent import cli, errors, net
+from dm_agent.commands import hash_password, migrate, status
+from dm_agent.config import settings as config
+from dm_agent.process import loop, runner
+from dm_agent.process.signals import Waker
+from dm_agent.process.state import StateWriter
+from dm_agent.round.agent import Agent, Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -140,7 +143,7 @@ def test_the_synopses_name_every_flag_and_subcommand(reference: str) -> None:
     synopsis = reference.split("## Command line")[1].split("| flag |")[0]
     man = man_text().split(".SH SYNOPSIS")[1].split(".SH DESCRIPTION")[0]
     subcommands = {"status": status.parser(), "migrate": migrate.parser(),
-                   "hash-password": hashpw.parser()}
+                   "hash-password": hash_password.parser()}
     assert set(subcommands) == set(cli.COMMANDS)
     for text in (synopsis, man):
         for spellings in synopsis_flags(cli.parser()):
@@ -295,9 +298,8 @@ def real_state(tmp_path_factory: pytest.TempPathFactory
                 assert time.monotonic() < deadline, "the gateway did not answer"
                 time.sleep(0.1)
             writer = StateWriter(str(tmp / "dm-agent.state.json"), services=services)
-            writer.round_done(agent, True, 0.1)
-            agent.last_error = ("http", "master answered HTTP 500")
-            writer.round_done(agent, False, 0.1)
+            writer.round_done(agent, Outcome(agent.build_body(agent.parts), None), 0.1)
+            writer.round_done(agent, Outcome(None, ("http", "master answered HTTP 500")), 0.1)
             now = time.time()
             state = writer.snapshot(agent, now)
         finally:
@@ -324,12 +326,12 @@ def test_status_json_fields_are_the_documented_ones(
 
 
 def test_the_failure_kinds_are_the_codes() -> None:
-    """The kinds the state file's last_failure can carry (errors.MasterKind, RoundKind,
-    the internal: prefix and unknown), each in the guide's row: it listed six of nine."""
+    """The kinds the state file's last_failure can carry (errors.FailureKind: MasterKind,
+    RoundKind and the internal: prefix), each in the guide's row: it listed six of nine."""
     guide = OPERATOR.read_text(encoding="utf-8")
     row = table_rows(guide, "The state file (`state`")["last_failure"]
     kinds = [*get_args(errors.MasterKind), *get_args(errors.RoundKind),
-             errors.INTERNAL_KIND + "<Name>", errors.UNKNOWN_KIND]
+             errors.INTERNAL_KIND + "<Name>"]
     assert missing(kinds, row, "`{}`") == []
 
 
@@ -363,7 +365,7 @@ def outage_messages() -> list[str]:
     parts of every DockerError and ReportError message (those of 10 characters and
     more, else its longest)."""
     found = []
-    for name in ("collectors/docker.py", "reporter.py"):
+    for name in ("collectors/docker.py", "round/reporter.py"):
         tree = ast.parse((ROOT / "dm_agent" / name).read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)

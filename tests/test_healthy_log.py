@@ -17,7 +17,7 @@ import pytest
 from agentproc import BIN, NO_DOCKER, clean_env, wait_gone
 from support.master import Master
 
-from dm_agent.pidfile import read_pid
+from dm_agent.process.pidfile import read_pid
 
 # paced: waits on a real agent's intervals, so not in the unit tier
 pytestmark = [pytest.mark.daemon, pytest.mark.paced]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dm_agent import migrate
+from dm_agent.commands import migrate
 from dm_agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

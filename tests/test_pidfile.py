@@ -1,4 +1,4 @@
-"""dm_agent.pidfile in this process: links are never followed, the temporary file is
+"""dm_agent.process.pidfile in this process: links are never followed, the temporary file is
 created exclusively under a fresh name and its lock checked, unsafe directories refused."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from agentproc import run
 
-from dm_agent import pidfile as pidfile_module
 from dm_agent.errors import AgentError
-from dm_agent.pidfile import LockedPidfile, read_pid
+from dm_agent.process import pidfile as pidfile_module
+from dm_agent.process.pidfile import LockedPidfile, read_pid
 
 VICTIM = "a file the agent's user can write, which must stay as it is\n"
 

@@ -25,9 +25,9 @@ from support.dockerd import Dockerd
 from support.gateway import free_port
 from support.master import Master
 
-from dm_agent.config import Settings
-from dm_agent.pidfile import read_pid
-from dm_agent.state import state_path
+from dm_agent.config.settings import Settings
+from dm_agent.process.pidfile import read_pid
+from dm_agent.process.state import state_path
 
 # paced: waits on a real agent's intervals, so not in the unit tier
 pytestmark = [pytest.mark.daemon, pytest.mark.paced]

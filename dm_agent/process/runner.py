@@ -11,10 +11,10 @@ import logging
 import urllib.parse
 from collections.abc import Callable
 
+from ..config.settings import Settings
+from ..round.address import is_loopback, unmanaged
+from ..round.agent import Agent, describe
 from . import loop
-from .address import is_loopback, unmanaged
-from .agent import Agent, describe
-from .config import Settings
 from .notify import Watchdog
 from .services import EventsService, Services
 from .signals import Signals, Waker
@@ -27,9 +27,9 @@ def build_services(agent: Agent, nudges: loop.Nudges) -> Services:
     """Docker's event stream and the gateway. The gateway's parser, bcrypt and TLS
     modules are imported only when it is configured: a node without it keeps the agent's
     memory budget."""
-    from .gateway.service import Gateway
+    from ..gateway.service import Gateway
 
-    return Services([EventsService(agent, nudges), Gateway(agent)])
+    return Services([EventsService(agent, nudges), Gateway(agent.settings, agent.announced)])
 
 
 def serve(settings: Settings, reload: Callable[[], Settings] | None, *, dry_run: bool = False,
@@ -74,7 +74,7 @@ def gateway_line(agent: Agent) -> str:
     manage the node at all (the start line is what the journal keeps of a start)."""
     settings = agent.settings
     if settings.gateway:
-        announced = agent.parts.announcer.address()
+        announced = agent.announced()
         line = (f"gateway on {settings.gateway} ({settings.gateway_access} access), "
                 f"announced as {announced}")
         if announces_loopback(announced):

@@ -3,7 +3,7 @@
 The answer comes from two things a hung agent cannot falsify: whether a process holds
 the lock on the pidfile (read from ``/proc/locks``, so the check needs no permission on
 the pidfile and never takes the lock itself, which would make a starting agent exit
-75), and the state file the daemon rewrites after every round (``dm_agent.state``),
+75), and the state file the daemon rewrites after every round (``dm_agent.process.state``),
 judged by its age. Exit codes:
 
 - 0 running and registered within its ttl;
@@ -28,10 +28,11 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from . import config
-from .command import Parser, parse_command
-from .errors import ConfigError
-from .state import GROUP, state_path
+from ..config import settings as config
+from ..errors import ConfigError
+from ..process.pidfile import pidfile_path
+from ..process.state import GROUP, state_path
+from .parser import Parser, parse_command
 
 REGISTERED, FAILING, UNMANAGEABLE, NOT_RUNNING, UNKNOWN = 0, 1, 2, 3, 4
 SYSTEM_PIDFILE = "/run/dm-agent/dm-agent.pid"
@@ -97,7 +98,7 @@ def pidfile_of(explicit: str | None, config_path: str | None) -> str:
         return raw.text.strip()
     if os.geteuid() == 0 or os.path.isdir(os.path.dirname(SYSTEM_PIDFILE)):
         return SYSTEM_PIDFILE
-    return config.pidfile_path(config.DEFAULTS)
+    return pidfile_path(config.DEFAULTS)
 
 
 def lock_holder(path: str, st: os.stat_result) -> tuple[bool | None, int | None]:

@@ -9,8 +9,8 @@ import getpass
 import sys
 from collections.abc import Sequence
 
-from .command import Parser, parse_command
-from .errors import EX_CONFIG, EX_OK, EX_USAGE
+from ..errors import EX_CONFIG, EX_OK, EX_USAGE
+from .parser import Parser, parse_command
 
 DESCRIPTION = """\
 Print the bcrypt hash of a password for gateway_password_hash (docs/gateway.md). The
@@ -50,7 +50,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_command(parser(), argv)
     if isinstance(args, int):
         return args
-    from .gateway import auth
+    from ..gateway import auth
 
     password = _read()
     if password is None:
