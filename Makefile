@@ -55,7 +55,7 @@ check-fast: venv ## ruff, mypy and the fast test tier: no root, Docker or booted
 	$(BIN)/pytest -m "$(FAST)" $(PYTEST_ARGS)
 
 test: venv ## the test suite (root: it starts dockerd, boots systemd roots; needs `make frozen`)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=30 $(PYTEST_ARGS)
 
 # (the two architectures' pipelines side by side: the arm64 root's debootstrap and
 # emulated steps overlap the amd64 build root and freeze)
