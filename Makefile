@@ -59,7 +59,7 @@ check-fast: venv ## ruff, mypy and the fast test tier: no root, Docker or booted
 # --unprivileged: the fast tier's tests run as a new unprivileged user, beside the rest
 # (tests/support/unprivileged.py), so that its "no root" is proven at every run.
 test: venv ## the test suite (root: it starts dockerd, boots systemd roots; needs `make frozen`); its fast tier as a new unprivileged user
-	$(BIN)/pytest --unprivileged $(PYTEST_ARGS)
+	$(BIN)/pytest --unprivileged --durations=30 $(PYTEST_ARGS)
 
 # (the two architectures' pipelines side by side: the arm64 root's debootstrap and
 # emulated steps overlap the amd64 build root and freeze)
