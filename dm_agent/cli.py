@@ -41,9 +41,11 @@ By default find config in (the first that exists, and only it):
 Exit codes: 0 success, 1 failure, 64 usage, 75 pidfile locked, 78 configuration,
   130 interrupted (Ctrl-C) outside the loop.
 Commands (see dm-agent COMMAND --help):
-  dm-agent status [--json]   is the daemon registered? exit 0 registered within its
+  dm-agent status [--json] [--manageable]
+                             is the daemon registered? exit 0 registered within its
                              ttl, 1 running but stale, failing or hung, 3 not running,
-                             4 unknown (no state readable, e.g. permissions)
+                             4 unknown (no state readable, e.g. permissions); with
+                             --manageable, 2 registered but not manageable by the master
   dm-agent migrate [--dry-run] [--name NAME]
                              take over from the original agent's unit: its settings
                              into /etc/dm-agent.ini, then stop and disable it
@@ -241,7 +243,7 @@ def _warn_not_reloaded(running: config.Settings, new: config.Settings) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if sum(bool(x) for x in (args.daemon, args.once, args.check_config)) > 1:
-        raise UsageError("dm-agent: --daemon, --once and --check-config exclude each other")
+        raise UsageError("--daemon, --once and --check-config exclude each other")
     settings, warnings = _load(args)
     if args.check_config:
         for warning in warnings:

@@ -16,12 +16,30 @@ import pytest
 BIN = os.environ.get("DM_AGENT_BIN") or os.path.join(os.path.dirname(sys.executable), "dm-agent")
 #: a Docker endpoint that is not there: the agent reports host figures only
 NO_DOCKER = "unix:///nonexistent/docker.sock"
+#: another user's uid and gid (nobody's, as Debian numbers them): conftest's
+#: ``other_user`` fixture, which marks a test ``root``
+NOBODY = 65534
+
+
+def as_user(user: Sequence[int], cmd: Sequence[str]) -> list[str]:
+    """``cmd`` run as ``user`` = (uid, gid, supplementary gids…) through setpriv (root)."""
+    uid, gid, *groups = user
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+            "--", *cmd]
+
+
+#: what the agent warns about when set (dm_agent.net.IGNORED_ENVIRONMENT), and NO_PROXY:
+#: a node's environment in a test has none of it, whatever the machine running it has
+IGNORED = {spelling for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+                                 "DOCKER_HOST") for spelling in (name, name.lower())}
 
 
 def clean_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a node with no dm-agent settings, HOME in a temp dir."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("DM_AGENT_") and k not in ("JOURNAL_STREAM", "XDG_CONFIG_HOME")}
+           if not k.startswith("DM_AGENT_") and k not in ("JOURNAL_STREAM", "XDG_CONFIG_HOME")
+           and k not in IGNORED}
     env["HOME"] = str(home)
     env["XDG_RUNTIME_DIR"] = str(home)
     env.update(extra or {})

@@ -377,32 +377,46 @@ def test_relative_paths_in_the_file_are_relative_to_its_directory(tmp_path: Path
     assert settings.log_file == f"{start}/x.log"
 
 
-def test_file_setting_behind_an_unreadable_directory_says_so() -> None:
-    """Not "does not exist": the dm-agent user meets a 0700 directory above the file."""
+def test_file_setting_behind_an_unreadable_directory_says_so(tmp_path: Path) -> None:
+    """Not "does not exist": the dm-agent user meets a 0700 directory above the file. Root
+    passes every directory, so as root the load runs as nobody; otherwise the directory
+    is closed to its owner too."""
+    message = "cannot be reached: permission denied on a directory above it"
+    if os.geteuid() != 0:
+        path = secret_file_behind_private_directory(tmp_path)
+        os.chmod(tmp_path / "private", 0)
+        try:
+            with pytest.raises(ConfigError, match=message):
+                config.load({}, path, {})
+        finally:
+            os.chmod(tmp_path / "private", 0o700)
+        return
+    import subprocess
+    import sys
     import tempfile
+
+    from agentproc import NOBODY, as_user
 
     with tempfile.TemporaryDirectory(prefix="dm-config-") as tmp:  # reachable by nobody
         os.chmod(tmp, 0o755)
-        secret_file_behind_private_directory(Path(tmp))
+        path = secret_file_behind_private_directory(Path(tmp))
+        code = ("import sys; from dm_agent.config import settings as config\n"
+                "try: config.load({}, sys.argv[1], {})\n"
+                "except config.ConfigError as e: print(e); sys.exit(78)\n")
+        proc = subprocess.run(
+            as_user((NOBODY, NOBODY), [sys.executable, "-c", code, path]),
+            capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert proc.returncode == 78, proc.stderr
+    assert message in proc.stdout
 
 
-def secret_file_behind_private_directory(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
+def secret_file_behind_private_directory(tmp_path: Path) -> str:
+    """``d.ini`` (0644) whose ``secret_file`` is in ``private/`` (0700)."""
     (tmp_path / "private").mkdir(mode=0o700)
     write(tmp_path / "private" / "node.secret", "s\n")
     path = write(tmp_path / "d.ini", f"[main]\nsecret_file = {tmp_path}/private/node.secret\n")
     os.chmod(path, 0o644)
-    code = ("import sys; from dm_agent.config import settings as config\n"
-            "try: config.load({}, sys.argv[1], {})\n"
-            "except config.ConfigError as e: print(e); sys.exit(78)\n")
-    proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-         "-c", code, path], capture_output=True, text=True,
-        cwd=PACKAGE.parent)
-    assert proc.returncode == 78, proc.stderr
-    assert "cannot be reached: permission denied on a directory above it" in proc.stdout
+    return path
 
 
 def test_what_an_empty_value_means_is_said_alike_by_help_and_check_config() -> None:

@@ -19,7 +19,8 @@ from support.master import Master
 
 from dm_agent.process.pidfile import read_pid
 
-pytestmark = pytest.mark.daemon
+# paced: waits on a real agent's intervals, so not in the unit tier
+pytestmark = [pytest.mark.daemon, pytest.mark.paced]
 
 #: accepted registrations to wait for: enough that a line a registration would show
 ROUNDS = 5

@@ -31,6 +31,8 @@ from dm_agent.round.bounds import Progress, timeouts
 from dm_agent.round.outage import Outage
 from dm_agent.round.source import NodeSource
 
+pytestmark = pytest.mark.paced  # waits on a real agent's intervals: not in the unit tier
+
 NO_DOCKER = "unix:///nonexistent/docker.sock"
 
 

@@ -29,8 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(prog="dm-agent hash-password", description=DESCRIPTION, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=12, choices=range(10, 17), metavar="N",
-                   help="bcrypt cost, 10 to 16 (default 12: about 0.2 s per check, paid "
-                   "once per password by the gateway's cache)")
+                   help="bcrypt cost, 10 to 16 (default 12: tenths of a second of a core "
+                   "per check, paid once per password by the gateway's cache; "
+                   "docs/configuration.md has the figure)")
     return p
 
 

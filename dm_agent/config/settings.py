@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ..errors import ConfigError
-from ..net import SECRET_MASK, redact_userinfo
+from ..net import SECRET_MASK, ignored_environment, redact_userinfo
 from .values import (
     Secret,
     parse_access,
@@ -272,6 +272,7 @@ def load(
     warnings: list[str] = []
     if path is not None:
         file_values, warnings = read_file(path)
+    warnings += ignored_environment(env)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key in KEYS:

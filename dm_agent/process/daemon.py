@@ -53,7 +53,7 @@ def preload(gateway: bool = False) -> None:
     from . import runner  # noqa: F401  (the agent, the loop, the services)
 
     if not logs.under_journal(sys.stderr):
-        import logging.handlers  # noqa: F401  (syslog, outside systemd)
+        import logging.handlers  # noqa: F401  (syslog or the watched log_file, outside systemd)
 
     try:
         import charset_normalizer  # noqa: F401  (requests' text decoding)

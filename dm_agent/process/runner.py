@@ -12,7 +12,7 @@ import urllib.parse
 from collections.abc import Callable
 
 from ..config.settings import Settings
-from ..round.address import is_loopback
+from ..round.address import is_loopback, unmanaged
 from ..round.agent import Agent, describe
 from . import loop
 from .notify import Watchdog
@@ -70,7 +70,8 @@ def announces_loopback(url: str) -> bool:
 
 
 def gateway_line(agent: Agent) -> str:
-    """The gateway's part of the start line."""
+    """The gateway's part of the start line; while it is off, whether the master can
+    manage the node at all (the start line is what the journal keeps of a start)."""
     settings = agent.settings
     if settings.gateway:
         announced = agent.announced()
@@ -80,6 +81,8 @@ def gateway_line(agent: Agent) -> str:
             line += (" (the master puts the address this node's registrations come from in "
                      "place of a loopback host)")
         return line
+    off = "gateway off"
     if settings.gateway_off_reason:
-        return "gateway off: " + settings.gateway_off_reason
-    return "gateway off"
+        off += ": " + settings.gateway_off_reason
+    note = unmanaged(settings)
+    return f"{off}; {note}" if note else off

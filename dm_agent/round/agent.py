@@ -19,6 +19,7 @@ from ..collectors.docker import NodeInfo
 from ..collectors.events import EventWatcher
 from ..collectors.host import HostCollector
 from ..config.settings import Settings
+from ..errors import internal_kind
 from ..net import redact
 from . import nodename, payload
 from .address import Announcer, unmanaged
@@ -165,7 +166,7 @@ class Agent:
             reason = redact(f"{type(exc).__name__}: {exc}", self.settings.secret)
             if self.progress.live():
                 log.debug("the failure's traceback:", exc_info=True)
-            return Outcome(body, (f"internal:{type(exc).__name__}",
+            return Outcome(body, (internal_kind(exc),
                                   f"registration failed while {self.progress.stage}: {reason}"))
 
     def build_body(self, parts: Parts) -> dict[str, Any]:

@@ -6,13 +6,14 @@ import json
 from typing import IO, Any
 
 from ..config.settings import Settings
-from ..errors import ReportError
+from ..errors import FailureKind, ReportError
 from . import payload
 from .bounds import Progress
 from .reporter import Reporter
 
-#: A failed delivery, or round: (kind, message), as the state file reports it.
-Failure = tuple[str, str]
+#: A failed delivery, or round: (kind, message), as the state file reports it (the kinds:
+#: errors.FailureKind, so that mypy holds every one to the operator's guide's list).
+Failure = tuple[FailureKind, str]
 
 
 class Printer:
