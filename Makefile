@@ -46,16 +46,20 @@ lint: venv ## ruff over the code, tests and benchmarks; shellcheck over the scri
 typecheck: venv ## mypy --strict over the package
 	$(BIN)/mypy
 
-# The fast tier: no root, no dockerd, no booted roots, no packages (docs/developer-guide.md)
-FAST := not docker and not root and not system and not packages
+# The tiers are defined once, by the markers each leaves out: TIERS in tests/conftest.py
+# (docs/developer-guide.md, Test tiers).
+unit: venv ## the unit tier: no root, Docker or real agent's intervals; under a minute
+	$(BIN)/pytest --tier unit $(PYTEST_ARGS)
 
 check-fast: venv ## ruff, mypy and the fast test tier: no root, Docker or booted roots, a few minutes
 	$(BIN)/ruff check dm_agent tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest -m "$(FAST)" $(PYTEST_ARGS)
+	$(BIN)/pytest --tier fast $(PYTEST_ARGS)
 
-test: venv ## the test suite (root: it starts dockerd, boots systemd roots; needs `make frozen`)
-	$(BIN)/pytest $(PYTEST_ARGS)
+# --unprivileged: the fast tier's tests run as a new unprivileged user, beside the rest
+# (tests/support/unprivileged.py), so that its "no root" is proven at every run.
+test: venv ## the test suite (root: it starts dockerd, boots systemd roots; needs `make frozen`); its fast tier as a new unprivileged user
+	$(BIN)/pytest --unprivileged --durations=30 $(PYTEST_ARGS)
 
 # (the two architectures' pipelines side by side: the arm64 root's debootstrap and
 # emulated steps overlap the amd64 build root and freeze)
@@ -87,6 +91,9 @@ repo: packages ## signed apt and yum repositories of the ARCH packages in dist/r
 image: frozen ## the container image: OCI index (amd64 + arm64) and per-arch docker archives in dist/ (root; buildah, skopeo, umoci, pigz)
 	packaging/build-image.sh $(addprefix --arch ,$(ARCH))
 
+figures: venv ## the figures the documents quote: test counts and bcrypt's cost into docs/figures.json, then every quote
+	$(BIN)/python bench/figures.py counts bcrypt docs
+
 bench: venv frozen ## benchmarks of the frozen program with their targets (root: private dockerd)
 	$(BIN)/python bench/bench_agent.py $(BENCH_ARGS)
 
@@ -102,5 +109,5 @@ bench-image: venv image ## the image run by the master's line: size per architec
 clean: ## remove build outputs and caches (not the cached build roots in /var/cache)
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis $(RUN_VENV)
 
-.PHONY: help venv run deps lint typecheck test check check-fast check-loaded clean frozen smoke-frozen packages repo image bench bench-gateway bench-tunnel bench-image \
+.PHONY: help venv run deps lint typecheck unit figures test check check-fast check-loaded clean frozen smoke-frozen packages repo image bench bench-gateway bench-tunnel bench-image \
   $(FROZEN_ARCHES) $(PACKAGE_ARCHES)

@@ -9,22 +9,17 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__, config, logs
-from .command import Parser
+from . import __version__, gateway, logs
+from .commands.parser import Parser
+from .config import settings as config
 from .errors import EX_OK, AgentError, UsageError
-
-#: what an empty default means, where it is not "unset"
-_EMPTY_DEFAULTS = {
-    "pidfile": "/run/dm-agent/dm-agent.pid (root), $XDG_RUNTIME_DIR/dm-agent.pid (others)",
-    "address": "(found at run time)",
-    "master_ca": "(the system CA store)",
-    "tunnel_key": "(an ed25519 key made in the state directory: dm-agent tunnel-key)",
-}
+from .process.pidfile import pidfile_path
 
 
 def _defaults() -> str:
-    """Every key of [main] with its default, one per line, for --help."""
-    return "\n".join(f"  {k.name} = {k.default or _EMPTY_DEFAULTS.get(k.name, '(unset)')}"
+    """Every key of [main] with its default, one per line, for --help (in brackets, what
+    an empty default means)."""
+    return "\n".join(f"  {k.name} = {k.default or '(' + (k.empty or 'unset') + ')'}"
                      for k in config.KEYS)
 
 
@@ -46,9 +41,11 @@ By default find config in (the first that exists, and only it):
 Exit codes: 0 success, 1 failure, 64 usage, 75 pidfile locked, 78 configuration,
   130 interrupted (Ctrl-C) outside the loop.
 Commands (see dm-agent COMMAND --help):
-  dm-agent status [--json]   is the daemon registered? exit 0 registered within its
+  dm-agent status [--json] [--manageable]
+                             is the daemon registered? exit 0 registered within its
                              ttl, 1 running but stale, failing or hung, 3 not running,
-                             4 unknown (no state readable, e.g. permissions)
+                             4 unknown (no state readable, e.g. permissions); with
+                             --manageable, 2 registered but not manageable by the master
   dm-agent migrate [--dry-run] [--name NAME]
                              take over from the original agent's unit: its settings
                              into /etc/dm-agent.ini, then stop and disable it
@@ -62,21 +59,21 @@ Commands (see dm-agent COMMAND --help):
 
 
 def _status(argv: list[str]) -> int:
-    from . import status
+    from .commands import status
 
     return status.main(argv)
 
 
 def _migrate(argv: list[str]) -> int:
-    from . import migrate
+    from .commands import migrate
 
     return migrate.main(argv)
 
 
 def _hash_password(argv: list[str]) -> int:
-    from . import hashpw
+    from .commands import hash_password
 
-    return hashpw.main(argv)
+    return hash_password.main(argv)
 
 
 def _tunnel_key(argv: list[str]) -> int:
@@ -180,10 +177,26 @@ def _reexec(argv: list[str]) -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-m", "dm_agent", *argv])
 
 
+def cli_overrides(verbose: int = 0, **given: str | None) -> dict[str, str | None]:
+    """Map parsed command-line options onto key names (raw text, None when absent):
+    ``cli_overrides(verbose=2, master="10.0.0.3:8761")``. ``-v`` counts into log_level."""
+    unknown = set(given) - set(config.BY_NAME)
+    if unknown:
+        raise TypeError(f"cli_overrides: not config keys: {sorted(unknown)}")
+    out: dict[str, str | None] = {name: None for name in config.BY_NAME}
+    out.update(given)
+    out["log_level"] = str(min(verbose, 2)) if verbose else None
+    return out
+
+
 def _load(args: argparse.Namespace) -> tuple[config.Settings, list[str]]:
-    overrides = config.cli_overrides(args.verbose,
-                                     **{key: getattr(args, key) for _, _, key, _ in KEY_FLAGS})
-    return config.load(overrides, args.config, cwd=args.cwd)
+    """The settings, by the one path of a start and a reload (SIGHUP): the precedence
+    rule, then what the gateway refuses to serve with; ConfigError (exit 78) on either."""
+    overrides = cli_overrides(args.verbose,
+                              **{key: getattr(args, key) for _, _, key, _ in KEY_FLAGS})
+    settings, warnings = config.load(overrides, args.config, cwd=args.cwd)
+    gateway.check(settings)
+    return settings, warnings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,7 +243,7 @@ def _warn_not_reloaded(running: config.Settings, new: config.Settings) -> None:
     """A daemon keeps its pidfile (systemd's PIDFile= names it) and its log file for its
     whole life; a reload that changes them says so rather than ignoring them silently."""
     for key, was, now in (
-        ("pidfile", config.pidfile_path(running), config.pidfile_path(new)),
+        ("pidfile", pidfile_path(running), pidfile_path(new)),
         ("log_file", running.log_file, new.log_file),
     ):
         if was != now:
@@ -240,15 +253,15 @@ def _warn_not_reloaded(running: config.Settings, new: config.Settings) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if sum(bool(x) for x in (args.daemon, args.once, args.check_config)) > 1:
-        raise UsageError("dm-agent: --daemon, --once and --check-config exclude each other")
+        raise UsageError("--daemon, --once and --check-config exclude each other")
     settings, warnings = _load(args)
     if args.check_config:
         for warning in warnings:
             print(f"dm-agent: warning: {warning}", file=sys.stderr)
-        sys.stdout.write(config.render(settings))
+        sys.stdout.write(config.render(settings, {"pidfile": pidfile_path(settings)}))
         if not args.dry_run:
             settings.require_master()
-        from .address import unmanaged
+        from .round.address import unmanaged
 
         if note := unmanaged(settings):
             print(f"dm-agent: note: {note}", file=sys.stderr)
@@ -267,7 +280,7 @@ def _run(args: argparse.Namespace) -> int:
         return new
 
     if args.daemon:
-        from . import daemon
+        from .process import daemon
 
         return daemon.run(settings, warnings, reload, dry_run=args.dry_run)
 
@@ -276,12 +289,13 @@ def _run(args: argparse.Namespace) -> int:
         logs.logger.warning("%s", warning)
     logs.logger.info("Configs: %s", settings.config_file or "(none found)")
     if args.once:
-        from .agent import Agent
+        from .round.agent import Agent
 
         agent = Agent(settings, dry_run=args.dry_run)
-        ok = agent.register()
+        outcome = agent.register()  # one round, in this thread: its outcome applied here
+        agent.settle(outcome)
         agent.close()
-        return EX_OK if ok else 1
+        return EX_OK if outcome.ok else 1
     return _foreground(settings, reload, args.dry_run)
 
 
@@ -290,10 +304,10 @@ def _foreground(settings: config.Settings, reload: Callable[[], config.Settings]
     """The agent in the foreground. With a ``pidfile`` configured (the container image
     sets one) it holds it and writes the state file beside it, as the daemon does, so
     that ``dm-agent status`` answers; otherwise it leaves no file behind."""
-    from . import runner
-    from .notify import Watchdog
-    from .pidfile import LockedPidfile
-    from .state import state_path
+    from .process import runner
+    from .process.notify import Watchdog
+    from .process.pidfile import LockedPidfile
+    from .process.state import state_path
 
     watchdog = Watchdog.from_env({os.getpid()})
     if not settings.pidfile:

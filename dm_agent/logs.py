@@ -3,7 +3,8 @@
 - foreground: stderr, the original agent's format ``2016-08-10 15:03:04,583 - INFO - msg``;
 - under systemd (``JOURNAL_STREAM`` set): stderr with sd-daemon ``<N>`` priority prefixes
   and no timestamp, so ``journalctl -p err`` filters them;
-- daemonized outside systemd: syslog (``/dev/log``) when present, else ``log_file``.
+- daemonized outside systemd: syslog (``/dev/log``) when present, else ``log_file``,
+  reopened when a rotation moves it away.
 
 A broken stream (journald restarted, EPIPE) never raises into the agent.
 """
@@ -101,7 +102,12 @@ def daemon_handler(log_file: str | None) -> logging.Handler:
     if handler is not None:
         return handler
     if log_file:
-        fh = logging.FileHandler(log_file, encoding="utf-8", delay=False)
+        from logging.handlers import WatchedFileHandler
+
+        # Reopened when it is moved or removed (a stat per line): logrotate's default
+        # rename-and-create works without a signal, and no line is lost between the
+        # rename and a signal (docs/configuration.md, log_file).
+        fh = WatchedFileHandler(log_file, encoding="utf-8", delay=False)
         fh.setFormatter(logging.Formatter(SEED_FORMAT))
         return fh
     return logging.NullHandler()

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import urllib.parse
+from collections.abc import Mapping
 
 SECRET_MASK = "********"
 
@@ -24,6 +25,30 @@ SYSTEM_CA_FILES = (
     "/etc/ssl/ca-bundle.pem",  # SUSE
     "/etc/ssl/cert.pem",  # Alpine
 )
+
+
+#: Variables that other programs read and this agent does not, with what it reads
+#: instead: a node's proxy and Docker settings never change where the agent connects
+#: (docs/configuration.md, Proxies and DOCKER_HOST). Their lower-case spellings too.
+IGNORED_ENVIRONMENT = {
+    "HTTP_PROXY": "the master is reached directly, never through a proxy",
+    "HTTPS_PROXY": "the master is reached directly, never through a proxy",
+    "ALL_PROXY": "the master is reached directly, never through a proxy",
+    "DOCKER_HOST": "Docker is the docker setting (-d, DM_AGENT_DOCKER)",
+}
+
+
+def ignored_environment(env: Mapping[str, str]) -> list[str]:
+    """A warning for each variable of ``IGNORED_ENVIRONMENT`` set in ``env``, so that
+    what is ignored on purpose is not ignored silently (the values are not shown: a
+    proxy URL may carry a password)."""
+    out = []
+    for name, instead in IGNORED_ENVIRONMENT.items():
+        for spelling in (name, name.lower()):
+            if env.get(spelling):
+                out.append(f"{spelling} is set but not used: {instead} "
+                           "(docs/configuration.md#proxies-and-docker_host)")
+    return out
 
 
 def system_ca_bundle() -> str | bool:

@@ -84,6 +84,32 @@ else
   DM_BUILDROOT=$ROOT DM_BUILDROOT_LOCKED=$ROOT "$BUILDROOT_SH"
 fi
 
+# --- up to date? ----------------------------------------------------------------------
+# The products are a function of the sources, the packaging that reads them, the build
+# root (its path names its recipe's key), the version and SOURCE_DATE_EPOCH. When the
+# onedir was frozen from exactly these and the tarball and bill of materials are in
+# dist/, there is nothing to do: `make image` after `make repo` (make check) reuses the
+# freeze instead of running PyInstaller again (minutes for arm64 under qemu-user).
+OUT=$REPO/build/frozen$SUFFIX
+TARBALL=$REPO/dist/dm-agent-$VERSION-linux-$MACHINE.tar.gz
+SBOM_NAME=dm-agent-$VERSION.cdx.json
+[[ $ARCH == amd64 ]] || SBOM_NAME=dm-agent-$VERSION-$MACHINE.cdx.json
+inputs_key() {
+  {
+    printf '%s\n' "$ROOT" "$VERSION" "$SOURCE_DATE_EPOCH" "$GLIBC_MAX" "$MODE"
+    (cd "$REPO" && find dm_agent LICENSE packaging/freeze.sh packaging/freeze.spec \
+      packaging/smoke_frozen.py packaging/sbom.py packaging/requirements.lock \
+      packaging/build-env.sh packaging/check-*.sh -type f ! -name '*.pyc' -print0 |
+      LC_ALL=C sort -z | xargs -0 sha256sum)
+  } | sha256sum | cut -c1-64
+}
+KEY=$(inputs_key)
+if [[ $MODE == product && -x $OUT/dm-agent/dm-agent && -f $TARBALL && -f $REPO/dist/$SBOM_NAME &&
+      $(cat "$OUT/.inputs" 2>/dev/null) == "$KEY" ]]; then
+  log "frozen dm-agent $VERSION for $ARCH is up to date (${OUT#"$REPO/"}, inputs ${KEY:0:12})"
+  exit 0
+fi
+
 # --- mounts (undone on any exit; nothing is deleted while mounted) ---------------------
 # shellcheck source=packaging/mounts.sh
 . "$HERE/mounts.sh"
@@ -130,7 +156,6 @@ if [[ $MODE == smoke ]]; then
   exit 0
 fi
 
-OUT=$REPO/build/frozen$SUFFIX
 safe_rm_tree "$OUT"
 mkdir -p "$OUT"
 cp -a "$ROOT/tmp/dm-freeze/dist/dm-agent" "$OUT/"
@@ -193,14 +218,12 @@ in licenses/. The PyInstaller bootloader is GPL-2.0 with an exception that allow
 use. dm-agent.cdx.json (CycloneDX) lists every bundled component with its version,
 licence, source and the sha256 of its files, for vulnerability scanners.
 EOF
-TARBALL=$REPO/dist/$NAME-linux-$MACHINE.tar.gz
 tar -C "$STAGE" --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 \
   --numeric-owner --mode='u+rwX,go+rX,go-w' -cf - "$NAME" | gzip -9n >"$TARBALL.part"
 mv "$TARBALL.part" "$TARBALL"
 safe_rm_tree "$STAGE"
-SBOM_NAME=$NAME.cdx.json
-[[ $ARCH == amd64 ]] || SBOM_NAME=$NAME-$MACHINE.cdx.json
 cp "$OUT/dm-agent.cdx.json" "$REPO/dist/$SBOM_NAME"
+echo "$KEY" >"$OUT/.inputs"  # last: a freeze cut short is never taken as up to date
 
 log "onedir: ${OUT#"$REPO/"}/dm-agent ($(du -sh "$OUT/dm-agent" | cut -f1)," \
   "$(find "$OUT/dm-agent" -type f | wc -l) files)"

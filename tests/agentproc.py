@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,12 +16,30 @@ import pytest
 BIN = os.environ.get("DM_AGENT_BIN") or os.path.join(os.path.dirname(sys.executable), "dm-agent")
 #: a Docker endpoint that is not there: the agent reports host figures only
 NO_DOCKER = "unix:///nonexistent/docker.sock"
+#: another user's uid and gid (nobody's, as Debian numbers them): conftest's
+#: ``other_user`` fixture, which marks a test ``root``
+NOBODY = 65534
+
+
+def as_user(user: Sequence[int], cmd: Sequence[str]) -> list[str]:
+    """``cmd`` run as ``user`` = (uid, gid, supplementary gids…) through setpriv (root)."""
+    uid, gid, *groups = user
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+            "--", *cmd]
+
+
+#: what the agent warns about when set (dm_agent.net.IGNORED_ENVIRONMENT), and NO_PROXY:
+#: a node's environment in a test has none of it, whatever the machine running it has
+IGNORED = {spelling for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+                                 "DOCKER_HOST") for spelling in (name, name.lower())}
 
 
 def clean_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a node with no dm-agent settings, HOME in a temp dir."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("DM_AGENT_") and k not in ("JOURNAL_STREAM", "XDG_CONFIG_HOME")}
+           if not k.startswith("DM_AGENT_") and k not in ("JOURNAL_STREAM", "XDG_CONFIG_HOME")
+           and k not in IGNORED}
     env["HOME"] = str(home)
     env["XDG_RUNTIME_DIR"] = str(home)
     env.update(extra or {})
@@ -59,6 +78,20 @@ def stopped(proc: subprocess.Popen[str], after: str = "") -> str:
         _, err = proc.communicate()
         pytest.fail(f"agent did not stop {after}: {err[-2000:]}".replace(" :", ":"))
     return err
+
+
+def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port`` (the agent's
+    gateway); a test fails when ``proc`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"nothing listens on 127.0.0.1:{port} (exit {proc.poll()})")
+            time.sleep(0.05)
 
 
 def alive(pid: int) -> bool:

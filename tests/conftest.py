@@ -13,7 +13,18 @@
   request that broke the contract fails the test, unless it set ``allow_invalid``.
   ``master`` expects the secret of ``master_secret`` (none; a module overrides it).
 
+- ``other_user``: the ids of another user (nobody), for tests that hand a file to it or
+  run a program as it; it needs root.
+
 Nothing is skipped: if dockerd cannot start, these fixtures error loudly.
+
+**Markers from what a test uses.** A test that uses ``dockerd``, ``dockerd_factory`` or
+``tls_dockerd`` (itself or through another fixture) is marked ``docker``, and one that
+uses ``other_user`` is marked ``root``, whatever its module says: a marker cannot claim
+less than the test needs, so the fast tier never selects a test that needs root or
+Docker. ``pytest --tier NAME`` selects a tier (``TIERS``, docs/developer-guide.md), and
+``--unprivileged`` (root only) runs the fast tier's share of the selection as a new
+unprivileged user, beside the rest (tests/support/unprivileged.py).
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from agentproc import NOBODY
+from support import unprivileged
 from support.dockerd import Dockerd, FixtureSet, populate
 from support.master import GENERATIONS, Master
 
@@ -39,6 +52,50 @@ SESSION_NODE_NAME = "dm-test-node-ü"  # a domain name to the master (Guava lets
 
 _session: list[Dockerd] = []
 
+#: each tier by the markers it leaves out: ``pytest --tier NAME`` (the Makefile's
+#: ``check-fast`` and ``unit``), and what ``--unprivileged`` runs as another user
+TIERS: dict[str, tuple[str, ...]] = {
+    "fast": ("docker", "root", "system", "packages"),
+    "unit": ("docker", "root", "system", "packages", "paced"),
+}
+#: the marker that a test using one of these fixtures gets, directly or through others
+FIXTURE_MARKERS: dict[str, frozenset[str]] = {
+    "docker": frozenset({"dockerd", "dockerd_factory", "tls_dockerd"}),
+    "root": frozenset({"other_user"}),
+}
+def tier_expression(tier: str) -> str:
+    """The ``-m`` expression of ``tier``, e.g. ``not docker and not root and …``."""
+    return " and ".join(f"not {marker}" for marker in TIERS[tier])
+
+
+def in_tier(item: pytest.Item, tier: str) -> bool:
+    return not any(item.get_closest_marker(marker) for marker in TIERS[tier])
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dm-agent")
+    group.addoption("--tier", choices=sorted(TIERS),
+                    help="run one tier: " + "; ".join(f"{name}: -m '{tier_expression(name)}'"
+                                                     for name in TIERS))
+    unprivileged.addoption(group)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    tier = config.getoption("tier")
+    if tier:
+        expr = tier_expression(tier)
+        given = config.option.markexpr
+        config.option.markexpr = f"({given}) and ({expr})" if given else expr
+    unprivileged.configure(config, lambda item: in_tier(item, "fast"))
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark a test by the fixtures it uses (before ``-m`` selects)."""
+    names = set(item.fixturenames)
+    for marker, fixtures in FIXTURE_MARKERS.items():
+        if names & fixtures and not item.get_closest_marker(marker):
+            item.add_marker(marker)
+
 
 def agent_version() -> str | None:
     """dm_agent.__version__, or None while the package does not import."""
@@ -51,7 +108,7 @@ def agent_version() -> str | None:
 
 def _require_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise RuntimeError(f"{what} needs root (it runs a real dockerd); run the tests as root")
+        raise RuntimeError(f"{what} needs root; run the tests as root")
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +135,15 @@ def _session_dockerd_stays_up() -> Iterator[None]:
     for d in _session:  # only when a test already started it
         if not d.running:
             d.start()
+
+
+@pytest.fixture
+def other_user() -> tuple[int, int]:
+    """(uid, gid) of a user the test's process is not: to chown files to, or to run a
+    program as with setpriv (``as_user``). Root only: an unprivileged process can do
+    neither, so the test is marked ``root``."""
+    _require_root("the other_user fixture (chown to another user, setpriv)")
+    return NOBODY, NOBODY
 
 
 @pytest.fixture(scope="session")

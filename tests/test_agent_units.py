@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from support.clock import Clock
 
-from dm_agent import rounds, schedule
-from dm_agent.outage import Outage, fmt_duration
+from dm_agent.process import schedule
+from dm_agent.round import bounds
+from dm_agent.round.outage import Outage, fmt_duration
 
 
 def test_backoff_grows_exponentially_and_is_capped_at_the_interval() -> None:
@@ -30,15 +31,15 @@ def test_backoff_is_jittered() -> None:
 
 def test_timeouts_are_shorter_than_the_interval() -> None:
     for interval in (1, 2, 5, 60, 3600):
-        t = rounds.timeouts(interval)
-        assert t["docker"] < interval or t["docker"] <= 0.8 * interval + 1e-9
-        assert t["http"][0] < interval and t["http"][1] < interval
-        assert t["disk"] < interval
-        assert t["round"] < t["abandon"] < interval  # the whole round, DNS included
-        assert t["abandon"] <= rounds.ROUND_MAX
+        t = bounds.timeouts(interval)
+        assert t.docker < interval or t.docker <= 0.8 * interval + 1e-9
+        assert t.http[0] < interval and t.http[1] < interval
+        assert t.disk < interval
+        assert t.round < t.abandon < interval  # the whole round, DNS included
+        assert t.abandon <= bounds.ROUND_MAX
     # the unit's WatchdogSec is twice the longest round
     unit = (Path(__file__).parents[1] / "systemd/dm-agent.service").read_text()
-    assert f"\nWatchdogSec={2 * rounds.ROUND_MAX:g}\n" in unit
+    assert f"\nWatchdogSec={2 * bounds.ROUND_MAX:g}\n" in unit
 
 
 def test_thousand_agents_started_together_spread_evenly() -> None:
@@ -117,12 +118,12 @@ def test_info_is_reused_only_between_periodic_rounds_of_a_connected_stream() -> 
     name and labels; a periodic round (an interval later), a reconnect of the event
     stream, or a stream that is down read /info again."""
     from dm_agent.collectors.events import EventWatcher
-    from dm_agent.config import Settings
-    from dm_agent.rounds import Progress
-    from dm_agent.source import NodeSource
+    from dm_agent.config.settings import Settings
+    from dm_agent.round.bounds import Progress
+    from dm_agent.round.source import NodeSource
 
     clock = Clock()
-    source = NodeSource(Settings(interval=60), Progress(), Outage("Docker"), clock=clock)
+    source = NodeSource(Settings(interval=60), Progress(), Outage("Docker"), 10.0, clock=clock)
     assert source.reinfo() == (True, -1)  # no stream
     events = EventWatcher(lambda: None, lambda action: None)  # never started
     source.events = events

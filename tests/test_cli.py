@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
-from agentproc import BIN, NO_DOCKER, clean_env, popen, run
+from agentproc import BIN, NO_DOCKER, clean_env, popen, run, stop
 from support.master import Master
 
 from dm_agent import __version__
@@ -36,11 +38,19 @@ def test_help_lists_seed_flags(tmp_path: Path) -> None:
         assert flag in proc.stdout, flag
 
 
-@pytest.mark.parametrize("args", [["--bogus"], ["-t"], ["--once", "--daemon"], ["extra"]])
+@pytest.mark.parametrize("args", [["--bogus"], ["-t"], ["--once", "--daemon"], ["extra"],
+                                  ["--once", "--check-config"], ["--daemon", "--check-config"]])
 def test_usage_errors_exit_64(tmp_path: Path, args: list[str]) -> None:
     proc = run(args, tmp_path)
     assert proc.returncode == 64, proc.stderr
     assert "dm-agent" in proc.stderr and "Traceback" not in proc.stderr
+    # the program's name once: it printed "dm-agent: dm-agent: --daemon, --once …"
+    assert "dm-agent: dm-agent" not in proc.stderr, proc.stderr
+
+
+def test_exclusive_switches_say_so_in_one_line(tmp_path: Path) -> None:
+    proc = run(["--once", "--check-config"], tmp_path)
+    assert proc.stderr == "dm-agent: --daemon, --once and --check-config exclude each other\n"
 
 
 @pytest.mark.parametrize(
@@ -224,3 +234,58 @@ def test_reexec_command_line_keeps_every_flag_but_the_secret() -> None:
     again = cli._parse(cli.without_secret(args))
     assert again.secret is None
     assert {**vars(again), "secret": SECRET} == vars(args)
+
+
+
+@pytest.mark.parametrize(("docker", "manageable"), [(NO_DOCKER, False),
+                                                    ("tcp://127.0.0.1:9", True)])
+def test_the_start_line_says_when_the_master_cannot_manage_the_node(
+        tmp_path: Path, master_factory: Callable[..., Master], docker: str,
+        manageable: bool) -> None:
+    """A node whose Docker is on a unix socket, without the gateway, is one the master
+    lists but cannot manage: the journal's start line says so, not only --check-config
+    and status (Docker on TCP is reached by the master itself). One master generation:
+    the subject is the start line."""
+    master = master_factory()
+    proc = popen(["-d", docker, "-m", master.url, "-v"], tmp_path)
+    try:
+        master.wait_for(1)
+    finally:
+        err = stop(proc)
+    (start,) = [line for line in err.splitlines() if " - INFO - started: " in line]
+    if manageable:
+        assert start.endswith(", gateway off"), start
+    else:
+        assert ", gateway off; the master cannot manage this node's Docker: Docker is on a " \
+            "unix socket (/nonexistent/docker.sock)" in start, start
+        assert start.endswith("set gateway = 0.0.0.0:8771 and gateway_password_hash "
+                              "(docs/gateway.md)"), start
+
+
+def test_a_proxy_or_docker_host_in_the_environment_is_not_used_and_said_so(
+        tmp_path: Path, master_factory: Callable[..., Master]) -> None:
+    """HTTP(S)_PROXY, ALL_PROXY and DOCKER_HOST all point at one listener on loopback: the
+    registration reaches the master directly (requests would send it through the proxy,
+    127.0.0.1 included, unless told not to), nothing connects to the listener, and each
+    variable is named in a warning without its value."""
+    master = master_factory()
+    with socket.socket() as trap:
+        trap.bind(("127.0.0.1", 0))
+        trap.listen()
+        trap.setblocking(False)
+        url = f"http://proxy-user:pr0xy-pw@127.0.0.1:{trap.getsockname()[1]}"
+        env = {name: url for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY",
+                                       "https_proxy", "ALL_PROXY")}
+        env["DOCKER_HOST"] = f"tcp://127.0.0.1:{trap.getsockname()[1]}"
+        proc = run(["--once", "-m", master.url, "-v"], tmp_path, env)
+        with pytest.raises(BlockingIOError):
+            trap.accept()  # nobody came
+    assert proc.returncode == 0, proc.stderr
+    assert len(master.requests) == 1
+    for name in env:
+        assert f"WARNING - {name} is set but not used: " in proc.stderr, name
+    assert "pr0xy-pw" not in proc.stderr
+    check = run(["--check-config", "-m", master.url], tmp_path, {"https_proxy": url})
+    assert check.returncode == 0
+    assert "dm-agent: warning: https_proxy is set but not used: the master is reached " \
+        "directly, never through a proxy" in check.stderr, check.stderr

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from dm_agent import config
+import dm_agent
+from dm_agent.cli import cli_overrides
+from dm_agent.collectors.host import is_excluded
+from dm_agent.config import settings as config
+from dm_agent.config import values
 from dm_agent.errors import ConfigError
 
 SECRET = "s3cr3t-value-that-must-not-leak"
+
+PACKAGE = Path(dm_agent.__file__).parent
 
 
 def write(path: Path, body: str) -> str:
@@ -29,7 +35,7 @@ def write(path: Path, body: str) -> str:
     ],
 )
 def test_docker_endpoint_forms(raw: str, expected: str) -> None:
-    assert config.parse_docker(raw) == expected
+    assert values.parse_docker(raw) == expected
 
 
 @pytest.mark.parametrize(
@@ -45,7 +51,7 @@ def test_docker_endpoint_forms(raw: str, expected: str) -> None:
 )
 def test_docker_endpoint_errors(raw: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
-        config.parse_docker(raw)
+        values.parse_docker(raw)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +64,7 @@ def test_docker_endpoint_errors(raw: str, fragment: str) -> None:
     ],
 )
 def test_master_forms(raw: str, expected: str | None) -> None:
-    assert config.parse_master(raw) == expected
+    assert values.parse_master(raw) == expected
 
 
 @pytest.mark.parametrize(
@@ -73,7 +79,7 @@ def test_master_forms(raw: str, expected: str | None) -> None:
 )
 def test_master_errors(raw: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
-        config.parse_master(raw)
+        values.parse_master(raw)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +89,7 @@ def test_master_errors(raw: str, fragment: str) -> None:
 )
 def test_interval_errors(raw: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
-        config.parse_interval(raw)
+        values.parse_interval(raw)
 
 
 def test_search_path_first_existing_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,7 +123,7 @@ def test_home_config_without_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_precedence_cli_env_file_default(tmp_path: Path) -> None:
     path = write(tmp_path / "a.ini", "[main]\ntimeout = 10\nmaster = file:1\nlog_level = 1\n")
     env = {"DM_AGENT_TIMEOUT": "20", "DM_AGENT_MASTER": "env:2"}
-    settings, _ = config.load(config.cli_overrides(timeout="30"), path, env)
+    settings, _ = config.load(cli_overrides(timeout="30"), path, env)
     assert settings.interval == 30
     assert settings.sources["timeout"] == "command line"
     assert settings.master == "http://env:2"
@@ -178,14 +184,14 @@ def test_unreadable_file_as_other_user(tmp_path: Path) -> None:
 
         os.chmod(tmp_path, 0o755)
         code = (
-            "import sys; from dm_agent import config\n"
+            "import sys; from dm_agent.config import settings as config\n"
             "try: config.load({}, sys.argv[1], {})\n"
             "except config.ConfigError as e: print(e); sys.exit(78)\n"
         )
         proc = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
              sys.executable, "-c", code, path],
-            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(config.__file__)),
+            capture_output=True, text=True, cwd=PACKAGE.parent,
         )
         assert proc.returncode == 78, proc.stderr
         assert "permission denied" in proc.stdout and path in proc.stdout
@@ -203,7 +209,7 @@ def test_secret_never_in_errors_or_render(tmp_path: Path) -> None:
     assert SECRET not in text and "secret = ********" in text
     # an invalid secret's error does not echo it either
     with pytest.raises(ConfigError) as err:
-        config.load(config.cli_overrides(secret=SECRET + "\nX-Evil: 1"), path, {})
+        config.load(cli_overrides(secret=SECRET + "\nX-Evil: 1"), path, {})
     assert SECRET not in str(err.value) and "line breaks" in str(err.value)
 
 
@@ -228,7 +234,7 @@ def test_require_master_names_the_file(tmp_path: Path) -> None:
 
 
 def test_sample_config_documents_every_key_with_its_default() -> None:
-    sample = Path(config.__file__).parent / "data" / "dm-agent.ini"
+    sample = PACKAGE / "data" / "dm-agent.ini"
     text = sample.read_text(encoding="utf-8")
     # every key shown at its default, commented out, but log_level: a packaged node logs
     # at INFO (docs/design.md §4), while the program's own default stays WARNING
@@ -249,12 +255,12 @@ def test_sample_config_documents_every_key_with_its_default() -> None:
 
 
 def test_bool_and_patterns() -> None:
-    assert config.parse_bool("Yes") is True and config.parse_bool("off") is False
+    assert values.parse_bool("Yes") is True and values.parse_bool("off") is False
     with pytest.raises(ValueError, match="yes/no"):
-        config.parse_bool("maybe")
-    assert config.parse_patterns("lo, veth*  docker0") == ("lo", "veth*", "docker0")
-    assert config.is_excluded("veth12ab", ("lo", "veth*"))
-    assert not config.is_excluded("eth0", ("lo", "veth*"))
+        values.parse_bool("maybe")
+    assert values.parse_patterns("lo, veth*  docker0") == ("lo", "veth*", "docker0")
+    assert is_excluded("veth12ab", ("lo", "veth*"))
+    assert not is_excluded("eth0", ("lo", "veth*"))
 
 
 def test_secret_precedence_cli_env_credential_secret_file_file(tmp_path: Path) -> None:
@@ -267,7 +273,7 @@ def test_secret_precedence_cli_env_credential_secret_file_file(tmp_path: Path) -
                  "[main]\nsecret = from-file\nsecret_file = node.secret\n")
     env = {"CREDENTIALS_DIRECTORY": str(creds)}
     cases = [
-        (config.cli_overrides(secret="from-cli"), {**env, "DM_AGENT_SECRET": "from-env"},
+        (cli_overrides(secret="from-cli"), {**env, "DM_AGENT_SECRET": "from-env"},
          "from-cli", "command line"),
         ({}, {**env, "DM_AGENT_SECRET": "from-env"}, "from-env",
          "environment DM_AGENT_SECRET"),
@@ -323,7 +329,7 @@ def test_missing_secret_file_names_the_setting(tmp_path: Path) -> None:
 def test_secret_that_cannot_travel_in_a_header_is_refused(tmp_path: Path, bad: str) -> None:
     path = write(tmp_path / "h.ini", "[main]\nmaster = m:1\n")
     for cli, env, where in [
-        (config.cli_overrides(secret=bad), {}, "command line: invalid secret:"),
+        (cli_overrides(secret=bad), {}, "command line: invalid secret:"),
         ({}, {"DM_AGENT_SECRET": bad}, "environment DM_AGENT_SECRET: invalid secret:"),
     ]:
         with pytest.raises(ConfigError) as err:
@@ -331,7 +337,7 @@ def test_secret_that_cannot_travel_in_a_header_is_refused(tmp_path: Path, bad: s
         assert str(err.value).startswith(where), str(err.value)
         assert bad not in str(err.value) and bad[:3] not in str(err.value)
     # Latin-1 is what http.client sends: accepted, as before
-    settings, _ = config.load(config.cli_overrides(secret="sécret"), path, {})
+    settings, _ = config.load(cli_overrides(secret="sécret"), path, {})
     assert settings.secret == "sécret"
 
 
@@ -364,36 +370,67 @@ def test_relative_paths_in_the_file_are_relative_to_its_directory(tmp_path: Path
     assert settings.master_ca == f"{conf_dir}/ca.pem"
     assert settings.secret_file == f"{conf_dir}/node.secret"
     # the command line and the environment: against the starting directory, as is -f
-    settings, _ = config.load(config.cli_overrides(pidfile="cli.pid"), "../etc/r.ini",
+    settings, _ = config.load(cli_overrides(pidfile="cli.pid"), "../etc/r.ini",
                               {"DM_AGENT_LOG_FILE": "x.log"}, cwd=str(start))
     assert settings.config_file == path
     assert settings.pidfile == f"{start}/cli.pid"
     assert settings.log_file == f"{start}/x.log"
 
 
-def test_file_setting_behind_an_unreadable_directory_says_so() -> None:
-    """Not "does not exist": the dm-agent user meets a 0700 directory above the file."""
+def test_file_setting_behind_an_unreadable_directory_says_so(tmp_path: Path) -> None:
+    """Not "does not exist": the dm-agent user meets a 0700 directory above the file. Root
+    passes every directory, so as root the load runs as nobody; otherwise the directory
+    is closed to its owner too."""
+    message = "cannot be reached: permission denied on a directory above it"
+    if os.geteuid() != 0:
+        path = secret_file_behind_private_directory(tmp_path)
+        os.chmod(tmp_path / "private", 0)
+        try:
+            with pytest.raises(ConfigError, match=message):
+                config.load({}, path, {})
+        finally:
+            os.chmod(tmp_path / "private", 0o700)
+        return
+    import subprocess
+    import sys
     import tempfile
+
+    from agentproc import NOBODY, as_user
 
     with tempfile.TemporaryDirectory(prefix="dm-config-") as tmp:  # reachable by nobody
         os.chmod(tmp, 0o755)
-        secret_file_behind_private_directory(Path(tmp))
+        path = secret_file_behind_private_directory(Path(tmp))
+        code = ("import sys; from dm_agent.config import settings as config\n"
+                "try: config.load({}, sys.argv[1], {})\n"
+                "except config.ConfigError as e: print(e); sys.exit(78)\n")
+        proc = subprocess.run(
+            as_user((NOBODY, NOBODY), [sys.executable, "-c", code, path]),
+            capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert proc.returncode == 78, proc.stderr
+    assert message in proc.stdout
 
 
-def secret_file_behind_private_directory(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
+def secret_file_behind_private_directory(tmp_path: Path) -> str:
+    """``d.ini`` (0644) whose ``secret_file`` is in ``private/`` (0700)."""
     (tmp_path / "private").mkdir(mode=0o700)
     write(tmp_path / "private" / "node.secret", "s\n")
     path = write(tmp_path / "d.ini", f"[main]\nsecret_file = {tmp_path}/private/node.secret\n")
     os.chmod(path, 0o644)
-    code = ("import sys; from dm_agent import config\n"
-            "try: config.load({}, sys.argv[1], {})\n"
-            "except config.ConfigError as e: print(e); sys.exit(78)\n")
-    proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-         "-c", code, path], capture_output=True, text=True,
-        cwd=os.path.dirname(os.path.dirname(config.__file__)))
-    assert proc.returncode == 78, proc.stderr
-    assert "cannot be reached: permission denied on a directory above it" in proc.stdout
+    return path
+
+
+def test_what_an_empty_value_means_is_said_alike_by_help_and_check_config() -> None:
+    """One field of the key (``Key.empty``) says what an empty value means; ``--help``
+    shows it in brackets, ``--check-config`` as the source of an empty default, but for
+    the pidfile, whose path found at run time it shows instead."""
+    from dm_agent.cli import EPILOG
+
+    meant = [k for k in config.KEYS if k.empty]
+    assert {k.name for k in meant} == {"address", "pidfile", "master_ca"}
+    rendered = config.render(config.DEFAULTS, {"pidfile": "/run/x.pid"})
+    for key in meant:
+        assert f"\n  {key.name} = ({key.empty})\n" in EPILOG, key.name
+    assert "\naddress =  ; default: the Docker TCP host:port, else the IP that routes" in rendered
+    assert "\nmaster_ca =  ; default: the system CA store\n" in rendered
+    assert "\npidfile = /run/x.pid  ; default\n" in rendered
+    assert "\nlog_file =  ; default\n" in rendered  # unset means unset

@@ -16,9 +16,10 @@ from agentproc import BIN, NO_DOCKER, alive, clean_env, run, wait_gone
 from support.master import Master
 from support.scripted_docker import ScriptedDocker
 
-from dm_agent.pidfile import read_pid
+from dm_agent.process.pidfile import read_pid
 
-pytestmark = pytest.mark.daemon
+# paced: waits on a real agent's intervals, so not in the unit tier
+pytestmark = [pytest.mark.daemon, pytest.mark.paced]
 SECRET = "daemon-secret-77Q"
 
 
@@ -234,13 +235,45 @@ def test_daemon_without_journal_logs_to_syslog_else_log_file(
         assert " - INFO - started as daemon" in text and SECRET not in text
 
 
+def test_log_file_moved_away_by_a_rotation_is_reopened(
+        daemon: Daemon, master: Master, tmp_path: Path) -> None:
+    """logrotate's default (rename the file; the next line goes to a new one at the old
+    path), with no signal and no copytruncate: the daemon notices the move at its next
+    line. Before, it wrote on into the renamed file for ever."""
+    log_file = daemon.home / "agent.log"
+    daemon.conf.write_text(daemon.conf.read_text() + f"log_file = {log_file}\n")
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private",
+         "sh", "-c", PRIVATE_DEV, "sh", str(tmp_path / "host-dev"), "",  # no /dev/log
+         BIN, "--daemon", "-f", str(daemon.conf), "--pidfile", str(daemon.pidfile)],
+        capture_output=True, text=True, cwd=daemon.home, env=clean_env(daemon.home),
+        stdin=subprocess.DEVNULL, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    pid = daemon.pid
+    daemon.pids.add(pid)
+    master.wait_for(1)
+    rotated = log_file.with_name("agent.log.1")
+    log_file.rename(rotated)
+    os.kill(pid, signal.SIGHUP)  # anything that logs a line: a reload says so at INFO
+    deadline = time.monotonic() + 15
+    while not (log_file.exists() and "received SIGHUP" in log_file.read_text()):
+        assert time.monotonic() < deadline, f"nothing in a new {log_file} within 15 s"
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(pid, 5)
+    old, new = rotated.read_text(), log_file.read_text()
+    assert " - INFO - started as daemon" in old and "received SIGHUP" not in old
+    assert "received SIGHUP" in new and "started as daemon" not in new
+    assert "indicating exit request" in new or "stopping" in new, new
+
+
 # A bug that ends the loop cannot be produced on purpose, so one is injected: the real
 # daemon (real forks, real pipe, real journal stream) runs with loop.run replaced by a
 # function that reports readiness, lets the readiness pipe's descriptor number be
 # reused by a file, and raises.
 DIES_AFTER_READINESS = """
 import os, sys
-from dm_agent import loop
+from dm_agent.process import loop
 REUSED = sys.argv.pop()
 
 def pipes(signals):

@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.master import Master, parse_json_strict, validate_payload
 
-from dm_agent import payload
 from dm_agent.collectors import docker as dk
 from dm_agent.collectors.host import HostCollector
 from dm_agent.errors import DockerError
+from dm_agent.round import payload
 
 pytestmark = pytest.mark.docker  # root: a dockerd, a FUSE mount
 NO_DOCKER = "unix:///nonexistent/docker.sock"

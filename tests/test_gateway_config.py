@@ -6,11 +6,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
+import socket
+import threading
+import time
 from pathlib import Path
 
 import bcrypt
 import pytest
-from agentproc import NO_DOCKER, run
+from agentproc import NO_DOCKER, popen, run, stop, wait_listening
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -102,6 +106,54 @@ def test_the_hash_comes_from_the_systemd_credential(tmp_path: Path) -> None:
     (creds / "gateway_password_hash").write_text(DEFAULT)
     code, out, err = check(tmp_path, {"CREDENTIALS_DIRECTORY": str(creds)})
     assert code == 78 and f"systemd credential {creds}/gateway_password_hash" in err
+
+
+@pytest.mark.parametrize("mode", [["--once"], [], ["--daemon"]], ids=["once", "foreground",
+                                                                    "daemon"])
+def test_every_start_refuses_what_check_config_refuses(tmp_path: Path, mode: list[str]) -> None:
+    """The gateway's own check (``gateway.check``) is made where the settings are loaded,
+    the one path of every start: ``--once``, the foreground agent and ``--daemon`` exit
+    78 with ``--check-config``'s message, before anything runs."""
+    ini = write_ini(tmp_path, master="127.0.0.1:9", docker=NO_DOCKER, gateway="127.0.0.1:8771",
+                    gateway_password_hash=DEFAULT)
+    refused = check(tmp_path)
+    assert refused[0] == 78
+    proc = run([*mode, "-f", str(ini), "--pidfile", str(tmp_path / "run" / "a.pid")], tmp_path)
+    assert (proc.returncode, proc.stderr) == (78, refused[2])
+    assert f"{ini} [main] gateway_password_hash: invalid gateway_password_hash" in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before the daemon's pidfile
+
+
+def test_a_reload_refuses_it_and_keeps_the_running_gateway(tmp_path: Path) -> None:
+    """SIGHUP loads by the same path: the published default password's hash is refused
+    with the file and the key named, and the running gateway goes on listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    keys = {"master": "127.0.0.1:9", "docker": NO_DOCKER, "gateway": f"127.0.0.1:{port}",
+            "timeout": "60"}
+    ini = write_ini(tmp_path, **keys, gateway_password_hash=GOOD)
+    proc = popen(["-f", str(ini)], tmp_path, {"XDG_STATE_HOME": str(tmp_path / "state")})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")),
+                              daemon=True)
+    try:
+        wait_listening(port, proc)
+        reader.start()
+        write_ini(tmp_path, **keys, gateway_password_hash=DEFAULT)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while not any("reload failed" in ln for ln in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, lines
+            time.sleep(0.05)
+        wait_listening(port, proc)
+    finally:
+        err = stop(proc)
+    reader.join(5)
+    [line] = [ln for ln in lines if "reload failed" in ln]
+    assert f"keeping the running configuration: {ini} [main] gateway_password_hash: invalid " \
+        "gateway_password_hash" in line, line
+    assert DEFAULT not in "".join(lines) + err
 
 
 def test_certificate_files_are_checked_at_start(tmp_path: Path) -> None:

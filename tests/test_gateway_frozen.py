@@ -20,7 +20,7 @@ from typing import Any
 
 import bcrypt
 import pytest
-from agentproc import clean_env, stop
+from agentproc import clean_env, stop, wait_listening
 from support import gateway as shared
 from support.dockerd import Dockerd, TlsFiles, make_tls_files
 from support.frozen import require_frozen
@@ -63,14 +63,7 @@ def agent(engine: Dockerd, certs: TlsFiles,
                             env=clean_env(home, {"STATE_DIRECTORY": str(home / "state")}),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "gateway not up"
-            time.sleep(0.1)
+    wait_listening(port, proc)
     yield {"port": port, "proc": proc, "home": home}
     err = stop(proc)
     assert PASSWORD not in err and "Traceback" not in err, err

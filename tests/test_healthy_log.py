@@ -17,9 +17,10 @@ import pytest
 from agentproc import BIN, NO_DOCKER, clean_env, wait_gone
 from support.master import Master
 
-from dm_agent.pidfile import read_pid
+from dm_agent.process.pidfile import read_pid
 
-pytestmark = pytest.mark.daemon
+# paced: waits on a real agent's intervals, so not in the unit tier
+pytestmark = [pytest.mark.daemon, pytest.mark.paced]
 
 #: accepted registrations to wait for: enough that a line a registration would show
 ROUNDS = 5

@@ -102,8 +102,12 @@ def test_host_mounts_are_measured_under_the_host_root_when_their_device_is_there
     host = HostCollector(container=ContainerView(str(proc), str(root)))
     with caplog.at_level(logging.WARNING, "dm_agent.host"):
         disks = host.disk_usage()
+    # What is stable of a live filesystem: which mounts, and the size of the one under
+    # the host root (another filesystem would have another). Its used bytes move with
+    # whatever else writes to the disk meanwhile, so they are only bounded.
     vfs = os.statvfs(root)
-    assert disks == {"/": {"total": vfs.f_blocks * vfs.f_frsize,
-                           "used": (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize}}
+    assert set(disks) == {"/"}
+    assert disks["/"]["total"] == vfs.f_blocks * vfs.f_frsize
+    assert 0 < disks["/"]["used"] <= disks["/"]["total"]
     assert f"host mount /late is not visible under {root}" in caplog.text
     assert "rslave" in caplog.text

@@ -20,6 +20,8 @@ from support.master import Master
 
 from dm_agent import __version__
 
+pytestmark = pytest.mark.paced  # waits on a real agent's intervals: not in the unit tier
+
 NO_DOCKER = "unix:///nonexistent/docker.sock"
 SECRET = "node-secret-Kx81"
 

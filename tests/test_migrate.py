@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dm_agent import migrate
+from dm_agent.commands import migrate
 from dm_agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,17 +73,21 @@ def test_the_script_is_parsed_never_run(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_new_text_goes_into_main_and_the_file_keeps_mode_and_owner(tmp_path: Path) -> None:
+def test_new_text_goes_into_main_and_the_file_keeps_mode_and_owner(
+        tmp_path: Path, other_user: tuple[int, int]) -> None:
+    """Another user's file (root:dm-agent on a node): the rewrite keeps its owner, which
+    only root can give a file."""
     ini = tmp_path / "dm-agent.ini"
     ini.write_text("# shipped\n[main]\n#master = x:1\n\n[other]\nkey = 1\n")
-    os.chown(ini, 0, 4)
+    uid, gid = other_user
+    os.chown(ini, uid, gid)
     ini.chmod(0o640)
     text = migrate.new_text(ini.read_text(), [migrate.Setting("master", "10.0.0.1:8762", "x")],
                             "/etc/systemd/system/node-agent.service")
     assert text.index("master = 10.0.0.1:8762") < text.index("[other]")
     migrate.write_config(str(ini), text)
     st = ini.stat()
-    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, 4)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, uid, gid)
     assert ini.read_text() == text
     assert [p.name for p in tmp_path.iterdir()] == ["dm-agent.ini"]  # no temporary left
 

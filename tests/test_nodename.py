@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from support.master import name_problem
 
-from dm_agent import nodename
+from dm_agent.round import nodename
 
 NAMES = [
     "node-1", "node_1.example.com.", "a" * 63, "3com.com", "knoten-ü", "dm-test-node-ü",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dm_agent import notify
-from dm_agent.notify import Watchdog
+from dm_agent.process import notify
+from dm_agent.process.notify import Watchdog
 
 
 def _receiver(address: str) -> socket.socket:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from dm_agent import payload
 from dm_agent.collectors.docker import NodeInfo
+from dm_agent.round import payload
 
 
 def test_local_time_has_no_offset_and_parses_as_local_datetime() -> None:

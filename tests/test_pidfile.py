@@ -1,4 +1,4 @@
-"""dm_agent.pidfile in this process: links are never followed, the temporary file is
+"""dm_agent.process.pidfile in this process: links are never followed, the temporary file is
 created exclusively under a fresh name and its lock checked, unsafe directories refused."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from agentproc import run
 
-from dm_agent import pidfile as pidfile_module
 from dm_agent.errors import AgentError
-from dm_agent.pidfile import LockedPidfile, read_pid
+from dm_agent.process import pidfile as pidfile_module
+from dm_agent.process.pidfile import LockedPidfile, read_pid
 
 VICTIM = "a file the agent's user can write, which must stay as it is\n"
 
@@ -133,22 +133,21 @@ def test_directory_writable_by_others_without_sticky_bit_is_refused(
             assert read_pid(str(path)) == os.getpid()
 
 
-def test_group_writable_directory_of_another_group_is_refused(tmp_path: Path) -> None:
+def test_group_writable_directory_of_another_group_is_refused(
+        tmp_path: Path, other_user: tuple[int, int]) -> None:
     directory = tmp_path / "grp"
     directory.mkdir()
-    os.chown(directory, -1, os.getegid() + 4242)
+    os.chown(directory, -1, other_user[1])  # a group the agent is not in
     os.chmod(directory, 0o775)
     with pytest.raises(AgentError, match="writable by other users"):
         LockedPidfile(str(directory / "dm-agent.pid")).acquire()
 
 
-@pytest.mark.root  # chown to another user
-def test_directory_of_another_user_is_refused(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.fail("needs root to make a directory that belongs to another user")
+def test_directory_of_another_user_is_refused(tmp_path: Path,
+                                             other_user: tuple[int, int]) -> None:
     directory = tmp_path / "theirs"
     directory.mkdir(mode=0o755)
-    os.chown(directory, 65534, 65534)
+    os.chown(directory, *other_user)
     with pytest.raises(AgentError, match="belongs to another user"):
         LockedPidfile(str(directory / "dm-agent.pid")).acquire()
 

@@ -4,6 +4,7 @@ master, real sockets, the real agent in the foreground or in-process)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import socket
@@ -18,15 +19,19 @@ from agentproc import BIN, clean_env, popen, stop, stopped
 from support.dockerd import Dockerd, create_containers
 from support.master import BodyGate, Master
 
-from dm_agent import address as address_mod
-from dm_agent.address import Announcer
-from dm_agent.agent import Agent
-from dm_agent.config import Settings
+from dm_agent.config.settings import Settings
 from dm_agent.net import master_endpoint
-from dm_agent.outage import Outage
-from dm_agent.rounds import Progress, RoundThread
-from dm_agent.signals import Signals, Waker
-from dm_agent.source import NodeSource
+from dm_agent.process.rounds import RoundThread
+from dm_agent.process.signals import Signals, Waker
+from dm_agent.process.state import StateWriter
+from dm_agent.round import address as address_mod
+from dm_agent.round.address import Announcer
+from dm_agent.round.agent import Agent
+from dm_agent.round.bounds import Progress, timeouts
+from dm_agent.round.outage import Outage
+from dm_agent.round.source import NodeSource
+
+pytestmark = pytest.mark.paced  # waits on a real agent's intervals: not in the unit tier
 
 NO_DOCKER = "unix:///nonexistent/docker.sock"
 
@@ -104,11 +109,59 @@ def test_a_round_that_has_not_sent_when_the_stop_comes_sends_nothing() -> None:
                                jitter=False, docker_events=False))
         try:
             agent.progress.stopping.set()
-            assert agent.register() is False
+            outcome = agent.register()
         finally:
             agent.close()
         assert master.requests == []
-    assert agent.last_error == ("stopped", "not sent: the agent is stopping")
+    assert outcome.failure == ("stopped", "not sent: the agent is stopping")
+    assert outcome.body is not None and not outcome.ok  # built, not sent
+
+
+def test_a_round_comes_back_as_one_outcome_that_only_its_application_logs_and_records(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A round is one immutable ``Outcome``: the body it built and its failure. Nothing of
+    it stays on the agent for the state file to read later: what the loop does with it
+    (``settle`` logs it, ``StateWriter.round_done`` records it) is all there is. A master
+    that refuses the secret, then takes it: the refusal logged once when applied, then
+    the recovery; the state file's node, address and containers come from the body."""
+    caplog.set_level(logging.INFO, logger="dm_agent")
+    state_file = tmp_path / "agent.state.json"
+    with Master(mode="unauthorized") as master:
+        agent = Agent(Settings(docker=NO_DOCKER, master=master.url, interval=1, jitter=False,
+                               docker_events=False))
+        writer = StateWriter(str(state_file))
+
+        def about_master() -> list[tuple[int, str]]:
+            return [(r.levelno, r.getMessage()) for r in caplog.records
+                    if r.name == "dm_agent" and master.url in r.getMessage()]
+
+        try:
+            refused = agent.register()
+            assert refused.failure is not None and refused.failure[0] == "unauthorized"
+            assert refused.body is not None and refused.body["containers"] == []
+            with pytest.raises(AttributeError):
+                refused.failure = None  # type: ignore[misc]
+            assert about_master() == []  # a round logs nothing of its outcome itself
+            agent.settle(refused)
+            writer.round_done(agent, refused, 0.25)
+            assert [lvl for lvl, _ in about_master()] == [logging.ERROR]
+            master.set_mode("ok")
+            taken = agent.register()
+            assert taken.ok and taken.body is not None
+            agent.settle(taken)
+            writer.round_done(agent, taken, 0.25)
+        finally:
+            agent.close()
+    state = json.loads(state_file.read_text())
+    assert (state["node"], state["address"], state["containers"]) == (
+        taken.body["name"], taken.body["address"], 0)
+    assert state["last_failure"]["kind"] == "unauthorized"
+    assert state["consecutive_failures"] == 0 and state["last_success"]["duration"] == 0.25
+    lines = [m for _, m in about_master()]
+    assert "refused the node secret" in lines[0]
+    assert lines[1:] == [f"registered as {taken.body['name']} with {master.url} (ttl 2s)"]
+    assert any(r.getMessage().startswith("registration recovered after 1 failed attempt")
+               for r in caplog.records)
 
 
 def test_a_value_the_reporter_cannot_send_is_a_logged_failed_round(
@@ -116,7 +169,8 @@ def test_a_value_the_reporter_cannot_send_is_a_logged_failed_round(
     """Defence in depth: should a secret that cannot travel in a header reach the
     reporter (configuration refuses it), requests raises UnicodeEncodeError inside the
     round. It is a failed round, logged once at ERROR with what was attempted, repeats
-    at DEBUG; nothing reaches the thread's excepthook."""
+    at DEBUG; nothing reaches the thread's excepthook. Each outcome is applied as the
+    loop applies it (``settle``)."""
     secret = "sëcret✓"
     escaped: list[threading.ExceptHookArgs] = []
     old_hook = threading.excepthook
@@ -127,13 +181,15 @@ def test_a_value_the_reporter_cannot_send_is_a_logged_failed_round(
                             jitter=False, docker_events=False)
         agent = Agent(settings)
         try:
-            assert agent.register() is False
-            assert agent.register() is False
+            outcomes = [agent.register(), agent.register()]
             # and through the loop's round thread
             signals = Signals(Waker())
-            assert RoundThread(agent.progress).run(
-                agent.register, settings.interval, signals, agent.round_failed,
-                agent.parts.renew) is False
+            outcomes.append(RoundThread(agent.progress).run(
+                agent.register, agent.parts.limits, signals, agent.parts.renew))
+            for outcome in outcomes:
+                assert outcome is not None and outcome.failure is not None
+                assert outcome.failure[0] == "internal:UnicodeEncodeError", outcome.failure
+                agent.settle(outcome)
         finally:
             agent.close()
             threading.excepthook = old_hook
@@ -184,9 +240,9 @@ def test_docker_failure_kinds_make_still_failing_fire(
     caplog.set_level(logging.DEBUG, logger="dm_agent")
     outage, progress = Outage("Docker"), Progress()  # one Docker, failing two ways in turn
     missing = NodeSource(Settings(docker=NO_DOCKER, interval=1, docker_events=False),
-                         progress, outage)
+                         progress, outage, timeouts(1).docker)
     hung = NodeSource(Settings(docker=silent_docker, interval=1, docker_events=False),
-                      progress, outage)
+                      progress, outage, timeouts(1).docker)
     try:
         missing.collect()
         hung.collect()

@@ -1,5 +1,5 @@
 """The loop's schedule against a fake clock and seeded random sources: every behaviour
-of dm_agent.schedule, deterministic, without waiting for a real second."""
+of dm_agent.process.schedule, deterministic, without waiting for a real second."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import pytest
 from support.clock import Clock
 
-from dm_agent.schedule import EVENT_DEBOUNCE, EVENT_SPACING, Schedule
+from dm_agent.process.schedule import EVENT_DEBOUNCE, EVENT_SPACING, Schedule
 
 
 def schedule(interval: float = 60.0, jitter: bool = True, seed: int = 1,

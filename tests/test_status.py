@@ -11,24 +11,27 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import BIN, NO_DOCKER, clean_env, run, wait_gone
+from agentproc import BIN, NO_DOCKER, as_user, clean_env, run, wait_gone
+from support.dockerd import Dockerd
+from support.gateway import free_port
 from support.master import Master
 
-from dm_agent.config import Settings
-from dm_agent.pidfile import read_pid
-from dm_agent.state import state_path
+from dm_agent.config.settings import Settings
+from dm_agent.process.pidfile import read_pid
+from dm_agent.process.state import state_path
 
-pytestmark = pytest.mark.daemon
+# paced: waits on a real agent's intervals, so not in the unit tier
+pytestmark = [pytest.mark.daemon, pytest.mark.paced]
 SECRET = "status-secret-3xK"
-NOBODY = 65534
 
 
 class Node:
@@ -51,7 +54,10 @@ class Node:
                              f"timeout = {timeout}\nsecret = {secret}\n{extra}")
 
     def start(self) -> int:
-        proc = run(["--daemon", "-f", str(self.conf), "--pidfile", str(self.pidfile)], self.home)
+        # the gateway's self-issued certificate in the node's directory, not the host's
+        # /var/lib/dm-agent
+        proc = run(["--daemon", "-f", str(self.conf), "--pidfile", str(self.pidfile)], self.home,
+                   {"STATE_DIRECTORY": str(self.home / "state")})
         assert proc.returncode == 0, proc.stderr
         pid = read_pid(str(self.pidfile))
         assert pid
@@ -63,10 +69,7 @@ class Node:
         """``dm-agent status``, as root or as ``user`` = (uid, gid, supplementary gids…)."""
         cmd = [BIN, "status", "--pidfile", str(self.pidfile), *args]
         if user is not None:
-            uid, gid, *groups = user
-            cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid}",
-                   f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
-                   "--", *cmd]
+            cmd = as_user(user, cmd)
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
                               cwd=self.home, env=clean_env(self.home),
                               stdin=subprocess.DEVNULL)
@@ -139,10 +142,7 @@ def test_registered_exit_0_with_summary_and_a_state_file_without_secrets(
 
 
 def test_containers_and_event_stream_from_a_real_dockerd(node: Node, master: Master,
-                                                         dockerd: object) -> None:
-    from support.dockerd import Dockerd
-
-    assert isinstance(dockerd, Dockerd)
+                                                         dockerd: Dockerd) -> None:
     node.configure(docker=dockerd.unix_url)
     node.start()
     reqs = master.wait_for(1)
@@ -229,21 +229,21 @@ def test_unknown_exit_4_without_state_but_with_the_lock_held(node: Node) -> None
 
 
 def test_group_members_read_it_others_get_exit_4_saying_what_they_lack(
-        node: Node, master: Master) -> None:
+        node: Node, master: Master, other_user: tuple[int, int]) -> None:
     node.start()
     master.wait_for(1)
     assert node.wait_status(0).returncode == 0
     gid = node.state.stat().st_gid  # root's agent outside the unit: root's group
-    member = node.status(user=(NOBODY, NOBODY, gid))
+    member = node.status(user=(*other_user, gid))
     assert member.returncode == 0, member.stdout + member.stderr
     assert member.stdout.startswith("registered ")
-    other = node.status(user=(NOBODY, NOBODY))
+    other = node.status(user=other_user)
     assert other.returncode == 4, other.stdout + other.stderr
     assert other.stdout.startswith(f"permission denied: cannot read {node.state}: "), other.stdout
     assert "is readable by root and the dm-agent group only; you are nobody (uid 65534)" \
         in other.stdout
     assert "run it as root" in other.stdout.lower() and "usermod -aG dm-agent" in other.stdout
-    js = json.loads(node.status("--json", user=(NOBODY, NOBODY)).stdout)
+    js = json.loads(node.status("--json", user=other_user).stdout)
     assert js["status"] == "unknown" and js["exit_code"] == 4 and js["state"] is None
 
 
@@ -253,7 +253,7 @@ def test_help_documents_the_subcommand_and_its_exit_codes(tmp_path: Path) -> Non
     sub = run(["status", "--help"], tmp_path)
     assert sub.returncode == 0, sub.stderr
     for line in ("0  running and registered within its ttl", "3  not running (no lock held",
-                 "4  unknown: no state readable"):
+                 "4  unknown: no state readable", "2  with --manageable: registered, but"):
         assert line in sub.stdout, sub.stdout
     bad = run(["status", "--bogus"], tmp_path)
     assert bad.returncode == 64 and "usage: dm-agent status" in bad.stderr, bad.stderr
@@ -272,3 +272,75 @@ def test_the_pidfile_is_found_through_the_config_file(node: Node, master: Master
     assert proc.returncode == 0, proc.stdout
     js = json.loads(proc.stdout)
     assert js["pidfile"] == str(node.pidfile) and js["pid"] == pid
+
+
+# --- registered, and manageable? (--manageable) ------------------------------------------
+
+def test_registered_but_not_manageable_exits_2_only_when_asked(node: Node,
+                                                               master: Master) -> None:
+    """Docker on a unix socket and no gateway: the master lists the node but cannot manage
+    it. Exit 0 still means registered; --manageable makes it 2, with the reasons."""
+    node.start()
+    master.wait_for(1)
+    assert node.wait_status(0).returncode == 0
+    proc = node.status("--manageable")
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stdout.startswith("registered "), proc.stdout
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("not manageable: the master cannot manage this node's Docker: "
+                           "Docker is on a unix socket (/nonexistent/docker.sock)"), last
+    assert "; Docker is unreachable: " in last, last
+    js = json.loads(node.status("--json").stdout)
+    assert (js["status"], js["exit_code"], js["manageable"]) == ("registered", 0, False)
+    asked = json.loads(node.status("--json", "--manageable").stdout)
+    assert (asked["status"], asked["exit_code"]) == ("unmanageable", 2)
+    assert asked["unmanageable"] == js["unmanageable"] and len(js["unmanageable"]) == 2
+    # a failing node is still 1: --manageable only splits "registered"
+    node.configure(secret="wrong-secret-Q")
+    os.kill(node.pids.copy().pop(), signal.SIGHUP)
+    master.allow_invalid = True
+    assert node.wait_status(1, 20, "--manageable").returncode == 1
+
+
+def gateway_node(node: Node, docker: str, port: int) -> None:
+    import bcrypt
+
+    hashed = bcrypt.hashpw(b"status-password", bcrypt.gensalt(4)).decode()
+    node.configure(timeout=1, docker=docker,
+                   extra=f"gateway = 127.0.0.1:{port}\ngateway_password_hash = {hashed}\n")
+
+
+def test_manageable_with_the_gateway_until_its_docker_dies(
+        node: Node, master: Master, dockerd_factory: Callable[..., Dockerd]) -> None:
+    """The gateway listening in front of a real Docker: exit 0 with --manageable. Docker
+    dies under the running agent: 2, "Docker is unreachable", though still registered."""
+    engine = dockerd_factory()
+    gateway_node(node, engine.unix_url, free_port())
+    node.start()
+    master.wait_for(1)
+    proc = node.wait_status(0, 20, "--manageable")
+    assert proc.returncode == 0, proc.stdout
+    js = json.loads(node.status("--json", "--manageable").stdout)
+    assert js["manageable"] is True and js["unmanageable"] == []
+    assert js["state"]["gateway"]["listening"] is True
+    engine.stop()
+    proc = node.wait_status(2, 20, "--manageable")
+    assert proc.returncode == 2, proc.stdout
+    assert "not manageable: Docker is unreachable: " in proc.stdout, proc.stdout
+    assert node.status().returncode == 0  # registered all along
+
+
+def test_a_gateway_that_cannot_listen_is_not_manageable(node: Node, master: Master,
+                                                       dockerd: Dockerd) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        gateway_node(node, dockerd.unix_url, port)
+        node.start()
+        master.wait_for(1)
+        proc = node.wait_status(2, 20, "--manageable")
+    assert proc.returncode == 2, proc.stdout
+    assert "gateway: NOT listening" in proc.stdout
+    assert f"not manageable: the gateway does not listen on 127.0.0.1:{port}: " \
+        "cannot listen" in proc.stdout, proc.stdout

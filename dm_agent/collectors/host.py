@@ -12,6 +12,7 @@ container's own overlay, bind mounts or network namespace (docs/design.md §7).
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import stat
@@ -22,10 +23,14 @@ from typing import Any
 
 import psutil
 
-from ..config import is_excluded
 from .hostview import ContainerView, in_container
 
 log = logging.getLogger("dm_agent.host")
+
+def is_excluded(name: str, patterns: Sequence[str]) -> bool:
+    """Whether the interface ``name`` matches one of ``net_exclude``'s patterns."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
 
 # Filesystem types that are not a host's storage (pseudo, memory, image or overlay).
 PSEUDO_FS = frozenset((

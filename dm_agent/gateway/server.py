@@ -96,9 +96,6 @@ class Listener:
         self.context, self.authenticator = context, authenticator
         self.upstream, self.read_only = upstream, read_only
 
-    def set_context(self, context: ssl.SSLContext) -> None:
-        self.context = context
-
     def stop(self) -> None:
         """Stop listening and end every connection, within about GRACE + JOIN seconds.
 

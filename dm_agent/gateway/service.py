@@ -7,12 +7,12 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..config import Settings
+from ..config.settings import Settings
 
 if TYPE_CHECKING:
-    from ..agent import Agent
     from .server import Listener
     from .tls import CertInfo
 
@@ -42,13 +42,17 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 class Gateway:
     """The gateway service: start, reload (certificates, password, access, Docker
-    endpoint; a new listen address rebinds), stop, and its status snapshot."""
+    endpoint; a new listen address rebinds), stop, and its status snapshot.
+
+    ``announced()`` is the address the registrations announce now (the round's
+    ``Announcer``): the self-issued certificate names its host, and a gateway that
+    cannot listen says what the master is told meanwhile."""
 
     name = "gateway"
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.settings: Settings = agent.settings
+    def __init__(self, settings: Settings, announced: Callable[[], str]) -> None:
+        self.settings = settings
+        self.announced = announced
         self.listener: Listener | None = None
         self.cert: CertInfo | None = None
         self.cert_path: str | None = None
@@ -67,7 +71,7 @@ class Gateway:
             self.cert = tls.load_pair(s.gateway_cert, s.gateway_key)
             self.self_issued = False
             return s.gateway_cert, s.gateway_key
-        address = self.agent.parts.announcer.address()
+        address = self.announced()
         host = address.partition("://")[2].rpartition(":")[0].strip("[]")
         names = [n for n in {host} if n]
         cert, key, self.cert = tls.issue_self_signed(
@@ -127,7 +131,7 @@ class Gateway:
             if message != self.error:
                 log.error("gateway: %s; trying again every %gs (registrations go on, "
                           "announcing %s)", message, RETRY_BIND,
-                          self.agent.parts.announcer.address())
+                          self.announced())
             self.error = message
             return False
         if self.error:

@@ -9,8 +9,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .. import config
-from ..command import Parser, parse_command
+from ..commands.parser import Parser, parse_command
+from ..config import settings as config
 from ..errors import EX_CONFIG, EX_OK, ConfigError
 
 DESCRIPTION = """\
@@ -45,7 +45,7 @@ def main(argv: Sequence[str]) -> int:
     from .keys import authorized_line, node_key
 
     try:
-        settings, _ = config.load(config.cli_overrides(), args.config)
+        settings, _ = config.load({}, args.config)
         key = node_key(settings.tunnel_key, state_directory())
     except ConfigError as exc:
         print(f"dm-agent tunnel-key: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..config import Settings
+from ..config.settings import Settings
 from .spec import Listen, Relay, decode_host_key, split_listen, split_tunnel
 
 if TYPE_CHECKING:

@@ -7,6 +7,8 @@ on ``sys.path``, as it does for ``agentproc``; a script outside the suite (bench
 - ``support.dockerd``: ``Dockerd``, ``populate``, ``create_containers``, TLS files
 - ``support.image``: the ``dmtest/busybox:1`` image
 - ``support.master``: ``Master`` and ``validate_payload``
+- ``support.unprivileged``: ``pytest --unprivileged``, the fast tier run as a new user
+  beside a root run (``make test``)
 """
 
 from __future__ import annotations

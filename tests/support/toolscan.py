@@ -17,7 +17,9 @@ What is read, as text (nothing is run):
   more items whose first item is a program's name (or absolute path), the shape of an
   argv, and ``shutil.which("NAME")``.
 
-A word is a program when ``shutil.which`` finds it on this machine; what it does not
+A word is a program when ``shutil.which`` finds it on this machine, on the PATH plus the
+sbin directories, as root's PATH has them (the build runs as root; an unprivileged user,
+who runs this test in the fast tier, has no sbin on its PATH); what it does not
 find is a function, a word of prose, or a program run inside a booted root (which has
 its own packages). That is why the test runs after `.ci/deps`: on a machine where a
 named package is missing, its programs are not found here, and the build fails loudly
@@ -158,11 +160,20 @@ def _spellings(path: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+#: the sbin directories of root's PATH, searched after the PATH (see the module's doc)
+SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def which(word: str) -> str | None:
+    """``shutil.which`` as root finds a program, whoever asks."""
+    return shutil.which(word, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
+
+
 def owners(programs: Iterable[str]) -> dict[str, str | None]:
     """program -> the Debian package that installed the file it resolves to; "" when no
     package did (installed by hand); None when this machine has no such program. One
     dpkg-query for all of them."""
-    paths = {w: shutil.which(w) for w in programs}
+    paths = {w: which(w) for w in programs}
     spelled: dict[str, list[str]] = {}
     for word, path in paths.items():
         for name in _spellings(path) if path else ():
@@ -206,7 +217,7 @@ def judge(found: Found, packages: set[str], exempt: Iterable[str] = ()) -> Verdi
         if package is None:
             continue  # not on this machine: a function, prose, or run inside a root
         if package == "":
-            verdict.outside[word] = str(shutil.which(word))
+            verdict.outside[word] = str(which(word))
         elif package in packages:
             verdict.named[word] = package
         elif priority.get(package) == "required":

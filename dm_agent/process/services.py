@@ -12,10 +12,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import Settings
+from ..config.settings import Settings
 
 if TYPE_CHECKING:  # the agent is handed in, not imported at run time
-    from .agent import Agent
+    from ..round.agent import Agent
 
 log = logging.getLogger("dm_agent")
 

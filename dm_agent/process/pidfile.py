@@ -17,8 +17,24 @@ import fcntl
 import os
 import stat
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from .errors import AgentError, PidfileLockedError
+from ..errors import AgentError, PidfileLockedError
+
+if TYPE_CHECKING:
+    from ..config.settings import Settings
+
+
+def _default() -> str:
+    if os.geteuid() == 0:
+        return "/run/dm-agent/dm-agent.pid"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dm-agent-{os.geteuid()}"
+    return os.path.join(runtime, "dm-agent.pid")
+
+
+def pidfile_path(settings: Settings) -> str:
+    """The pidfile: the setting, else /run/dm-agent for root, $XDG_RUNTIME_DIR otherwise."""
+    return settings.pidfile or _default()
 
 
 def read_pid(path: str) -> int | None:

@@ -1,4 +1,4 @@
-"""Settings: one table of keys, pure converters, one precedence rule.
+"""Settings: one table of keys, its converters (``values``), one precedence rule.
 
 Precedence is command line > ``DM_AGENT_<KEY>`` environment > config file > default.
 Only the first config file found on the search path is read. Every invalid value
@@ -9,244 +9,35 @@ becomes a :class:`ConfigError` that names where it came from, the key, the value
 from __future__ import annotations
 
 import configparser
-import fnmatch
 import os
-import re
-import stat
-import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .errors import ConfigError
-from .net import SECRET_MASK, USERINFO, redact_userinfo
-from .tunnel.spec import parse_host_key, parse_tunnel, parse_tunnel_listen
+from ..errors import ConfigError
+from ..net import SECRET_MASK, ignored_environment, redact_userinfo
+from ..tunnel.spec import parse_host_key, parse_tunnel, parse_tunnel_listen
+from .values import (
+    Secret,
+    parse_access,
+    parse_address,
+    parse_bool,
+    parse_docker,
+    parse_existing_file,
+    parse_interval,
+    parse_listen,
+    parse_log_level,
+    parse_master,
+    parse_optional_path,
+    parse_password_hash,
+    parse_patterns,
+    parse_secret,
+    parse_time_format,
+)
 
 SECTION = "main"
 ENV_PREFIX = "DM_AGENT_"
 DEFAULT_DOCKER = "unix:///var/run/docker.sock"
-
-
-class Secret(str):
-    """A string whose repr never shows its value."""
-
-    def __repr__(self) -> str:
-        return "Secret('" + SECRET_MASK + "')"
-
-
-# --- converters: each takes the raw text and returns a value or raises ValueError
-
-
-def _endpoint_hostport(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected host:port for {what}, got no port")
-    host = host.strip("[]")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected a port number 1-65535 after ':', got {port!r}")
-    return host, int(port)
-
-
-def parse_docker(text: str) -> str:
-    """Normalise a Docker endpoint: host:port, tcp://, http://, https://, unix://."""
-    text = text.strip()
-    if not text:
-        raise ValueError("expected a Docker endpoint, got an empty value")
-    if "://" not in text:
-        _endpoint_hostport(text, "a plain TCP Docker endpoint")
-        return "tcp://" + text
-    scheme, _, rest = text.partition("://")
-    scheme = scheme.lower()
-    if scheme == "unix":
-        if not rest.startswith("/"):
-            raise ValueError("expected unix:///absolute/path/to/docker.sock")
-        return "unix://" + rest
-    if scheme in ("tcp", "http", "https"):
-        _endpoint_hostport(rest.rstrip("/"), f"{scheme}://")
-        return f"{scheme}://{rest.rstrip('/')}"
-    raise ValueError(
-        f"unknown scheme {scheme!r}: expected host:port, tcp://host:port, "
-        "unix:///path or https://host:port"
-    )
-
-
-def parse_master(text: str) -> str | None:
-    """Normalise the master endpoint to a base URL without a trailing slash.
-
-    Empty means "not configured": the packaged config ships that way. Credentials in
-    the URL are refused rather than masked in every message that names the master:
-    the node authenticates with ``secret`` (X-Auth-Node), which is kept out of sight.
-    """
-    text = text.strip()
-    if not text:
-        return None
-    if USERINFO.match(text):
-        raise ValueError(
-            "the master URL must not carry credentials (user:password@): the node "
-            "authenticates with the 'secret' setting (X-Auth-Node header)"
-        )
-    if "://" not in text:
-        _endpoint_hostport(text, "the master")
-        return "http://" + text
-    url = urllib.parse.urlsplit(text)
-    if url.scheme.lower() not in ("http", "https"):
-        raise ValueError(
-            f"unknown scheme {url.scheme!r}: expected host:port, http://… or https://…"
-        )
-    if not url.hostname:
-        raise ValueError("expected a host name in the master URL")
-    try:
-        _ = url.port
-    except ValueError as exc:
-        raise ValueError(f"bad port in the master URL: {exc}") from None
-    if url.query or url.fragment:
-        raise ValueError("the master URL must not carry a query or fragment")
-    return text.rstrip("/")
-
-
-def parse_interval(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a whole number of seconds, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"expected at least 1 second, got {value}")
-    if value > 86400:
-        raise ValueError(f"expected at most 86400 seconds (a day), got {value}")
-    return value
-
-
-def parse_log_level(text: str) -> int:
-    value = text.strip()
-    if value not in ("0", "1", "2"):
-        raise ValueError(f"expected 0 (WARNING), 1 (INFO) or 2 (DEBUG), got {text!r}")
-    return int(value)
-
-
-_TRUE = {"1", "yes", "true", "on"}
-_FALSE = {"0", "no", "false", "off"}
-
-
-def parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"expected yes/no (true/false, on/off, 1/0), got {text!r}")
-
-
-def parse_secret(text: str) -> Secret:
-    """The secret as it can travel in an HTTP header: Latin-1, no control characters.
-
-    http.client encodes header values as Latin-1 and a control character would split
-    or corrupt the header, so either would fail every round; refused here instead.
-    The value itself is never echoed: not even in these errors.
-    """
-    value = text.strip()
-    for ch in value:
-        code = ord(ch)
-        if code < 0x20 or 0x7F <= code <= 0x9F:
-            raise ValueError("the secret must not contain control characters (line breaks, "
-                             "tabs, NUL…): it is sent in the X-Auth-Node HTTP header "
-                             "(value not shown)")
-        if code > 0xFF:
-            raise ValueError("the secret must be Latin-1 text (plain ASCII is safest): it is "
-                             "sent in the X-Auth-Node HTTP header, which cannot carry "
-                             "other characters (value not shown)")
-    return Secret(value)
-
-
-def parse_optional_path(text: str) -> str | None:
-    value = text.strip()
-    return value or None
-
-
-def parse_existing_file(text: str) -> str | None:
-    value = text.strip()
-    if not value:
-        return None
-    try:
-        is_file = stat.S_ISREG(os.stat(value).st_mode)
-    except FileNotFoundError:
-        raise ValueError(f"expected an existing file, {value!r} does not exist") from None
-    except PermissionError:
-        raise ValueError(f"expected a readable file, {value!r} cannot be reached: permission "
-                         "denied on a directory above it") from None
-    except OSError as exc:
-        raise ValueError(f"expected an existing file, {value!r}: {exc.strerror}") from None
-    if not is_file:
-        raise ValueError(f"expected a file, {value!r} is not a regular file")
-    if not os.access(value, os.R_OK):
-        raise ValueError(f"expected a readable file, {value!r} cannot be read")
-    return value
-
-
-def parse_address(text: str) -> str | None:
-    value = text.strip()
-    if not value:
-        return None
-    scheme, sep, rest = value.partition("://")
-    if sep and scheme.lower() in ("http", "https") and rest and "/" not in rest.rstrip("/"):
-        return f"{scheme.lower()}://{rest.rstrip('/')}"  # taken as it is by the master
-    if any(ch.isspace() for ch in value) or "/" in value:
-        raise ValueError(f"expected host, host:port or https://host:port, got {value!r}")
-    return value
-
-
-def parse_time_format(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("local", "utc"):
-        raise ValueError(f"expected 'utc' (with Z) or 'local' (no offset), got {text!r}")
-    return value
-
-
-def parse_patterns(text: str) -> tuple[str, ...]:
-    items = tuple(p.strip() for p in re.split(r"[,\s]+", text) if p.strip())
-    for item in items:
-        try:
-            fnmatch.translate(item)
-        except re.error as exc:  # pragma: no cover - translate() rarely fails
-            raise ValueError(f"bad pattern {item!r}: {exc}") from None
-    return items
-
-
-def parse_listen(text: str) -> str | None:
-    """The gateway's ``host:port`` to listen on; ``:port`` means every address. Empty: off."""
-    value = text.strip()
-    if not value:
-        return None
-    host, port = _endpoint_hostport(value if not value.startswith(":") else "0.0.0.0" + value,
-                                    "the gateway")
-    if any(ch.isspace() or ch == "/" for ch in host):
-        raise ValueError(f"expected host:port (e.g. 0.0.0.0:8771), got {value!r}")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-_BCRYPT = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
-
-
-def parse_password_hash(text: str) -> Secret | None:
-    """A bcrypt hash (``$2a$``, ``$2b$`` or ``$2y$``), as the Java agent's
-    ``dm.auth.adminPassword`` and ``dm-agent hash-password`` write it. Never echoed:
-    with the hash, a password can be guessed offline."""
-    value = text.strip()
-    if not value:
-        return None
-    match = _BCRYPT.match(value)
-    if not match:
-        raise ValueError("expected a bcrypt hash: $2a$, $2b$ or $2y$, two cost digits, then "
-                         "53 characters (make one with: dm-agent hash-password) (value not shown)")
-    if not 4 <= int(match.group(1)) <= 31:
-        raise ValueError("the bcrypt cost must be 04 to 31 (value not shown)")
-    return Secret(value)
-
-
-def parse_access(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("full", "read-only"):
-        raise ValueError(f"expected 'full' or 'read-only', got {text!r}")
-    return value
 
 
 # NamedTuple rather than dataclasses: dataclasses imports inspect and ast, 1.5 MB of
@@ -264,6 +55,9 @@ class Key(NamedTuple):
     #: environment variables read after ``DM_AGENT_<KEY>``: the master's own "add node"
     #: line names the master and the secret so (docs/design.md §7)
     aliases: tuple[str, ...] = ()
+    #: what an empty value means, where it is not "unset": the program finds the value
+    #: at run time (``--help`` and ``--check-config`` say what it is)
+    empty: str = ""
 
     @property
     def attr(self) -> str:
@@ -279,13 +73,15 @@ KEYS: tuple[Key, ...] = (
     Key("secret", parse_secret, "", secret=True, aliases=("dm_agent_notifier_secret",)),
     Key("secret_file", parse_existing_file, "", path=True),
     Key("log_level", parse_log_level, "0"),
-    Key("address", parse_address, ""),
-    Key("pidfile", parse_optional_path, "", path=True),
+    Key("address", parse_address, "",
+        empty="the Docker TCP host:port, else the IP that routes to the master"),
+    Key("pidfile", parse_optional_path, "", path=True,
+        empty="/run/dm-agent/dm-agent.pid for root, else $XDG_RUNTIME_DIR/dm-agent.pid"),
     Key("log_file", parse_optional_path, "", path=True),
     Key("docker_tls_ca", parse_existing_file, "", path=True),
     Key("docker_tls_cert", parse_existing_file, "", path=True),
     Key("docker_tls_key", parse_existing_file, "", path=True),
-    Key("master_ca", parse_existing_file, "", path=True),
+    Key("master_ca", parse_existing_file, "", path=True, empty="the system CA store"),
     Key("time_format", parse_time_format, "utc"),
     Key("net_exclude", parse_patterns, "lo, veth*"),
     Key("jitter", parse_bool, "yes"),
@@ -300,11 +96,10 @@ KEYS: tuple[Key, ...] = (
     Key("tunnel", parse_tunnel, ""),
     Key("tunnel_listen", parse_tunnel_listen, ""),
     Key("tunnel_host_key", parse_host_key, ""),
-    Key("tunnel_key", parse_existing_file, "", path=True),
+    Key("tunnel_key", parse_existing_file, "", path=True,
+        empty="an ed25519 key made in the state directory (dm-agent tunnel-key)"),
 )
 BY_NAME = {k.name: k for k in KEYS}
-#: Keys holding a path: made absolute before use, since a daemon runs in ``/``.
-PATH_KEYS = frozenset(k.name for k in KEYS if k.path)
 
 
 class Settings(NamedTuple):
@@ -487,6 +282,7 @@ def load(
     warnings: list[str] = []
     if path is not None:
         file_values, warnings = read_file(path)
+    warnings += ignored_environment(env)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key in KEYS:
@@ -517,9 +313,11 @@ def load(
 
 
 def _check_gateway(values: dict[str, Any], sources: Mapping[str, str]) -> str | None:
-    """Refuse a gateway that would be unsafe (docs/design.md §6): no way to authenticate,
-    the published default password, a certificate or key that cannot serve. Returns why
-    an optional gateway stays off, or None."""
+    """Refuse a gateway that could not authenticate the master (docs/design.md §6), or
+    whose certificate comes without its key. Returns why an optional gateway stays off,
+    or None. What its credentials hold (the published default password, a certificate
+    that cannot serve) is the gateway's own check, ``gateway.check``, made where the
+    settings are loaded."""
     if not values["gateway"]:
         return None
     pair = [values[k] for k in ("gateway_cert", "gateway_key")]
@@ -536,20 +334,6 @@ def _check_gateway(values: dict[str, Any], sources: Mapping[str, str]) -> str | 
             return reason
         raise ConfigError(f"{sources['gateway']}: gateway = {values['gateway']}: {reason}; "
                           "a gateway without authentication is root on this node for anyone")
-    from .gateway import auth, tls
-
-    if values["gateway_password_hash"]:
-        try:
-            auth.check_hash(values["gateway_password_hash"])
-        except ValueError as exc:
-            raise ConfigError(f"{sources['gateway_password_hash']}: invalid "
-                              f"gateway_password_hash: {exc}") from None
-    if all(pair):
-        try:
-            tls.load_pair(values["gateway_cert"], values["gateway_key"])
-        except ValueError as exc:
-            raise ConfigError(f"{sources['gateway_cert']}: invalid gateway_cert/gateway_key: "
-                              f"{exc}") from None
     return None
 
 
@@ -570,7 +354,7 @@ def _check_tunnel(values: dict[str, Any], sources: Mapping[str, str]) -> None:
         if not values[name]:
             raise ConfigError(f"{where}: tunnel = {values['tunnel']} needs {name}: {what}")
     if values["tunnel_key"]:
-        from .tunnel.keys import public_line
+        from ..tunnel.keys import public_line
 
         try:
             public_line(values["tunnel_key"])
@@ -649,33 +433,16 @@ def read_secret_file(path: str, where: str, name: str = "secret",
     return secret
 
 
-def _pidfile_default() -> str:
-    if os.geteuid() == 0:
-        return "/run/dm-agent/dm-agent.pid"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dm-agent-{os.geteuid()}"
-    return os.path.join(runtime, "dm-agent.pid")
-
-
-def pidfile_path(settings: Settings) -> str:
-    """The pidfile: the setting, else /run/dm-agent for root, $XDG_RUNTIME_DIR otherwise."""
-    return settings.pidfile or _pidfile_default()
-
-
-#: what an empty setting means, for --check-config: the effective value is found at run time
-_EMPTY_MEANS = {
-    "address": "default: the Docker TCP host:port, else the IP that routes to the master",
-    "master_ca": "default: the system CA store",
-    "tunnel_key": "default: the ed25519 key in the state directory (dm-agent tunnel-key)",
-}
-
-
-def render(settings: Settings) -> str:
-    """The effective settings as INI text, the secret masked, each with its source."""
+def render(settings: Settings, found: Mapping[str, str] | None = None) -> str:
+    """The effective settings as INI text, the secret masked, each with its source.
+    ``found`` holds values the program finds itself where a key is empty (the pidfile a
+    daemon would really use), shown in their place."""
+    found = found or {}
     lines = [f"# config file: {settings.config_file or '(none found)'}", f"[{SECTION}]"]
     for key in KEYS:
         value = getattr(settings, key.attr)
-        if key.name == "pidfile":  # the file a daemon would really use
-            value = pidfile_path(settings)
+        if not value and key.name in found:
+            value = found[key.name]
         if key.secret:
             text = SECRET_MASK if value else ""
         elif isinstance(value, bool):
@@ -687,23 +454,7 @@ def render(settings: Settings) -> str:
         else:
             text = str(value)
         source = settings.sources.get(key.name, "default")
-        if not text and source == "default":
-            source = _EMPTY_MEANS.get(key.name, source)
+        if not text and source == "default" and key.empty:
+            source = f"default: {key.empty}"
         lines.append(f"{key.name} = {text}".rstrip() + f"  ; {source}")
     return "\n".join(lines) + "\n"
-
-
-def cli_overrides(verbose: int = 0, **given: str | None) -> dict[str, str | None]:
-    """Map parsed command-line options onto key names (raw text, None when absent):
-    ``cli_overrides(verbose=2, master="10.0.0.3:8761")``. ``-v`` counts into log_level."""
-    unknown = set(given) - set(BY_NAME)
-    if unknown:
-        raise TypeError(f"cli_overrides: not config keys: {sorted(unknown)}")
-    out: dict[str, str | None] = {name: None for name in BY_NAME}
-    out.update(given)
-    out["log_level"] = str(min(verbose, 2)) if verbose else None
-    return out
-
-
-def is_excluded(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

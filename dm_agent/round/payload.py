@@ -6,7 +6,7 @@ import datetime as _dt
 import json
 from typing import Any
 
-from .collectors.docker import NodeInfo
+from ..collectors.docker import NodeInfo
 
 
 def timestamp(fmt: str = "utc", now: _dt.datetime | None = None) -> str:

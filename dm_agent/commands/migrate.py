@@ -28,10 +28,11 @@ import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from . import config
-from .command import Parser, parse_command
-from .errors import EX_FAILURE, EX_OK, AgentError, ConfigError, UsageError
-from .net import SECRET_MASK
+from .. import gateway
+from ..config import settings as config
+from ..errors import EX_FAILURE, EX_OK, AgentError, ConfigError, UsageError
+from ..net import SECRET_MASK
+from .parser import Parser, parse_command
 
 UNIT_DIR = "/etc/systemd/system"
 SCRIPT_DIR = "/usr/local/bin"
@@ -280,6 +281,7 @@ def _validate(text: str, where: str) -> None:
         fh.flush()
         try:
             settings, _ = config.load({}, fh.name, env={})
+            gateway.check(settings)
             settings.require_master()
         except ConfigError as exc:
             raise ConfigError(f"the old settings are not valid for dm-agent, nothing was "

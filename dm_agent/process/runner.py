@@ -11,10 +11,10 @@ import logging
 import urllib.parse
 from collections.abc import Callable
 
+from ..config.settings import Settings
+from ..round.address import is_loopback, unmanaged
+from ..round.agent import Agent, describe
 from . import loop
-from .address import is_loopback
-from .agent import Agent, describe
-from .config import Settings
 from .notify import Watchdog
 from .services import EventsService, Services
 from .signals import Signals, Waker
@@ -27,10 +27,10 @@ def build_services(agent: Agent, nudges: loop.Nudges) -> Services:
     """Docker's event stream, the gateway and the tunnel to it. The gateway's parser,
     bcrypt and TLS modules, and the tunnel's SSH library, are imported only when they are
     configured: a node without them keeps the agent's memory budget."""
-    from .gateway.service import Gateway, state_directory
-    from .tunnel.service import Tunnel
+    from ..gateway.service import Gateway, state_directory
+    from ..tunnel.service import Tunnel
 
-    return Services([EventsService(agent, nudges), Gateway(agent),
+    return Services([EventsService(agent, nudges), Gateway(agent.settings, agent.announced),
                      Tunnel(agent.settings, state_directory)])
 
 
@@ -72,10 +72,11 @@ def announces_loopback(url: str) -> bool:
 
 
 def gateway_line(agent: Agent) -> str:
-    """The gateway's part of the start line."""
+    """The gateway's part of the start line; while it is off, whether the master can
+    manage the node at all (the start line is what the journal keeps of a start)."""
     settings = agent.settings
     if settings.gateway:
-        announced = agent.parts.announcer.address()
+        announced = agent.announced()
         line = (f"gateway on {settings.gateway} ({settings.gateway_access} access), "
                 f"announced as {announced}")
         if settings.tunnel:
@@ -84,6 +85,8 @@ def gateway_line(agent: Agent) -> str:
             line += (" (the master puts the address this node's registrations come from in "
                      "place of a loopback host)")
         return line
+    off = "gateway off"
     if settings.gateway_off_reason:
-        return "gateway off: " + settings.gateway_off_reason
-    return "gateway off"
+        off += ": " + settings.gateway_off_reason
+    note = unmanaged(settings)
+    return f"{off}; {note}" if note else off

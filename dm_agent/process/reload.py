@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from . import logs
-from .agent import Agent
-from .config import Settings
-from .errors import ConfigError
+from .. import logs
+from ..config.settings import Settings
+from ..errors import ConfigError
+from ..round.agent import Agent
 from .services import Services
 
 log = logging.getLogger("dm_agent")

@@ -19,11 +19,11 @@ import signal
 import sys
 from collections.abc import Callable
 
-from . import config, logs
-from .config import Settings
-from .errors import EX_FAILURE, EX_OK, AgentError
-from .net import redact
-from .pidfile import LockedPidfile
+from .. import logs
+from ..config.settings import Settings
+from ..errors import EX_FAILURE, EX_OK, AgentError
+from ..net import redact
+from .pidfile import LockedPidfile, pidfile_path
 from .state import state_path
 
 READY_TIMEOUT = 30.0
@@ -49,11 +49,11 @@ def preload(gateway: bool = False) -> None:
     import requests.adapters  # noqa: F401
     import urllib3  # noqa: F401
 
+    from ..collectors import events  # noqa: F401
     from . import runner  # noqa: F401  (the agent, the loop, the services)
-    from .collectors import events  # noqa: F401
 
     if not logs.under_journal(sys.stderr):
-        import logging.handlers  # noqa: F401  (syslog, outside systemd)
+        import logging.handlers  # noqa: F401  (syslog or the watched log_file, outside systemd)
 
     try:
         import charset_normalizer  # noqa: F401  (requests' text decoding)
@@ -61,7 +61,7 @@ def preload(gateway: bool = False) -> None:
         pass
     "probe".encode("idna")
     if gateway:
-        from .gateway import auth, edge, relay, server, tls, upstream  # noqa: F401
+        from ..gateway import auth, edge, relay, server, tls, upstream  # noqa: F401
 
 
 class _Starter:
@@ -128,7 +128,7 @@ def run(settings: Settings, warnings: list[str], reload: Callable[[], Settings],
         dry_run: bool = False) -> int:
     """Start the daemon; in the invoking process returns the exit code."""
     preload(bool(settings.gateway))
-    pidpath = config.pidfile_path(settings)
+    pidpath = pidfile_path(settings)
     starter_pid = os.getpid()  # systemd's WATCHDOG_PID names it
     rfd, wfd = os.pipe()
     sys.stdout.flush()

@@ -14,9 +14,9 @@ import urllib.parse
 import requests
 import urllib3
 
-from . import __version__
-from .errors import ReportError
-from .net import redact, system_ca_bundle
+from .. import __version__
+from ..errors import ReportError
+from ..net import redact, system_ca_bundle
 
 MAX_BODY_IN_LOG = 200
 # Of an answer, no more than this is read (an error page is summarised to its title).

@@ -9,8 +9,8 @@ import getpass
 import sys
 from collections.abc import Sequence
 
-from .command import Parser, parse_command
-from .errors import EX_CONFIG, EX_OK, EX_USAGE
+from ..errors import EX_CONFIG, EX_OK, EX_USAGE
+from .parser import Parser, parse_command
 
 DESCRIPTION = """\
 Print the bcrypt hash of a password for gateway_password_hash (docs/gateway.md). The
@@ -29,8 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(prog="dm-agent hash-password", description=DESCRIPTION, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=12, choices=range(10, 17), metavar="N",
-                   help="bcrypt cost, 10 to 16 (default 12: about 0.2 s per check, paid "
-                   "once per password by the gateway's cache)")
+                   help="bcrypt cost, 10 to 16 (default 12: tenths of a second of a core "
+                   "per check, paid once per password by the gateway's cache; "
+                   "docs/configuration.md has the figure)")
     return p
 
 
@@ -49,7 +50,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_command(parser(), argv)
     if isinstance(args, int):
         return args
-    from .gateway import auth
+    from ..gateway import auth
 
     password = _read()
     if password is None:

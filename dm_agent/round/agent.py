@@ -1,8 +1,9 @@
 """The agent: one registration round, from the parts one configuration builds.
 
 A round reads the node (``source``), the host's figures and the address to announce,
-and hands the body to the ``sink``. ``loop.run`` schedules rounds; a reload
-(``reload.apply``) swaps in the parts of the new configuration.
+and hands the body to the ``sink``; it comes back as one ``Outcome``, which the loop
+(``process.loop``) applies: ``settle`` logs it, the state file and the schedule take it.
+A reload (``process.reload``) swaps in the parts of the new configuration.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ import logging
 import socket
 import sys
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
+from ..collectors.docker import NodeInfo
+from ..collectors.events import EventWatcher
+from ..collectors.host import HostCollector
+from ..config.settings import Settings
+from ..errors import internal_kind
+from ..net import redact
 from . import nodename, payload
 from .address import Announcer, unmanaged
-from .collectors.docker import NodeInfo
-from .collectors.events import EventWatcher
-from .collectors.host import HostCollector
-from .config import Settings
-from .net import redact
+from .bounds import Progress, Timeouts, timeouts
 from .outage import Outage
-from .rounds import Progress, timeouts
-from .sink import MasterSink, Printer
+from .sink import Failure, MasterSink, Printer
 from .source import NodeSource
 
 log = logging.getLogger("dm_agent")
@@ -37,12 +39,26 @@ def describe(settings: Settings) -> str:
             f"interval {settings.interval}s")
 
 
-class Parts:
-    """What one configuration builds, replaced whole by a reload."""
+class Outcome(NamedTuple):
+    """What one round came to, handed back whole to the loop that applies it."""
 
-    def __init__(self, source: NodeSource, sink: MasterSink | Printer,
+    #: the registration it built; None when it built none (or was abandoned)
+    body: dict[str, Any] | None
+    #: (kind, message) of its failure; None when the master took it, or it was printed
+    failure: Failure | None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+class Parts:
+    """What one configuration builds, replaced whole by a reload: its limits (every
+    timeout of a round, computed here once) and the parts that use them."""
+
+    def __init__(self, limits: Timeouts, source: NodeSource, sink: MasterSink | Printer,
                  announcer: Announcer) -> None:
-        self.source, self.sink, self.announcer = source, sink, announcer
+        self.limits, self.source, self.sink, self.announcer = limits, source, sink, announcer
 
     def renew(self) -> None:
         """Fresh Docker and master clients, after a round was abandoned with them."""
@@ -55,7 +71,8 @@ class Parts:
 
 
 class Agent:
-    """Collects and registers, one round at a time, and keeps what the state file reports."""
+    """Collects and registers, one round at a time; keeps the outages and what the state
+    file reports of it (``report``)."""
 
     def __init__(self, settings: Settings, dry_run: bool = False,
                  out: IO[str] | None = None) -> None:
@@ -66,13 +83,6 @@ class Agent:
         # Outages outlive a reload: a Docker still down is not a new failure.
         self.docker_outage = Outage("Docker")
         self.master_outage = Outage("registration")
-        self.host = HostCollector(settings.net_exclude, timeouts(settings.interval)["disk"])
-        #: what the state file reports: the last round's failure (kind, message), the
-        #: node name and the number of containers of the last registration built
-        self.last_error: tuple[str, str] | None = None
-        self.node_name: str | None = None
-        self.containers_reported = 0
-        self.address_reported: str | None = None
         #: the master generation, for the state file: None, as the default body is read
         #: by both generations, so the agent never needs to find out (docs/registration.md,
         #: Masters and engines)
@@ -81,6 +91,7 @@ class Agent:
         #: (node, master, ttl) of the last registration logged at INFO
         self._registered_as: tuple[str, str, int] | None = None
         self.parts = self._build(settings, None)
+        self.host = HostCollector(settings.net_exclude, self.parts.limits.disk)
 
     @property
     def time_format(self) -> str:
@@ -90,6 +101,10 @@ class Agent:
     @property
     def events(self) -> EventWatcher | None:
         return self.parts.source.events
+
+    def announced(self) -> str:
+        """The address the registrations announce now (the current configuration's)."""
+        return self.parts.announcer.address()
 
     def follow_events(self, on_change: Callable[[str], None]) -> None:
         """Follow Docker's event stream of the current configuration's source."""
@@ -106,9 +121,6 @@ class Agent:
             "master": s.master,
             "interval": s.interval,
             "ttl": s.ttl,
-            "node": self.node_name,
-            "address": self.address_reported,
-            "containers": self.containers_reported,
             "docker": {"reachable": docker_error is None, "error": docker_error},
             "stuck_mounts": self.host.disks.stuck,
             "time_format": self.time_format,
@@ -117,42 +129,45 @@ class Agent:
         }
 
     def _build(self, s: Settings, last: NodeInfo | None) -> Parts:
-        source = NodeSource(s, self.progress, self.docker_outage, last)
+        limits = timeouts(s.interval)
+        source = NodeSource(s, self.progress, self.docker_outage, limits.docker, last)
         sink: MasterSink | Printer = Printer(self.out)
         if s.master and not self.dry_run:
-            sink = MasterSink(s, self.progress, self.master_outage)
-        return Parts(source, sink, Announcer(s))
+            sink = MasterSink(s, self.progress, limits.http)
+        return Parts(limits, source, sink, Announcer(s))
 
     def swap(self, new: Settings) -> Parts:
         """Put the parts of ``new`` in place; returns the old ones, for the caller to close."""
         old, self.parts = self.parts, self._build(new, self.parts.source.last)
         self.settings = new
         self.host.net_exclude = new.net_exclude
-        self.host.disks.deadline = timeouts(new.interval)["disk"]
+        self.host.disks.deadline = self.parts.limits.disk
         return old
 
     def close(self) -> None:
         self.parts.close()
 
-    def round_failed(self, kind: str, message: str) -> None:
-        self.master_outage.failed(kind, message)
-        self.last_error = (kind, message)
-
-    def register(self, deadline: float | None = None) -> bool:
-        """One registration; True when the master accepted it (or it was printed).
+    def register(self, deadline: float | None = None) -> Outcome:
+        """One registration, and what it came to: accepted (or printed), or why not.
 
         Never raises: whatever a collector, the encoder or the reporter raises is a
-        failed round, logged through the flood control with what was being done.
+        failed round (``internal:<Name>``), described with what was being done.
         ``deadline`` (monotonic) bounds the master's whole answer."""
+        body: dict[str, Any] | None = None
         try:
-            return self._register(deadline)
+            self.progress.doing("starting")
+            parts = self.parts
+            body = self.build_body(parts)
+            self._check_name(body["name"])
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))
+            return Outcome(body, parts.sink.send(body, deadline))
         except Exception as exc:
+            reason = redact(f"{type(exc).__name__}: {exc}", self.settings.secret)
             if self.progress.live():
-                reason = redact(f"{type(exc).__name__}: {exc}", self.settings.secret)
-                self.round_failed(f"internal:{type(exc).__name__}", "registration failed "
-                                  f"while {self.progress.stage}: {reason}")
                 log.debug("the failure's traceback:", exc_info=True)
-            return False
+            return Outcome(body, (internal_kind(exc),
+                                  f"registration failed while {self.progress.stage}: {reason}"))
 
     def build_body(self, parts: Parts) -> dict[str, Any]:
         node = parts.source.collect()
@@ -161,22 +176,22 @@ class Agent:
         self.progress.doing("finding the address to announce")
         return payload.build(node, parts.announcer.address(), system, self.settings.time_format)
 
-    def _register(self, deadline: float | None) -> bool:
-        self.progress.doing("starting")
-        parts = self.parts
-        body = self.build_body(parts)
-        if self.progress.live():
-            self.node_name, self.containers_reported = body["name"], len(body["containers"])
-            self.address_reported = body["address"]
-        self._check_name(body["name"])
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("do registration with %s", json.dumps(body, ensure_ascii=False))
-        failure = parts.sink.send(body, deadline)
-        if failure is not None and self.progress.live():
-            self.last_error = failure
-        elif failure is None and isinstance(parts.sink, MasterSink) and self.progress.live():
-            self._accepted(body["name"], parts.sink.settings)
-        return failure is None
+    def settle(self, outcome: Outcome) -> None:
+        """Log what a round came to, as the loop applies it (an abandoned round's never
+        comes here): a failure through the master's outage (the first at ERROR, repeats
+        at DEBUG), an accepted registration as its recovery, and at INFO when what the
+        master knows of the node changes."""
+        if outcome.failure is not None:
+            kind, message = outcome.failure
+            if kind != "stopped":  # not sent, the agent stopping: no news of the master
+                self.master_outage.failed(kind, message)
+            return
+        sink = self.parts.sink
+        if isinstance(sink, MasterSink) and outcome.body is not None:
+            name = outcome.body["name"]
+            self.master_outage.recovered()
+            log.debug("registered %s with ttl=%d", name, sink.settings.ttl)
+            self._accepted(name, sink.settings)
 
     def _accepted(self, name: str, s: Settings) -> None:
         """The first accepted registration at INFO, and again only when what the master

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import IO, Any
 
+from ..config.settings import Settings
+from ..errors import FailureKind, ReportError
 from . import payload
-from .config import Settings
-from .errors import ReportError
-from .outage import Outage
+from .bounds import Progress
 from .reporter import Reporter
-from .rounds import Progress, timeouts
 
-log = logging.getLogger("dm_agent")
-
-#: A failed delivery: (kind, message), as the state file reports it.
-Failure = tuple[str, str]
+#: A failed delivery, or round: (kind, message), as the state file reports it (the kinds:
+#: errors.FailureKind, so that mypy holds every one to the operator's guide's list).
+Failure = tuple[FailureKind, str]
 
 
 class Printer:
@@ -41,20 +38,21 @@ class Printer:
 
 
 class MasterSink:
-    """The master: the encoder, the reporter and the master's outage (which outlives a
-    reload: it is the agent's)."""
+    """The master: the encoder and the reporter, with the (connect, read) timeout of each
+    request. What a delivery came to is the round's outcome, which the agent logs."""
 
-    def __init__(self, settings: Settings, progress: Progress, outage: Outage) -> None:
+    def __init__(self, settings: Settings, progress: Progress,
+                 timeout: tuple[float, float]) -> None:
         self.settings = settings
         self.progress = progress
-        self.outage = outage
+        self.timeout = timeout
         self.encoder = payload.Encoder()
         self.reporter = self._reporter()
 
     def _reporter(self) -> Reporter:
         s = self.settings
         assert s.master is not None  # a MasterSink is built only with a master
-        return Reporter(s.master, s.secret, s.master_ca, timeouts(s.interval)["http"])
+        return Reporter(s.master, s.secret, s.master_ca, self.timeout)
 
     def send(self, body: dict[str, Any], deadline: float | None = None) -> Failure | None:
         """Deliver ``body`` by ``deadline`` (monotonic); the failure, or None."""
@@ -67,12 +65,7 @@ class MasterSink:
         try:
             reporter.send(body["name"], self.settings.ttl, data, deadline=deadline)
         except ReportError as exc:
-            if self.progress.live():
-                self.outage.failed(exc.kind, str(exc))
             return exc.kind, str(exc)
-        if self.progress.live():
-            self.outage.recovered()
-            log.debug("registered %s with ttl=%d", body["name"], self.settings.ttl)
         return None
 
     def renew(self) -> None:

@@ -18,11 +18,11 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .net import redact
+from .. import __version__
+from ..net import redact
 
-if TYPE_CHECKING:  # the agent imports this module, not the other way round
-    from .agent import Agent
+if TYPE_CHECKING:  # the agent is handed in, not imported at run time
+    from ..round.agent import Agent, Outcome
     from .services import Services
 
 log = logging.getLogger("dm_agent")
@@ -63,19 +63,26 @@ class StateWriter:
         self.last_success: dict[str, Any] | None = None
         self.last_failure: dict[str, Any] | None = None
         self.failures = 0
+        #: of the last registration a round built: the node's name, the address it
+        #: announced and its number of containers
+        self.reported: dict[str, Any] = {"node": None, "address": None, "containers": 0}
         self._gid = _group_id()
         self._broken = False
 
-    def round_done(self, agent: Agent, ok: bool, duration: float) -> None:
-        """Record the outcome of a round that took ``duration`` seconds, then write."""
+    def round_done(self, agent: Agent, outcome: Outcome, duration: float) -> None:
+        """Record what a round that took ``duration`` seconds came to, then write."""
         now = time.time()
-        if ok:
+        body = outcome.body
+        if body is not None:
+            self.reported = {"node": body["name"], "address": body["address"],
+                             "containers": len(body["containers"])}
+        if outcome.failure is None:
             self.failures = 0
             self.last_success = {"time": now, "duration": round(duration, 3),
                                  "ttl": agent.settings.ttl}
         else:
             self.failures += 1
-            kind, message = agent.last_error or ("unknown", "the round failed")
+            kind, message = outcome.failure
             message = redact(message, agent.settings.secret)
             self.last_failure = {"kind": kind, "message": message, "time": now}
         self.write(agent, now)
@@ -88,6 +95,7 @@ class StateWriter:
             "started": self.started,
             "written": now,
             **agent.report(),
+            **self.reported,
             "last_success": self.last_success,
             "last_failure": self.last_failure,
             "consecutive_failures": self.failures,

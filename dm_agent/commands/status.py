@@ -3,12 +3,14 @@
 The answer comes from two things a hung agent cannot falsify: whether a process holds
 the lock on the pidfile (read from ``/proc/locks``, so the check needs no permission on
 the pidfile and never takes the lock itself, which would make a starting agent exit
-75), and the state file the daemon rewrites after every round (``dm_agent.state``),
+75), and the state file the daemon rewrites after every round (``dm_agent.process.state``),
 judged by its age. Exit codes:
 
 - 0 running and registered within its ttl;
 - 1 running, but the last registration is older than the ttl, or failing, or the agent
   has not written its state for longer than the ttl (hung);
+- 2 with ``--manageable`` only: registered, but the master cannot manage the node's
+  Docker now (no gateway on a unix socket, the gateway not listening, Docker unreachable);
 - 3 not running: no lock held on the pidfile;
 - 4 unknown: no state readable (permissions, no state file, not JSON).
 
@@ -26,12 +28,13 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from . import config
-from .command import Parser, parse_command
-from .errors import ConfigError
-from .state import GROUP, state_path
+from ..config import settings as config
+from ..errors import ConfigError
+from ..process.pidfile import pidfile_path
+from ..process.state import GROUP, state_path
+from .parser import Parser, parse_command
 
-REGISTERED, FAILING, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
+REGISTERED, FAILING, UNMANAGEABLE, NOT_RUNNING, UNKNOWN = 0, 1, 2, 3, 4
 SYSTEM_PIDFILE = "/run/dm-agent/dm-agent.pid"
 
 DESCRIPTION = """\
@@ -44,6 +47,9 @@ Exit codes:
   0  running and registered within its ttl
   1  running, but the last registration is older than the ttl or failing, or the
      agent has not written its state for longer than the ttl (hung)
+  2  with --manageable: registered, but the master cannot manage this node's Docker
+     now (no gateway while Docker is on a unix socket, the gateway not listening,
+     Docker unreachable)
   3  not running (no lock held on the pidfile)
   4  unknown: no state readable (e.g. permissions: run as root or as a member of
      the dm-agent group)
@@ -52,7 +58,9 @@ Exit codes:
 
 class Result(NamedTuple):
     code: int
-    status: str  # registered, failing, stale, hung, starting, not_running, unknown
+    #: registered, failing, stale, hung, starting, unmanageable (--manageable only),
+    #: not_running, unknown
+    status: str
     message: str
     pidfile: str
     state_file: str
@@ -66,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the state as JSON for monitoring systems "
                    "(schema in docs/operator-guide.md)")
+    p.add_argument("--manageable", action="store_true",
+                   help="exit 2 when the node is registered but the master cannot manage "
+                   "its Docker now (for monitoring: 0 then means registered and manageable)")
     p.add_argument("--pidfile", help="pidfile of the daemon (default: the config's pidfile, "
                    f"else {SYSTEM_PIDFILE} when that directory exists or for root)")
     p.add_argument("-f", "--config", help="config file whose pidfile setting to use")
@@ -87,7 +98,7 @@ def pidfile_of(explicit: str | None, config_path: str | None) -> str:
         return raw.text.strip()
     if os.geteuid() == 0 or os.path.isdir(os.path.dirname(SYSTEM_PIDFILE)):
         return SYSTEM_PIDFILE
-    return config.pidfile_path(config.DEFAULTS)
+    return pidfile_path(config.DEFAULTS)
 
 
 def lock_holder(path: str, st: os.stat_result) -> tuple[bool | None, int | None]:
@@ -278,6 +289,24 @@ def _tunnel(state: dict[str, Any], now: float) -> list[str]:
     return [f"tunnel: down{when}{tries}: {tun.get('error')}"]
 
 
+def unmanageable(state: dict[str, Any]) -> list[str]:
+    """Why the master cannot manage this node's Docker now, from a running agent's
+    state; empty when it can. The master manages a node through the address it
+    registered: the gateway when it is on, else Docker's own TCP port."""
+    reasons: list[str] = []
+    if state.get("unmanaged"):
+        reasons.append(str(state["unmanaged"]))
+    gw = state.get("gateway")
+    if isinstance(gw, dict) and gw.get("listen") and (gw.get("error")
+                                                      or gw.get("listening") is False):
+        reasons.append(f"the gateway does not listen on {gw.get('listen')}: "
+                       f"{gw.get('error') or 'not started yet'}")
+    docker = state.get("docker")
+    if isinstance(docker, dict) and docker.get("reachable") is False:
+        reasons.append(f"Docker is unreachable: {docker.get('error') or 'no answer'}")
+    return reasons
+
+
 def judge(state: dict[str, Any], now: float) -> tuple[int, str, str]:
     """(exit code, status word, summary) of a running agent's state."""
     master = state.get("master") or "(no master)"
@@ -311,8 +340,9 @@ def judge(state: dict[str, Any], now: float) -> tuple[int, str, str]:
         f"{_details(state, now)}")
 
 
-def check(pidfile: str, now: float | None = None) -> Result:
-    """The node's status from ``pidfile`` and the state file next to it."""
+def check(pidfile: str, now: float | None = None, manageable: bool = False) -> Result:
+    """The node's status from ``pidfile`` and the state file next to it; with
+    ``manageable``, a registered node the master cannot manage is ``unmanageable``."""
     now = time.time() if now is None else now
     spath = state_path(pidfile)
 
@@ -361,6 +391,10 @@ def check(pidfile: str, now: float | None = None) -> Result:
     for line in (error, *_gateway(state, now), *_tunnel(state, now)):
         if line:
             message += "\n" + line
+    reasons = unmanageable(state)
+    if manageable and code == REGISTERED and reasons:
+        code, status = UNMANAGEABLE, "unmanageable"
+        message += "\nnot manageable: " + "; ".join(reasons)
     return result(code, status, message, pid or state.get("pid"), state)
 
 
@@ -379,6 +413,8 @@ def to_json(res: Result, now: float) -> dict[str, Any]:
         "checked": now,
         "state_age": round(now - written, 3) if written else None,
         "last_success_age": round(now - success_at, 3) if success_at else None,
+        "manageable": None if state is None else not unmanageable(state),
+        "unmanageable": [] if state is None else unmanageable(state),
         "state": state,
     }
 
@@ -388,7 +424,7 @@ def main(argv: Sequence[str]) -> int:
     if isinstance(args, int):
         return args
     now = time.time()
-    res = check(pidfile_of(args.pidfile, args.config), now)
+    res = check(pidfile_of(args.pidfile, args.config), now, manageable=args.manageable)
     if args.json:
         print(json.dumps(to_json(res, now), ensure_ascii=False, indent=2))
     else:

@@ -7,12 +7,12 @@ import socket
 import time
 from collections.abc import Callable
 
-from .collectors.docker import DockerCollector, DockerTLS, NodeInfo, connect
-from .collectors.events import EventWatcher
-from .config import Settings
-from .errors import DockerError
+from ..collectors.docker import DockerCollector, DockerTLS, NodeInfo, connect
+from ..collectors.events import EventWatcher
+from ..config.settings import Settings
+from ..errors import DockerError
+from .bounds import Progress
 from .outage import Outage
-from .rounds import Progress, timeouts
 
 # With a live event stream the container list is re-read only after a change, and at
 # least this often (seconds) in case the stream missed something.
@@ -22,10 +22,11 @@ RELIST_EVERY = 600.0
 class NodeSource:
     """The Docker collector, the event watcher, the relist policy and Docker's outage.
 
-    ``outage`` and ``last`` (the last node read) outlive a reload: an outage goes on
-    being one, and the node keeps its name while Docker is down."""
+    ``timeout`` bounds each call to Docker (``bounds.Timeouts.docker``). ``outage`` and
+    ``last`` (the last node read) outlive a reload: an outage goes on being one, and the
+    node keeps its name while Docker is down."""
 
-    def __init__(self, settings: Settings, progress: Progress, outage: Outage,
+    def __init__(self, settings: Settings, progress: Progress, outage: Outage, timeout: float,
                  last: NodeInfo | None = None, clock: Callable[[], float] = time.monotonic
                  ) -> None:
         self.settings = settings
@@ -36,7 +37,7 @@ class NodeSource:
         s = settings
         self.tls = DockerTLS(s.docker_tls_ca, s.docker_tls_cert, s.docker_tls_key) \
             if s.docker_tls_cert and s.docker_tls_key else None
-        self.timeout = timeouts(s.interval)["docker"]
+        self.timeout = timeout
         self.docker = DockerCollector(s.docker, self.tls, self.timeout)
         self.events: EventWatcher | None = None
         self._listed_generation, self._listed_at = -1, 0.0

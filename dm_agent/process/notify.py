@@ -20,8 +20,8 @@ from collections.abc import Collection, Mapping
 log = logging.getLogger("dm_agent")
 
 #: The loop pings at least this many times per WatchdogSec, so one slow iteration
-#: (a round is bounded to half of the unit's WatchdogSec, see rounds.ROUND_MAX) never
-#: misses.
+#: (a round is bounded to half of the unit's WatchdogSec, see round.bounds.ROUND_MAX)
+#: never misses.
 PINGS_PER_PERIOD = 4
 #: systemd learns a forking daemon's PID from its pidfile once the starter has exited,
 #: and until then refuses (with a warning in the journal) what the daemon sends under

@@ -6,8 +6,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from .config import Settings
-from .net import route_address, tcp_address
+from ..config.settings import Settings
+from ..net import route_address, tcp_address
 
 
 class Announcer:

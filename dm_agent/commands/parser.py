@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,8 +1,10 @@
 """The foreground/daemon loop: signals in, rounds out, on the schedule's word.
 
 The handlers only record signals (``signals``); the loop acts on them between rounds,
-asks the ``Schedule`` when the next round is, runs it in a ``RoundThread`` and sleeps
-on the self-pipe until then (or until a signal, a finished round or a Docker event).
+asks the ``Schedule`` when the next round is, runs it in a ``RoundThread``, applies what
+it came to (its ``Outcome``: logged by the agent, recorded in the state file, and the
+schedule moves on), and sleeps on the self-pipe until the next (or until a signal, a
+finished round or a Docker event).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..config.settings import Settings
+from ..round.agent import Agent
 from . import reload as reloading
-from .agent import Agent
-from .config import Settings
 from .notify import Watchdog
 from .rounds import STOP_GRACE, RoundThread
 from .schedule import Schedule
@@ -96,7 +98,9 @@ def run(agent: Agent, signals: Signals, reload: Callable[[], Settings] | None = 
         by = time.monotonic() + STOP_GRACE  # one grace for the services and the round
         agent.progress.stopping.set()  # a round not sending yet (or abandoned) never will
         services.stop()
-        rounds.finish(by)
+        late = rounds.finish(by)  # the round the stop came in, if it ended meanwhile
+        if late is not None:
+            agent.settle(late)
         agent.close()
 
 
@@ -113,14 +117,15 @@ def _iterate(agent: Agent, signals: Signals, schedule: Schedule, act: Dispatch,
             log.debug("Docker event %s: registering in %.2fs", action, schedule.event())
         if schedule.due() is not None:
             began = time.monotonic()
-            ok = rounds.run(agent.register, agent.settings.interval, signals,
-                            agent.round_failed, agent.parts.renew)
-            if ok is None:  # a stop came during the round
+            outcome = rounds.run(agent.register, agent.parts.limits, signals, agent.parts.renew)
+            if outcome is None:  # a stop came during the round
                 act(signals)
                 break
+            # what the round came to, applied here only: logged, recorded, scheduled
+            agent.settle(outcome)
             if state is not None:
-                state.round_done(agent, ok, time.monotonic() - began)
-            schedule.finished(ok)
+                state.round_done(agent, outcome, time.monotonic() - began)
+            schedule.finished(outcome.ok)
             continue
         wake, now = schedule.next()[0], time.monotonic()
         if watchdog is not None:
