@@ -77,9 +77,9 @@ def _hash_password(argv: list[str]) -> int:
 
 
 def _tunnel_key(argv: list[str]) -> int:
-    from .tunnel import command
+    from .commands import tunnel_key
 
-    return command.main(argv)
+    return tunnel_key.main(argv)
 
 
 # Subcommands, each with its own parser and exit codes; the agent itself takes none.

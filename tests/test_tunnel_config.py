@@ -19,7 +19,8 @@ from agentproc import NO_DOCKER, popen, run, stop
 from support.gateway import free_port
 from support.master import Master
 
-from dm_agent.tunnel import service, spec
+from dm_agent.config import relay as spec
+from dm_agent.tunnel import service
 
 HASH = bcrypt.hashpw(b"s3cret-for-the-master", bcrypt.gensalt(4)).decode()
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHt3Q2kM7ImeG06M6zGz1iUvXjyhoXabAhNq4Z5SOX3J"

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from ..errors import ConfigError
 from ..net import SECRET_MASK, ignored_environment, redact_userinfo
-from ..tunnel.spec import parse_host_key, parse_tunnel, parse_tunnel_listen
+from .relay import parse_host_key, parse_tunnel, parse_tunnel_listen
 from .values import (
     Secret,
     parse_access,

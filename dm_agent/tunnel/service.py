@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..config.relay import Listen, Relay, decode_host_key, split_listen, split_tunnel
 from ..config.settings import Settings
-from .spec import Listen, Relay, decode_host_key, split_listen, split_tunnel
 
 if TYPE_CHECKING:
     import asyncio

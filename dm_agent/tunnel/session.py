@@ -25,7 +25,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", CryptographyDeprecationWarning)
     import asyncssh
 
-from .spec import HostKey, Listen, Relay
+from ..config.relay import HostKey, Listen, Relay
 
 # asyncssh logs every connection at INFO on its own logger; the agent says what matters
 # in its own words, and nothing of asyncssh's reaches the journal.

@@ -9,9 +9,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ..commands.parser import Parser, parse_command
 from ..config import settings as config
 from ..errors import EX_CONFIG, EX_OK, ConfigError
+from .parser import Parser, parse_command
 
 DESCRIPTION = """\
 Print this node's public key for the tunnel's relay and the line to add to the relay's
@@ -42,7 +42,7 @@ def main(argv: Sequence[str]) -> int:
     if isinstance(args, int):
         return args
     from ..gateway.service import state_directory
-    from .keys import authorized_line, node_key
+    from ..tunnel.keys import authorized_line, node_key
 
     try:
         settings, _ = config.load({}, args.config)
