@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__, gateway, logs
+from . import __version__, gateway, logs, tunnel
 from .commands.parser import Parser
 from .config import settings as config
 from .errors import EX_OK, AgentError, UsageError
@@ -191,11 +191,13 @@ def cli_overrides(verbose: int = 0, **given: str | None) -> dict[str, str | None
 
 def _load(args: argparse.Namespace) -> tuple[config.Settings, list[str]]:
     """The settings, by the one path of a start and a reload (SIGHUP): the precedence
-    rule, then what the gateway refuses to serve with; ConfigError (exit 78) on either."""
+    rule, then what the gateway refuses to serve with and a tunnel key the agent cannot
+    use; ConfigError (exit 78) on any."""
     overrides = cli_overrides(args.verbose,
                               **{key: getattr(args, key) for _, _, key, _ in KEY_FLAGS})
     settings, warnings = config.load(overrides, args.config, cwd=args.cwd)
     gateway.check(settings)
+    tunnel.check(settings)
     return settings, warnings
 
 

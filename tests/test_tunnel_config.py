@@ -127,7 +127,7 @@ def test_check_config_shows_the_tunnel_and_the_node_announces_the_relays_port(
     assert code == 0, err
     assert "tunnel = relay@203.0.113.7:22" in out and "tunnel_listen = 203.0.113.7:20011" in out
     assert f"tunnel_host_key = {HOST_KEY}" in out
-    assert "tunnel_key =  ; default: the ed25519 key in the state directory" in out
+    assert "tunnel_key =  ; default: an ed25519 key made in the state directory" in out
     proc = run(["--once", "--dry-run", "-f", str(tmp_path / "dm-agent.ini")], tmp_path,
                {"STATE_DIRECTORY": str(tmp_path / "state")})
     assert proc.returncode == 0, proc.stderr
