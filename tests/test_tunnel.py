@@ -260,6 +260,7 @@ def through_the_tunnel(program: str, site: NatSite, relay: Relay, master: Master
         text, data = node.status()
         assert "tunnel: up since " in text and f"through {USER}@{site.relay_ip}:22" in text
         assert data["state"]["tunnel"]["state"] == "up"
+        assert node.run("status", "--manageable", "-f", str(node.ini)).returncode == 0
         maps = Path(f"/proc/{node.pid()}/maps").read_text()
         assert "/_asyncio." in maps  # the SSH library runs (the negative case: below)
     finally:
@@ -331,6 +332,9 @@ def test_the_relay_refuses_all_but_the_nodes_own_port(
         assert down["state"] == "down" and "tunnel_host_key" in down["error"]
         text, _ = node.status()
         assert "tunnel: down since" in text and "not the pinned tunnel_host_key" in text
+        manageable = node.run("status", "--manageable", "-f", str(node.ini))
+        assert manageable.returncode == 2, manageable.stdout  # registered, not manageable
+        assert f"the tunnel to {USER}@{site.relay_ip}:22 is not up" in manageable.stdout
 
         # another port than its permitlisten
         code, out = _finish(_ssh(relay, site, key, tmp_path, "-N", "-R",

@@ -292,7 +292,8 @@ def _tunnel(state: dict[str, Any], now: float) -> list[str]:
 def unmanageable(state: dict[str, Any]) -> list[str]:
     """Why the master cannot manage this node's Docker now, from a running agent's
     state; empty when it can. The master manages a node through the address it
-    registered: the gateway when it is on, else Docker's own TCP port."""
+    registered: the gateway when it is on (through the tunnel when there is one), else
+    Docker's own TCP port."""
     reasons: list[str] = []
     if state.get("unmanaged"):
         reasons.append(str(state["unmanaged"]))
@@ -301,6 +302,10 @@ def unmanageable(state: dict[str, Any]) -> list[str]:
                                                       or gw.get("listening") is False):
         reasons.append(f"the gateway does not listen on {gw.get('listen')}: "
                        f"{gw.get('error') or 'not started yet'}")
+    tun = state.get("tunnel")
+    if isinstance(tun, dict) and tun.get("state") in ("down", "connecting"):
+        reasons.append(f"the tunnel to {tun.get('relay')} is not up: "
+                       f"{tun.get('error') or 'connecting'}")
     docker = state.get("docker")
     if isinstance(docker, dict) and docker.get("reachable") is False:
         reasons.append(f"Docker is unreachable: {docker.get('error') or 'no answer'}")
