@@ -100,11 +100,14 @@ bench: venv frozen ## benchmarks of the frozen program with their targets (root:
 bench-gateway: venv frozen-amd64 ## the gateway beside dockerd's own TLS listener: throughput, latency, streams (root)
 	$(BIN)/python bench/bench_gateway.py $(BENCH_ARGS)
 
+bench-tunnel: venv frozen-amd64 ## the tunnel through a real sshd relay: throughput vs the gateway direct, memory, 500 tunnels on one relay (root)
+	$(BIN)/python bench/bench_tunnel.py $(BENCH_ARGS)
+
 bench-image: venv image ## the image run by the master's line: size per architecture, docker stop, restart, health (root)
 	$(BIN)/python bench/bench_image.py $(BENCH_ARGS)
 
 clean: ## remove build outputs and caches (not the cached build roots in /var/cache)
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis $(RUN_VENV)
 
-.PHONY: help venv run deps lint typecheck unit figures test check check-fast check-loaded clean frozen smoke-frozen packages repo image bench bench-gateway bench-image \
+.PHONY: help venv run deps lint typecheck unit figures test check check-fast check-loaded clean frozen smoke-frozen packages repo image bench bench-gateway bench-tunnel bench-image \
   $(FROZEN_ARCHES) $(PACKAGE_ARCHES)

@@ -104,14 +104,23 @@ def median_of(n: int, fn: Callable[[], float]) -> float:
     return statistics.median(fn() for _ in range(n))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_with_program(ap: argparse.ArgumentParser) -> argparse.Namespace | None:
+    """The benchmarks' command line with ``--bin`` (the frozen program by default), made
+    absolute; None, said on stderr, when that program is not built."""
     ap.add_argument("--bin", default=str(ROOT / "build/frozen/dm-agent/dm-agent"))
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions and rounds")
     args = ap.parse_args()
     args.bin = os.path.abspath(args.bin)
     if not os.access(args.bin, os.X_OK):
         print(f"bench: {args.bin} is not built (make frozen)", file=sys.stderr)
+        return None
+    return args
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and rounds")
+    args = parse_with_program(ap)
+    if args is None:
         return 2
     reps = 1 if args.quick else 3
     rounds = 20 if args.quick else 60

@@ -35,6 +35,7 @@ from bench_agent import (  # noqa: E402
     Row,
     cpu_seconds,
     ensure_containers,
+    parse_with_program,
     report,
     status_kb,
     stop,
@@ -51,13 +52,13 @@ CHUNK = 256 * 1024
 class Endpoint:
     """One HTTPS endpoint of the engine, with the client certificate."""
 
-    def __init__(self, name: str, port: int, files: TlsFiles) -> None:
-        self.name, self.port = name, port
+    def __init__(self, name: str, port: int, files: TlsFiles, host: str = "127.0.0.1") -> None:
+        self.name, self.port, self.host = name, port, host
         self.ctx = ssl.create_default_context(cafile=str(files.ca))
         self.ctx.load_cert_chain(str(files.client_cert), str(files.client_key))
 
     def conn(self) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=600)
+        return http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=600)
 
     def save(self, sink: Path) -> float:
         """Seconds to stream the big image's ``save`` into ``sink``."""
@@ -180,13 +181,11 @@ def gaps(master: Master, since: float) -> list[float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bin", default=str(ROOT / "build/frozen/dm-agent/dm-agent"))
     ap.add_argument("--quick", action="store_true", help="256 MiB, fewer repetitions")
-    args = ap.parse_args()
-    binary = os.path.abspath(args.bin)
-    if not os.access(binary, os.X_OK):
-        print(f"bench: {binary} is not built (make frozen)", file=sys.stderr)
+    args = parse_with_program(ap)
+    if args is None:
         return 2
+    binary = args.bin
     reps = 1 if args.quick else 3
     mib = 256 if args.quick else 1024
     streams_n = 100 if args.quick else 500

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__, gateway, logs
+from . import __version__, gateway, logs, tunnel
 from .commands.parser import Parser
 from .config import settings as config
 from .errors import EX_OK, AgentError, UsageError
@@ -52,6 +52,9 @@ Commands (see dm-agent COMMAND --help):
   dm-agent hash-password [--rounds N]
                              the bcrypt hash of a password read from stdin, for
                              gateway_password_hash (the gateway, docs/gateway.md)
+  dm-agent tunnel-key [-f CONFIG] [--name NAME] [--json]
+                             this node's public key for the tunnel's relay and its
+                             authorized_keys line (made on first use; docs/tunnel.md)
 """
 
 
@@ -73,9 +76,16 @@ def _hash_password(argv: list[str]) -> int:
     return hash_password.main(argv)
 
 
+def _tunnel_key(argv: list[str]) -> int:
+    from .commands import tunnel_key
+
+    return tunnel_key.main(argv)
+
+
 # Subcommands, each with its own parser and exit codes; the agent itself takes none.
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "status": _status, "migrate": _migrate, "hash-password": _hash_password}
+    "status": _status, "migrate": _migrate, "hash-password": _hash_password,
+    "tunnel-key": _tunnel_key}
 
 # Set while re-executing with the -s value moved out of the command line (see without_secret).
 _SECRET_ENV = "DM_AGENT__CLI_SECRET"
@@ -181,11 +191,13 @@ def cli_overrides(verbose: int = 0, **given: str | None) -> dict[str, str | None
 
 def _load(args: argparse.Namespace) -> tuple[config.Settings, list[str]]:
     """The settings, by the one path of a start and a reload (SIGHUP): the precedence
-    rule, then what the gateway refuses to serve with; ConfigError (exit 78) on either."""
+    rule, then what the gateway refuses to serve with and a tunnel key the agent cannot
+    use; ConfigError (exit 78) on any."""
     overrides = cli_overrides(args.verbose,
                               **{key: getattr(args, key) for _, _, key, _ in KEY_FLAGS})
     settings, warnings = config.load(overrides, args.config, cwd=args.cwd)
     gateway.check(settings)
+    tunnel.check(settings)
     return settings, warnings
 
 

@@ -125,10 +125,10 @@ chroot_resolve() {
 #   tests/test_image.py runs the image's TLS paths);
 # - extension modules the image can do without: the CJK codecs (HTTP, JSON and Docker's
 #   API are ASCII or UTF-8), _decimal, _pickle and _statistics, which nothing the agent
-#   runs imports (NEVER_LOADED); and _bz2, _lzma (with their libraries) and _ctypes,
-#   which are imported where they are optional (OPTIONAL): shutil and zipfile try bz2 and
-#   lzma, PyInstaller's bootstrap tries ctypes, each inside `except ImportError`, and the
-#   agent decompresses nothing and calls no C library by ctypes.
+#   runs imports (NEVER_LOADED); and _bz2, _lzma (with their libraries), which are
+#   imported where they are optional (OPTIONAL): shutil and zipfile try them inside
+#   `except ImportError`, and the agent decompresses nothing. _ctypes stays: the
+#   tunnel's asyncssh imports ctypes unconditionally (its security-key module).
 #   tests/test_image.py::test_image_leaves_out_only_modules_it_can_do_without checks both
 #   lists against the running agent's memory map.
 #   The strip is the architecture's own binutils (TRIPLET-linux-gnu-strip): the host's
@@ -148,7 +148,7 @@ slim_onedir() {
 }
 # (the extension modules slim_onedir leaves out; tests/test_image.py reads these lines)
 NEVER_LOADED=(_codecs_cn _codecs_hk _codecs_iso2022 _codecs_jp _codecs_kr _codecs_tw _multibytecodec _decimal _pickle _statistics)
-OPTIONAL=(_bz2 _lzma _ctypes)
+OPTIONAL=(_bz2 _lzma)
 
 stage_root() {
   local arch=$1 triplet root onedir stage interp f name rel

@@ -187,7 +187,7 @@ SITE=$ROOT$PREFIX/venv/lib/python$PY_MM/site-packages
 # (the wheels whose code is in the program; a wheel without a licence file contributes its
 # METADATA, which names the licence)
 for dist in psutil requests certifi idna urllib3 docker python_daemon \
-  lockfile pyinstaller; do
+  lockfile pyinstaller asyncssh typing_extensions; do
   for d in "$SITE/$dist"-[0-9]*.dist-info; do
     pkg=$(basename "$d" .dist-info)
     found=0
@@ -212,7 +212,8 @@ the dm-agent user. See README.md and docs/ in the source for configuration and o
 
 dm-agent is licensed under the Apache License 2.0 (LICENSE). It bundles CPython (PSF
 licence), OpenSSL (Apache-2.0), libraries of Debian 11, and the Python packages psutil,
-requests, certifi, idna, urllib3, docker, python-daemon and lockfile; their licences are
+requests, certifi, idna, urllib3, docker, python-daemon, lockfile, and (for the tunnel)
+asyncssh (EPL-2.0 or GPL-2.0-or-later, unmodified) and typing-extensions; their licences are
 in licenses/. The PyInstaller bootloader is GPL-2.0 with an exception that allows this
 use. dm-agent.cdx.json (CycloneDX) lists every bundled component with its version,
 licence, source and the sha256 of its files, for vulnerability scanners.

@@ -28,7 +28,12 @@ In order, each step needing the ones before:
 8. the gateway on the good host through the role's variables: a certificate from a
    cluster CA, the key and the hash; the node registers its https address and curl
    reaches Docker through it, trusting only that CA (the other host gets its right
-   secret back in the same play).
+   secret back in the same play);
+9. the tunnel: the Debian 13 node is also the relay (group ``dm_agent_relay``, role
+   dm_agent_relay on its own sshd), the Debian 11 node's gateway is reached through it
+   at an address of the relay's that is not loopback; the node registers that address,
+   a second run changes nothing, and the relay's check fails, naming the node, when the
+   node's agent is stopped.
 
 Needs root, systemd-container, debootstrap (cold roots), docker.io, openssh-client,
 gnupg, reprepro, and ansible-core (setup.cfg's test extra).
@@ -37,6 +42,7 @@ gnupg, reprepro, and ansible-core (setup.cfg's test extra).
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import secrets
 import shutil
@@ -337,6 +343,73 @@ def test_gateway_through_the_role(fleet_: Fleet, tmp_path: Path) -> None:
     assert '"ApiVersion"' in out.stdout, out.stdout + out.stderr
     assert f"gateway: listening on 127.0.0.1:{port}" in good.run(["dm-agent", "status"]).stdout
     fleet_.passed.add("gateway")
+
+
+def test_tunnel_through_the_relay_role(fleet_: Fleet) -> None:
+    """9. The tunnel through the roles: the relay (the Debian 13 node's own sshd) gets
+    the Match block and its table of nodes from the inventory, the Debian 11 node's key
+    read on the node; the node registers the relay's address, its gateway answers there
+    with the master's password; the second run is changed=0 on both; the relay's check
+    fails naming the node when the node's agent is stopped."""
+    import bcrypt
+    from support.netns import Netns
+
+    fleet_.needs("gateway")
+    node, relay = fleet_.nodes
+    password = "tunnel-" + secrets.token_hex(8)
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+    with Netns() as net, socket.socket() as probe:  # an address of this host's, not loopback
+        probe.bind((net.host_ip, 0))
+        listen = f"{net.host_ip}:{probe.getsockname()[1]}"
+        probe.close()
+        fleet_.controller.host_vars[node.name].update({
+            "dm_agent_gateway_password_hash": hashed,
+            "dm_agent_tunnel": f"dm-relay@127.0.0.1:{relay.ssh_port}",
+            "dm_agent_tunnel_listen": listen,
+            "dm_agent_tunnel_host_key": relay.host_key})
+        fleet_.controller.groups["dm_agent_relay"] = [relay.name]
+        fleet_.controller.group_vars["dm_agent_relay_verify_delay"] = 1
+        since = time.monotonic()
+        result = fleet_.controller.play("-v", "--diff")
+        assert result.returncode == 0, result.output[-8000:]
+        assert hashed not in result.output and password not in result.output
+        table = relay.run(["cat", "/etc/ssh/dm-relay/authorized_keys"]).stdout
+        public = node.run(["dm-agent", "tunnel-key", "--json"]).stdout
+        assert (f'restrict,port-forwarding,permitlisten="{listen}" '
+                f'{json.loads(public)["public"]} {node.name}') in table
+        assert node.run(["stat", "-c", "%a %U", "/var/lib/dm-agent/tunnel/id_ed25519"]
+                        ).stdout.strip() == "600 dm-agent"
+        last = [r for r in fleet_.registrations(node, since) if r.status == 200][-1]
+        assert last.json["address"] == f"https://{listen}"
+        out = subprocess.run(["curl", "-sSk", "-u", f"admin:{password}",
+                              f"https://{listen}/version"], capture_output=True, text=True,
+                             timeout=30)
+        assert '"ApiVersion"' in out.stdout, out.stdout + out.stderr
+        deadline = time.monotonic() + 30  # the state file is written after each round
+        while "tunnel: up since" not in (status := node.run(["dm-agent", "status"]).stdout):
+            if time.monotonic() > deadline:
+                journal = node.run(["journalctl", "-u", UNIT, "--no-pager", "-n", "40"]).stdout
+                sshd = relay.run(["journalctl", "-u", "ssh", "--no-pager", "-n", "40"]).stdout
+                pytest.fail(f"status: {status}\nthe node's journal:\n{journal}\n"
+                            f"the relay's sshd:\n{sshd}")
+            time.sleep(0.5)
+
+        again = fleet_.controller.play()
+        for n in fleet_.nodes:
+            assert again.recap[n.name]["changed"] == 0, again.output[-6000:]
+
+        node.run(["systemctl", "stop", UNIT])
+        try:
+            fleet_.controller.group_vars["dm_agent_relay_verify_retries"] = 2
+            failed = fleet_.controller.play("--limit", relay.name)
+        finally:
+            fleet_.controller.group_vars.pop("dm_agent_relay_verify_retries")
+            node.run(["systemctl", "start", UNIT])
+        assert failed.returncode != 0 and failed.recap[relay.name]["failed"] == 1, \
+            failed.output[-6000:]
+        assert f"the master's address of {node.name}, https://{listen}, does not answer" \
+            in failed.output, failed.output[-6000:]
+    fleet_.passed.add("tunnel")
 
 
 # --- helpers ------------------------------------------------------------------------------

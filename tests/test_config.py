@@ -426,7 +426,7 @@ def test_what_an_empty_value_means_is_said_alike_by_help_and_check_config() -> N
     from dm_agent.cli import EPILOG
 
     meant = [k for k in config.KEYS if k.empty]
-    assert {k.name for k in meant} == {"address", "pidfile", "master_ca"}
+    assert {k.name for k in meant} == {"address", "pidfile", "master_ca", "tunnel_key"}
     rendered = config.render(config.DEFAULTS, {"pidfile": "/run/x.pid"})
     for key in meant:
         assert f"\n  {key.name} = ({key.empty})\n" in EPILOG, key.name

@@ -24,7 +24,7 @@ from agentproc import NO_DOCKER, run
 from support.gateway import free_port
 
 from dm_agent import cli, errors, net
-from dm_agent.commands import hash_password, migrate, status
+from dm_agent.commands import hash_password, migrate, status, tunnel_key
 from dm_agent.config import settings as config
 from dm_agent.process import loop, runner
 from dm_agent.process.signals import Waker
@@ -143,7 +143,8 @@ def test_the_synopses_name_every_flag_and_subcommand(reference: str) -> None:
     synopsis = reference.split("## Command line")[1].split("| flag |")[0]
     man = man_text().split(".SH SYNOPSIS")[1].split(".SH DESCRIPTION")[0]
     subcommands = {"status": status.parser(), "migrate": migrate.parser(),
-                   "hash-password": hash_password.parser()}
+                   "hash-password": hash_password.parser(),
+                   "tunnel-key": tunnel_key.parser()}
     assert set(subcommands) == set(cli.COMMANDS)
     for text in (synopsis, man):
         for spellings in synopsis_flags(cli.parser()):

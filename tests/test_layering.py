@@ -244,7 +244,7 @@ def test_an_import_up_a_layer_is_found(tmp_path: Path) -> None:
     values.write_text(values.read_text() + "\n\ndef _up() -> None:\n"
                       "    from ..process import loop  # noqa: F401\n")
     r = rooms(graph(copy))
-    assert circles(r) == [["config", "gateway", "process", "round"]]
+    assert circles(r) == [["config", "gateway", "process", "round", "tunnel"]]
     assert "config -> process" in rooms_circle(r) or "process -> config" in rooms_circle(r)
     assert upward(r, layers(r)) == [
         "config (layer 2) imports process (layer 4): "

@@ -528,11 +528,69 @@ def test_gateway(node: Node) -> None:
             assert node.agent_lines(mark, priority="err") == [], lines
             node.notes["gateway_status"] = status
         finally:
-            node.configure(timeout=1)
-            node.run(["systemctl", "reload", UNIT])
-        since = time.monotonic()
-        regs = node.wait_registration(since)
-        assert not regs[-1].json["address"].startswith("https://")  # off again, by reload
+            plain_again(node)
+        assert_plain_address(node)
+
+
+@pytest.mark.parametrize("node", ["bookworm"], indirect=True)
+def test_tunnel(node: Node) -> None:
+    """5d. The tunnel under the unit's sandbox (Debian 12): the relay a real sshd in a
+    namespace of the test's (tests/support/relay.py), its table holding the line
+    ``dm-agent tunnel-key`` printed on the node (the key made by root for the dm-agent
+    user, 0600); after a reload the node registers the relay's address, its gateway
+    answers there with the master's password, status says up, and nothing is logged at
+    error."""
+    from support.netns import NatSite
+    from support.relay import USER, Relay
+
+    with node.step("tunnel", needs=["configured"]):
+        import bcrypt
+
+        with socket.socket() as probe:  # the node shares the host's network
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        hashed = bcrypt.hashpw(GATEWAY_PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+        with NatSite() as site, Relay(site.relay, site.relay_ip) as relay:
+            listen = f"{site.relay_ip}:20011"
+            node.configure(timeout=1, extra=f"gateway = 127.0.0.1:{port}\n"
+                                            f"gateway_password_hash = {hashed}\n"
+                                            f"tunnel = {USER}@{site.relay_ip}\n"
+                                            f"tunnel_listen = {listen}\n"
+                                            f"tunnel_host_key = {relay.host_key}\n")
+            try:
+                line = json.loads(node.run(["dm-agent", "tunnel-key", "--json"]).stdout)
+                relay.authorize([line["authorized_keys"]])
+                assert node.stat("/var/lib/dm-agent/tunnel/id_ed25519") == \
+                    "600 dm-agent:dm-agent"
+                mark = node.cursor()
+                node.run(["systemctl", "reload", UNIT])
+                node.wait_lines(rf"^tunnel: up through {USER}@", after=mark, timeout=60)
+                since = time.monotonic()
+                regs = node.wait_registration(since, count=2)
+                assert {r.json["address"] for r in regs} == {f"https://{listen}"}
+                version = host(["curl", "-sS", "-k", "-u", f"admin:{GATEWAY_PASSWORD}",
+                                f"https://{listen}/version"])
+                assert json.loads(version)["ApiVersion"], version
+                status = node.run(["dm-agent", "status"]).stdout
+                assert "tunnel: up since" in status and f"https://{listen}" in status, status
+                assert node.agent_lines(mark, priority="err") == [], node.agent_lines(mark)
+                node.notes["tunnel_status"] = status
+            finally:
+                plain_again(node)
+        assert_plain_address(node)
+
+
+def plain_again(node: Node) -> None:
+    """The configured step's settings again, by a reload (no start counts against the
+    unit's start limit, which the kills of step 6 need)."""
+    node.configure(timeout=1)
+    node.run(["systemctl", "reload", UNIT])
+
+
+def assert_plain_address(node: Node) -> None:
+    since = time.monotonic()
+    regs = node.wait_registration(since)
+    assert not regs[-1].json["address"].startswith("https://")  # off again, by reload
 
 
 def restart_sec(node: Node) -> float:

@@ -271,10 +271,29 @@ def _gateway(state: dict[str, Any], now: float) -> list[str]:
     return lines
 
 
+def _tunnel(state: dict[str, Any], now: float) -> list[str]:
+    """The tunnel's line (docs/design.md §8): up since when and through which relay, or
+    down since when and why."""
+    tun = state.get("tunnel")
+    if not isinstance(tun, dict) or tun.get("state") in (None, "off"):
+        return []
+    since = _num(tun.get("since"))
+    when = f" since {clock(since, now)}" if since else ""
+    relay, listen = tun.get("relay"), tun.get("listen")
+    if tun.get("state") == "up":
+        return [f"tunnel: up{when} through {relay}, the master dials https://{listen}"]
+    if tun.get("state") == "connecting":
+        return [f"tunnel: connecting to {relay}{when}"]
+    attempts = tun.get("attempts")
+    tries = f", {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
+    return [f"tunnel: down{when}{tries}: {tun.get('error')}"]
+
+
 def unmanageable(state: dict[str, Any]) -> list[str]:
     """Why the master cannot manage this node's Docker now, from a running agent's
     state; empty when it can. The master manages a node through the address it
-    registered: the gateway when it is on, else Docker's own TCP port."""
+    registered: the gateway when it is on (through the tunnel when there is one), else
+    Docker's own TCP port."""
     reasons: list[str] = []
     if state.get("unmanaged"):
         reasons.append(str(state["unmanaged"]))
@@ -283,6 +302,10 @@ def unmanageable(state: dict[str, Any]) -> list[str]:
                                                       or gw.get("listening") is False):
         reasons.append(f"the gateway does not listen on {gw.get('listen')}: "
                        f"{gw.get('error') or 'not started yet'}")
+    tun = state.get("tunnel")
+    if isinstance(tun, dict) and tun.get("state") in ("down", "connecting"):
+        reasons.append(f"the tunnel to {tun.get('relay')} is not up: "
+                       f"{tun.get('error') or 'connecting'}")
     docker = state.get("docker")
     if isinstance(docker, dict) and docker.get("reachable") is False:
         reasons.append(f"Docker is unreachable: {docker.get('error') or 'no answer'}")
@@ -370,7 +393,7 @@ def check(pidfile: str, now: float | None = None, manageable: bool = False) -> R
                       f"PID {state.get('pid')}'s (the agent is starting; ask again)", pid, state)
     code, status, message = judge(state, now)
     error = _last_error(state, now)
-    for line in (error, *_gateway(state, now)):
+    for line in (error, *_gateway(state, now), *_tunnel(state, now)):
         if line:
             message += "\n" + line
     reasons = unmanageable(state)

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from ..errors import ConfigError
 from ..net import SECRET_MASK, ignored_environment, redact_userinfo
+from .relay import parse_host_key, parse_tunnel, parse_tunnel_listen
 from .values import (
     Secret,
     parse_access,
@@ -92,6 +93,11 @@ KEYS: tuple[Key, ...] = (
     Key("gateway_password_hash", parse_password_hash, "", secret=True),
     Key("gateway_access", parse_access, "full"),
     Key("gateway_optional", parse_bool, "no"),
+    Key("tunnel", parse_tunnel, ""),
+    Key("tunnel_listen", parse_tunnel_listen, ""),
+    Key("tunnel_host_key", parse_host_key, ""),
+    Key("tunnel_key", parse_existing_file, "", path=True,
+        empty="an ed25519 key made in the state directory (dm-agent tunnel-key)"),
 )
 BY_NAME = {k.name: k for k in KEYS}
 
@@ -124,6 +130,10 @@ class Settings(NamedTuple):
     gateway_password_hash: Secret | None
     gateway_access: str
     gateway_optional: bool
+    tunnel: str | None
+    tunnel_listen: str | None
+    tunnel_host_key: str | None
+    tunnel_key: str | None
     config_file: str | None
     sources: Mapping[str, str]
     #: why a configured gateway does not run (``gateway_optional`` without credentials)
@@ -298,6 +308,7 @@ def load(
             "docker_tls_key (and usually docker_tls_ca)"
         )
     values["gateway_off_reason"] = _check_gateway(values, sources)
+    _check_tunnel(values, sources)
     return Settings(**values, config_file=path, sources=sources), warnings
 
 
@@ -324,6 +335,30 @@ def _check_gateway(values: dict[str, Any], sources: Mapping[str, str]) -> str | 
         raise ConfigError(f"{sources['gateway']}: gateway = {values['gateway']}: {reason}; "
                           "a gateway without authentication is root on this node for anyone")
     return None
+
+
+def _check_tunnel(values: dict[str, Any], sources: Mapping[str, str]) -> None:
+    """A tunnel needs where the relay listens, the relay's pinned host key, and the
+    gateway it forwards to (docs/design.md §8). That ``tunnel_key`` is a key the agent can
+    use is the tunnel's own check, ``tunnel.check``, made where the gateway's is."""
+    if not values["tunnel"]:
+        for name in ("tunnel_listen", "tunnel_host_key", "tunnel_key"):
+            if values[name] and sources[name] != "default":
+                raise ConfigError(f"{sources[name]}: {name} is set but tunnel is not; set "
+                                  "tunnel = USER@RELAY[:PORT] (docs/tunnel.md), or remove it")
+        return
+    where = sources["tunnel"]
+    for name, what in (("tunnel_listen", "the address on the relay that the master dials "
+                                         "(ADDR:PORT, its permitlisten)"),
+                       ("tunnel_host_key", "the relay's host public key, pinned (its "
+                                           "/etc/ssh/ssh_host_ed25519_key.pub)")):
+        if not values[name]:
+            raise ConfigError(f"{where}: tunnel = {values['tunnel']} needs {name}: {what}")
+    if not values["gateway"]:
+        why = values["gateway_off_reason"] or "gateway is not set"
+        raise ConfigError(f"{where}: tunnel = {values['tunnel']} forwards the master to "
+                          f"the gateway, which is off: {why}; set gateway = "
+                          "127.0.0.1:8771 and its credentials (docs/gateway.md)")
 
 
 CREDENTIAL = "secret"

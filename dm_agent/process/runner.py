@@ -24,12 +24,14 @@ log = logging.getLogger("dm_agent")
 
 
 def build_services(agent: Agent, nudges: loop.Nudges) -> Services:
-    """Docker's event stream and the gateway. The gateway's parser, bcrypt and TLS
-    modules are imported only when it is configured: a node without it keeps the agent's
-    memory budget."""
-    from ..gateway.service import Gateway
+    """Docker's event stream, the gateway and the tunnel to it. The gateway's parser,
+    bcrypt and TLS modules, and the tunnel's SSH library, are imported only when they are
+    configured: a node without them keeps the agent's memory budget."""
+    from ..gateway.service import Gateway, state_directory
+    from ..tunnel.service import Tunnel
 
-    return Services([EventsService(agent, nudges), Gateway(agent.settings, agent.announced)])
+    return Services([EventsService(agent, nudges), Gateway(agent.settings, agent.announced),
+                     Tunnel(agent.settings, state_directory)])
 
 
 def serve(settings: Settings, reload: Callable[[], Settings] | None, *, dry_run: bool = False,
@@ -77,7 +79,9 @@ def gateway_line(agent: Agent) -> str:
         announced = agent.announced()
         line = (f"gateway on {settings.gateway} ({settings.gateway_access} access), "
                 f"announced as {announced}")
-        if announces_loopback(announced):
+        if settings.tunnel:
+            line += f" through the tunnel to {settings.tunnel}"
+        elif announces_loopback(announced):
             line += (" (the master puts the address this node's registrations come from in "
                      "place of a loopback host)")
         return line

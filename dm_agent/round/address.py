@@ -35,13 +35,16 @@ class Announcer:
         return self._found
 
     def gateway_url(self) -> str:
-        """``https://ADDR:PORT`` of the gateway (docs/design.md §6): a configured
-        ``address`` wins (a bare host gets the gateway's port, an ``https://`` URL is taken
-        as it is), then the gateway's own listen host when it is one address, then the
-        address that routes to the master. The master keeps the first address a node
+        """``https://ADDR:PORT`` of the gateway (docs/design.md §6): a tunnel's
+        ``tunnel_listen`` on the relay (§8), else a configured ``address`` (a bare host
+        gets the gateway's port, an ``https://`` URL is taken as it is), then the gateway's
+        own listen host when it is one address, then the address that routes to the
+        master. The master keeps the first address a node
         registers, so this is all a node with a gateway ever registers."""
         s = self.settings
         assert s.gateway
+        if s.tunnel_listen:  # the relay's port: the master cannot dial this node itself
+            return "https://" + s.tunnel_listen
         host, _, port = s.gateway.rpartition(":")
         if s.address:
             if s.address.startswith("https://"):

@@ -151,6 +151,8 @@ class Controller:
         self.nodes = nodes
         self.group_vars = group_vars
         self.host_vars: dict[str, dict[str, Any]] = {n.name: {} for n in nodes}
+        #: other inventory groups, by name: the nodes in each (the tunnel's relays)
+        self.groups: dict[str, list[str]] = {}
         self.key = workdir / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dm-ansible-test",
                         "-f", str(self.key)], check=True)
@@ -173,6 +175,8 @@ class Controller:
             "ansible_ssh_common_args": ssh_args,
             **self.group_vars,
         }}}
+        for group, members in self.groups.items():
+            inventory[group] = {"hosts": {name: None for name in members}}
         path = self.workdir / "inventory.yml"
         path.write_text(yaml.safe_dump(inventory, sort_keys=False))
         return path
